@@ -1,0 +1,67 @@
+"""The amortization network of MAC/MBC: a text -> T context vectors in the LM's hidden size (MAC §3.1; reference
+``T5ForwardWrapper`` in ``models/online_llm_adapter.py``). The same module serves as the question encoder.
+
+Two kinds of backbone are supported:
+
+* encoder–decoder (T5, the paper's choice): the encoder reads the text and the decoder takes T learned query
+  vectors as ``decoder_inputs_embeds``; its T output states are the context.
+* encoder-only (BERT, MiniLM): T learned queries read the encoder states through one `CrossAttentionBlock`.
+
+A shared MLP then maps each of the T states to the LM width:
+``MLP(x) = skip(x) + Linear(d_lm, d_lm)(tanh(Linear(d_enc, d_lm)(LN(x))))`` (the reference keeps T separate MLPs;
+the learned queries already tell the T slots apart, so one MLP is shared).
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+from .aggregator import CrossAttentionBlock, Memory
+
+
+class ContextMLP(nn.Module):
+    """(…, d_in) -> (…, d_out): LN -> Linear -> tanh -> Linear, plus a linear skip (identity when d_in == d_out)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, d_out))
+        self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.net(x)
+
+
+class AmortizationNetwork(nn.Module):
+    """Text -> T context vectors.
+
+    Args:
+        backbone_config: config of the backbone (``is_encoder_decoder`` selects the T5 route).
+        num_tokens: T, context vectors per text.
+        out_dim: width of the context vectors (the LM hidden size).
+
+    Shapes: ``forward(input_ids (B, S) int64, attention_mask (B, S) int/bool) -> (B, T, out_dim) float``.
+    """
+
+    def __init__(self, backbone_config: PreTrainedConfig, num_tokens: int, out_dim: int):
+        super().__init__()
+        self.backbone = AutoModel.from_config(backbone_config)
+        self.is_encoder_decoder = bool(backbone_config.is_encoder_decoder)
+        if not self.is_encoder_decoder and hasattr(self.backbone, "pooler"):
+            self.backbone.pooler = None  # unused; keeps every parameter reachable by the loss
+        width = backbone_config.d_model if self.is_encoder_decoder else backbone_config.hidden_size
+        self.queries = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        if not self.is_encoder_decoder:
+            heads = backbone_config.num_attention_heads
+            self.readout = CrossAttentionBlock(width, width, heads, width // heads, backbone_config.intermediate_size)
+        self.mlp = ContextMLP(width, out_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        queries = self.queries[None].expand(batch, -1, -1)  # (B, T, d_enc)
+        if self.is_encoder_decoder:
+            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   decoder_inputs_embeds=queries).last_hidden_state  # (B, T, d_enc)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+            states = self.readout(queries, Memory(hidden, mask=attention_mask.bool()))  # (B, T, d_enc)
+        return self.mlp(states)  # (B, T, out_dim)

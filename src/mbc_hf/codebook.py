@@ -1,0 +1,112 @@
+"""The VQ codebook of MBC (arXiv 2601.00756 §3.2-3.3; reference ``models/modules/membank_comp.py``).
+
+Each context vector is replaced by its nearest code (L2). The codebook is learned by gradient (codebook loss) and
+the encoder is pulled towards it (commitment loss, weight β); gradients reach the encoder through the
+straight-through estimator. *Online resetting* keeps the codebook alive: an EMA of how often each code is used is
+updated on every training forward, and dead codes (EMA below a threshold) are re-initialised from vectors of the
+current batch. Outside training, or after `freeze()`, the codebook never changes, so codes already stored in a
+memory bank never go stale.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class VQOutput:
+    """Result of `VectorQuantizer.forward`.
+
+    Attributes:
+        quantized: (B, T, d) float, the codes' vectors with straight-through gradients to the input.
+        codes: (B, T) int64, index of the nearest code per vector.
+        loss: scalar, codebook loss + β·commitment loss (MBC Eq. for L_VQ).
+        perplexity: scalar, exp(entropy) of code usage in this batch (K = all codes used evenly).
+    """
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    perplexity: torch.Tensor
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code vector quantizer with EMA usage tracking and dead-code reset.
+
+    Args:
+        codebook_size: K codes (MBC uses 512).
+        dim: d, size of each vector (the LM hidden size).
+        commitment_cost: β in ``loss = ||sg(z) - q||² + β·||z - sg(q)||²`` (VQ-VAE; MBC uses 0.25).
+        ema_decay: decay of the usage EMA, ``ema ← decay·ema + (1 - decay)·counts`` (MBC: 0.99).
+        dead_code_threshold: codes with ``ema < threshold`` are dead (MBC: 1e-4).
+
+    The codebook is initialised uniform(-1/K, 1/K) as in the reference, so almost every code starts dead and is
+    re-seeded from encoder outputs within the first training steps (at most B·T codes per step).
+    """
+
+    def __init__(self, codebook_size: int, dim: int, commitment_cost: float = 0.25, ema_decay: float = 0.99,
+                 dead_code_threshold: float = 1e-4):
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.commitment_cost, self.ema_decay, self.dead_code_threshold = commitment_cost, ema_decay, dead_code_threshold
+        self.embedding = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        self.register_buffer("ema_cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("frozen", torch.tensor(False))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, d) float, the code vectors."""
+        return self.embedding.weight
+
+    def freeze(self) -> "VectorQuantizer":
+        """Stop every codebook change (no gradient, no dead-code reset), even in training mode; saved with the model."""
+        self.frozen.fill_(True)
+        self.embedding.weight.requires_grad_(False)
+        return self
+
+    def fingerprint(self) -> str:
+        """16 hex chars of SHA-256 over the fp32 codebook bytes; a bank records it to refuse another codebook."""
+        weight = self.codebook.detach().to("cpu", torch.float32).contiguous()
+        return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
+
+    def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., d) float -> (...) int64 index of the nearest code by L2 distance."""
+        flat = z.reshape(-1, self.dim).to(self.codebook.dtype)
+        codebook = self.codebook
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
+        return dist.argmin(dim=1).view(z.shape[:-1])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(...) integer codes -> (..., d) code vectors."""
+        return self.embedding(codes.long())
+
+    def forward(self, z: torch.Tensor) -> VQOutput:
+        """Quantize z of shape (B, T, d); in training (and not frozen) also update usage and reset dead codes."""
+        codes = self.nearest_codes(z)
+        q = self.decode(codes).to(z.dtype)
+        loss = F.mse_loss(q, z.detach()) + self.commitment_cost * F.mse_loss(q.detach(), z)
+        quantized = z + (q - z).detach()  # straight-through estimator
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        if self.training and not bool(self.frozen):
+            self._reset_dead_codes(rearrange(z.detach(), "... d -> (...) d"), counts)
+        return VQOutput(quantized=quantized, codes=codes, loss=loss, perplexity=perplexity)
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> None:
+        """Online resetting (MBC §3.3): EMA of usage; up to len(vectors) dead codes re-seeded from `vectors`."""
+        self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        dead = (self.ema_cluster_size < self.dead_code_threshold).nonzero().flatten()
+        n = min(dead.numel(), vectors.shape[0])
+        if n == 0:
+            return
+        dead = dead[torch.randperm(dead.numel(), device=dead.device)[:n]]
+        picks = torch.randperm(vectors.shape[0], device=vectors.device)[:n]
+        self.embedding.weight[dead] = vectors[picks].to(self.embedding.weight.dtype)
+        self.ema_cluster_size[dead] = self.ema_cluster_size.mean()

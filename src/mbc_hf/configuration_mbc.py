@@ -1,0 +1,108 @@
+"""Configuration of an MBC model (Katraouras & Rafailidis, arXiv 2601.00756, built on MAC, Tack et al. 2024).
+
+Defaults follow the reference code's DistilGPT2 setting (``conf/model/*.yaml`` of Thomkat/MBC) where it is
+sensible for a small LM; see ``../shared/docs/method-and-anchors.md`` §1.5 for the table they come from.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+AGGREGATIONS = ("histogram", "dense")
+
+
+class MBCConfig(PreTrainedConfig):
+    r"""Configuration for [`MBCModelForCausalLM`].
+
+    An MBC model has a frozen causal LM (``text_config``), a document encoder (``encoder_config``, the amortization
+    network's backbone: an encoder-only model such as BERT/MiniLM read out by learned queries, or a T5
+    encoder-decoder whose decoder reads learned queries), a question encoder (``question_encoder_config``, same kinds;
+    ``None`` means a copy of ``encoder_config``), a vector-quantization codebook, an aggregator and a prefix
+    generator that feeds per-layer prefix key/values (P-tuning v2) to the LM, plus KV-LoRA on the LM.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`): config of the frozen base causal LM (default: a Llama config).
+        encoder_config (`dict` or `PreTrainedConfig`): config of the document encoder backbone (default: BERT).
+        question_encoder_config (`dict` or `PreTrainedConfig`, *optional*): config of the question encoder
+            backbone; ``None`` uses ``encoder_config``.
+        base_model_name_or_path (`str`, *optional*): where the frozen base LM weights come from. When set, a
+            checkpoint references these weights instead of storing them (as PEFT adapters do); when ``None`` the
+            base LM weights are saved in the checkpoint. ``"embedded"`` names the packaged SmolLM2-135M-Instruct.
+        num_context_tokens (`int`, defaults to 12): T, context vectors per document (MBC §3.1; reference T=12 for
+            DistilGPT2, 24 otherwise).
+        prefix_length (`int`, defaults to 2): prefix key/values per LM layer (reference ``layer_num_virtual_tokens``).
+        codebook_size (`int`, defaults to 512): K, codes in the VQ codebook (MBC §3.2).
+        commitment_cost (`float`, defaults to 0.25): β of the commitment loss (VQ-VAE, MBC §3.2).
+        vq_loss_weight (`float`, defaults to 1.0): λ in loss = QA loss + λ·(codebook + β·commitment loss).
+        ema_decay (`float`, defaults to 0.99): decay of the EMA of code usage used by online resetting (MBC §3.3).
+        dead_code_threshold (`float`, defaults to 1e-4): a code whose usage EMA is below this is dead and is
+            re-initialised from current encoder outputs during training (MBC §3.3).
+        use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).
+        aggregator_layers (`int`, defaults to 4): cross-attention blocks of the aggregator (reference: 4).
+        aggregator_heads (`int`, defaults to 8) / aggregator_head_dim (`int`, *optional*): attention shape of the
+            aggregator; the head dim defaults to ``hidden_size // aggregator_heads`` of the LM.
+        prefix_rank (`int`, defaults to 256): bottleneck of the prefix generator (see `PrefixGenerator`).
+        kv_lora_r / kv_lora_alpha / kv_lora_dropout / kv_lora_layers: KV-LoRA rank, alpha, dropout and number of
+            last LM layers adapted (reference: 16 / 32 / 0.05 / 6 for DistilGPT2). ``kv_lora_layers=0`` disables it.
+        aggregation (`str`, defaults to "histogram"): default way to read a compressed bank; ``"histogram"`` is the
+            exact O(K) form, ``"dense"`` attends over every decoded vector as the reference does.
+        max_document_length (`int`, defaults to 256): encoder tokens kept per document (longer ones are truncated
+            with a warning by `memorize`).
+        max_question_length (`int`, defaults to 128): LM and encoder tokens kept per question (its last tokens).
+        prompt_template (`str`): how a question is shown to the LM; must contain ``{question}``.
+
+    Example:
+        >>> from mbc_hf import MBCConfig
+        >>> config = MBCConfig(codebook_size=256, num_context_tokens=8)
+        >>> config.text_config.model_type
+        'llama'
+    """
+
+    model_type = "mbc"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "question_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    encoder_config: dict | PreTrainedConfig | None = None
+    question_encoder_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+    num_context_tokens: int = 12
+    prefix_length: int = 2
+    codebook_size: int = 512
+    commitment_cost: float = 0.25
+    vq_loss_weight: float = 1.0
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1e-4
+    use_vq: bool = True
+    aggregator_layers: int = 4
+    aggregator_heads: int = 8
+    aggregator_head_dim: int | None = None
+    prefix_rank: int = 256
+    kv_lora_r: int = 16
+    kv_lora_alpha: int = 32
+    kv_lora_dropout: float = 0.05
+    kv_lora_layers: int = 6
+    aggregation: str = "histogram"
+    max_document_length: int = 256
+    max_question_length: int = 128
+    prompt_template: str = "Question: {question}\nAnswer:"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}.")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
+        for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.codebook_size > 65536:
+            raise ValueError(f"codebook_size={self.codebook_size} > 65536 does not fit the bank's uint16 codes.")
+        n_layers = self.text_config.get_text_config().num_hidden_layers
+        if not 0 <= self.kv_lora_layers <= n_layers:
+            raise ValueError(f"kv_lora_layers={self.kv_lora_layers} must be in [0, {n_layers}] for this base LM.")
+
+
+__all__ = ["MBCConfig"]

@@ -1,0 +1,804 @@
+"""Memory banks for MBC (Memory Bank Compression, arXiv 2601.00756).
+
+MBC encodes each document into ``T`` context vectors and vector-quantizes each
+of them against a ``K``-entry codebook; the memory bank then stores only the
+integer codes.  This module holds the storage side of that:
+
+* :class:`CompressedMemoryBank` -- the MBC bank: integer codes ``(N, T)``.
+* :class:`DenseMemoryBank` -- the uncompressed, MAC-style bank (VQ bypassed):
+  float vectors ``(N, T, d)``, kept for comparison.
+
+Both keep exactly one row per unique document id, an optional JSON-serialisable
+metadata dict per row, and save to / load from a single ``.safetensors`` file
+(no pickle).
+
+Where the rules come from:
+
+* MBC paper, Section 3: the memory bank holds, per stored item, the ``T``
+  codebook indices of its context vectors (the reference implementation keeps
+  them as ``int64``, one row per QA row of the training data).  Here codes are
+  kept in the *smallest unsigned* dtype that can hold every index in
+  ``[0, K)`` (``uint8`` for ``K <= 256``, ``uint16`` for ``K <= 65536``), and
+  there is one row per *unique document*, keyed by a string ``doc_id``.
+* The duplicate policy (``"skip"``, ``"overwrite"``, ``"fail"``) follows
+  Haystack's ``DuplicatePolicy`` for document stores.
+* The codes are only meaningful together with the codebook they index; the
+  model owns that codebook and identifies it by a fingerprint string, which the
+  bank records and checks (:meth:`CompressedMemoryBank.check_codebook`).
+
+This file must stay self-contained (stdlib, torch and safetensors only): it is
+copied next to checkpoints for ``trust_remote_code`` loading.
+
+Not thread-safe: guard a bank with a lock if several threads mutate it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import json
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import safetensors
+import safetensors.torch
+import torch
+
+__all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES"]
+
+#: Accepted values of ``on_duplicate`` (Haystack ``DuplicatePolicy`` names).
+DUPLICATE_POLICIES = ("skip", "overwrite", "fail")
+
+_FORMAT_VERSION = "1"
+# safetensors refuses headers larger than this many bytes (its own limit).
+_SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+# Same-width signed dtypes, for bit views of unsigned tensors (see _extend).
+_SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+# Elements converted to int64 at a time when counting / range-checking codes.
+_COUNT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _default_file_mode() -> int:
+    """Permission bits a plainly created file would get (0o666 minus umask)."""
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+                    break
+    return 0o666 & ~umask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Best-effort fsync of a directory so a rename inside it is durable."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _normalise_metadata(item: Any, position: int) -> dict:
+    """Return a JSON-normalised deep copy of one metadata dict.
+
+    Raises ``TypeError`` if it is not a dict with str keys and JSON values, or
+    if it would not round-trip unchanged through JSON (tuples, int keys, NaN).
+    """
+    if item is None:
+        return {}
+    if not isinstance(item, dict):
+        raise TypeError(f"metadata[{position}] must be a dict or None, got {type(item).__name__}")
+    try:
+        text = json.dumps(item, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"metadata[{position}] is not JSON-serialisable: {exc}") from exc
+    normalised = json.loads(text)
+    if normalised != item:
+        raise TypeError(
+            f"metadata[{position}] does not round-trip through JSON unchanged "
+            "(use str keys, lists instead of tuples)"
+        )
+    return normalised
+
+
+class _DocRowBank:
+    """Private base: one tensor row per unique ``doc_id`` plus per-row metadata.
+
+    Subclasses define the row payload (codes or vectors) through the hooks
+    ``_coerce_rows``, ``_check_loaded_rows``, ``_payload_header`` and
+    ``_from_header``, and the class attributes below.
+    """
+
+    _FORMAT: str = ""
+    _TENSOR_NAME: str = ""
+    _ROWS_ARG: str = "rows"
+
+    def __init__(self, num_tokens: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._num_tokens = _positive_int(num_tokens, "num_tokens")
+        self._row_shape = tuple(row_shape)
+        self._dtype = dtype
+        self._doc_ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._meta: list[dict] = []
+        # Appended row blocks; consolidated lazily by _rows().  Stored tensors
+        # are never modified in place once created (copy-on-write), so tensors
+        # handed out by the `codes` / `vectors` properties stay valid snapshots.
+        self._chunks: list[torch.Tensor] = []
+        self._id_bytes = 0
+
+    # ------------------------------------------------------------------ hooks
+    def _coerce_rows(self, rows: Any, doc_ids: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rows_appended(self, rows: torch.Tensor) -> None:
+        """Called after new rows are appended (cache maintenance)."""
+
+    def _invalidate(self) -> None:
+        """Called after rows are overwritten or removed (cache maintenance)."""
+
+    def _payload_header(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_header(cls, header: dict[str, str], path: str) -> "_DocRowBank":
+        raise NotImplementedError
+
+    def _check_loaded_rows(self, rows: torch.Tensor, path: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- storage
+    def _rows(self) -> torch.Tensor:
+        """All rows as one tensor ``(N, *row_shape)``; consolidates chunks (amortised O(1))."""
+        if not self._chunks:
+            return torch.empty((0, *self._row_shape), dtype=self._dtype)
+        if len(self._chunks) > 1:
+            self._chunks = [torch.cat(self._chunks, dim=0)]
+        return self._chunks[0]
+
+    def __len__(self) -> int:
+        return len(self._doc_ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._index
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``: number of context vectors / codes per document."""
+        return self._num_tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the row tensor."""
+        return self._dtype
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """Copy of the stored document ids, in row order."""
+        return list(self._doc_ids)
+
+    @property
+    def metadata(self) -> list[dict]:
+        """Deep copy of the per-row metadata dicts, in row order (``{}`` when none)."""
+        return copy.deepcopy(self._meta)
+
+    def get_metadata(self, doc_id: str) -> dict:
+        """Deep copy of one document's metadata. Raises ``KeyError`` if absent."""
+        return copy.deepcopy(self._meta[self.index_of(doc_id)])
+
+    def index_of(self, doc_id: str) -> int:
+        """Row index of ``doc_id``. Raises ``KeyError`` (naming the id) if absent."""
+        try:
+            return self._index[doc_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"doc_id {doc_id!r} is not in the memory bank") from None
+
+    def _get_rows(self, doc_ids: Sequence[str]) -> torch.Tensor:
+        if isinstance(doc_ids, str):
+            raise TypeError("doc_ids must be a list of str, not a single str (wrap it in a list)")
+        rows = [self.index_of(d) for d in doc_ids]
+        return self._rows()[torch.tensor(rows, dtype=torch.long)]
+
+    @property
+    def nbytes(self) -> int:
+        """Storage size in bytes: ``numel * element_size`` of the row tensor plus
+        the UTF-8 bytes of all doc ids.  Metadata and Python object overhead are
+        not counted."""
+        per_row = math.prod(self._row_shape) * torch.empty((), dtype=self._dtype).element_size()
+        return len(self._doc_ids) * per_row + self._id_bytes
+
+    # --------------------------------------------------------------- mutation
+    def _extend(
+        self,
+        doc_ids: Sequence[str],
+        rows: Any,
+        metadata: Sequence[dict | None] | None,
+        on_duplicate: str,
+    ) -> list[int]:
+        if on_duplicate not in DUPLICATE_POLICIES:
+            raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
+        if isinstance(doc_ids, str):
+            raise TypeError("doc_ids must be a list of str, not a single str (use append() for one document)")
+        doc_ids = list(doc_ids)
+        for i, d in enumerate(doc_ids):
+            if not isinstance(d, str) or not d:
+                raise ValueError(f"doc_ids[{i}] must be a non-empty str, got {d!r}")
+        rows = self._coerce_rows(rows, doc_ids)
+        if metadata is None:
+            meta = [{} for _ in doc_ids]
+        else:
+            if isinstance(metadata, dict):
+                raise TypeError("metadata must be a list of dicts (one per document), not a dict")
+            meta = list(metadata)
+            if len(meta) != len(doc_ids):
+                raise ValueError(f"got {len(meta)} metadata dicts for {len(doc_ids)} doc_ids")
+            meta = [_normalise_metadata(m, i) for i, m in enumerate(meta)]
+
+        # Plan everything before mutating, so errors leave the bank untouched.
+        n_old = len(self._doc_ids)
+        overwrite: dict[int, int] = {}  # existing row -> input position
+        new_positions: list[int] = []  # input positions of new rows
+        new_slot: dict[str, int] = {}  # doc_id -> index into new_positions
+        written: list[int] = []
+        for pos, d in enumerate(doc_ids):
+            if d in self._index or d in new_slot:
+                if on_duplicate == "fail":
+                    where = (
+                        "is already in the memory bank" if d in self._index else "appears more than once in this call"
+                    )
+                    raise ValueError(f"duplicate doc_id {d!r}: it {where} (on_duplicate='fail')")
+                if on_duplicate == "skip":
+                    continue
+                if d in self._index:
+                    overwrite[self._index[d]] = pos
+                    written.append(self._index[d])
+                else:
+                    new_positions[new_slot[d]] = pos
+                    written.append(n_old + new_slot[d])
+            else:
+                new_slot[d] = len(new_positions)
+                new_positions.append(pos)
+                written.append(n_old + new_slot[d])
+
+        if overwrite:
+            targets = torch.tensor(list(overwrite.keys()), dtype=torch.long)
+            sources = torch.tensor(list(overwrite.values()), dtype=torch.long)
+            updated = self._rows().clone()  # copy-on-write: never mutate handed-out tensors
+            # torch has no index_put for uint16: write through a same-width signed bit view.
+            view_dtype = _SIGNED_VIEW.get(updated.dtype, updated.dtype)
+            updated.view(view_dtype)[targets] = rows[sources].view(view_dtype)
+            self._chunks = [updated]
+            for r, pos in overwrite.items():
+                self._meta[r] = meta[pos]
+            self._invalidate()
+        if new_positions:
+            added = rows[torch.tensor(new_positions, dtype=torch.long)].contiguous()
+            for pos in new_positions:
+                d = doc_ids[pos]
+                self._index[d] = len(self._doc_ids)
+                self._doc_ids.append(d)
+                self._meta.append(meta[pos])
+                self._id_bytes += len(d.encode("utf-8"))
+            self._chunks.append(added)
+            self._rows_appended(added)
+        return written
+
+    def _append(self, doc_id: str, row: Any, metadata: dict | None, on_duplicate: str) -> int | None:
+        row = torch.as_tensor(row)
+        written = self._extend([doc_id], row.reshape(1, *row.shape), [metadata], on_duplicate)
+        return written[0] if written else None
+
+    def remove(self, doc_id: str) -> None:
+        """Remove one document's row. O(N). Raises ``KeyError`` naming the id if absent."""
+        i = self.index_of(doc_id)
+        rows = self._rows()
+        self._chunks = [torch.cat([rows[:i], rows[i + 1 :]], dim=0)]
+        del self._doc_ids[i]
+        del self._meta[i]
+        del self._index[doc_id]
+        for j in range(i, len(self._doc_ids)):
+            self._index[self._doc_ids[j]] = j
+        self._id_bytes -= len(doc_id.encode("utf-8"))
+        self._invalidate()
+
+    # ------------------------------------------------------------ persistence
+    def _header(self) -> dict[str, str]:
+        header = {"format": self._FORMAT, "format_version": _FORMAT_VERSION}
+        header.update(self._payload_header())
+        header["num_tokens"] = str(self._num_tokens)
+        header["doc_ids"] = json.dumps(self._doc_ids, ensure_ascii=False)
+        if any(self._meta):
+            header["metadata"] = json.dumps(self._meta, ensure_ascii=False, allow_nan=False)
+        return header
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the bank atomically to ONE ``.safetensors`` file at ``path``.
+
+        The row tensor is stored under the name ``codes`` / ``vectors`` in the
+        storage dtype; everything else goes into the (all-str) safetensors
+        metadata header.  The file is written to a temporary file in the same
+        directory, fsynced and moved into place with ``os.replace``; on any
+        error the temporary file is removed and an existing file at ``path`` is
+        left untouched.
+
+        Raises ``FileNotFoundError`` (naming the directory) if the parent
+        directory does not exist (it is not created), and ``ValueError`` if the
+        ids + metadata exceed safetensors' 100 MB header limit.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                errno.ENOENT, f"cannot save memory bank: directory {directory!r} does not exist", path
+            )
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "cannot save memory bank over a directory", path)
+        header = self._header()
+        header_bytes = len(json.dumps(header).encode("utf-8"))
+        if header_bytes > _SAFETENSORS_MAX_HEADER_BYTES - 4096:
+            raise ValueError(
+                f"cannot save memory bank to {path!r}: doc ids and metadata take {header_bytes} bytes, "
+                f"over safetensors' header limit of {_SAFETENSORS_MAX_HEADER_BYTES} bytes "
+                "(shorten doc ids / metadata or split the bank)"
+            )
+        tensors = {self._TENSOR_NAME: self._rows().contiguous()}
+        mode = _default_file_mode()
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode & 0o7777
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            os.close(fd)
+            safetensors.torch.save_file(tensors, tmp, metadata=header)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Load a bank written by :meth:`save` (safetensors only, never pickle).
+
+        Raises ``FileNotFoundError`` if ``path`` does not exist, and
+        ``ValueError`` naming the file and the problem when it is truncated,
+        corrupted or has a forged header, has the wrong format tag or version,
+        missing/garbled header keys, a row tensor of the wrong dtype/shape or
+        out-of-range values, or duplicate / invalid doc ids.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "memory bank file not found", path)
+        try:
+            with safetensors.safe_open(path, framework="pt") as fh:
+                header = fh.metadata()
+                names = list(fh.keys())
+                tensors = {name: fh.get_tensor(name) for name in names}
+        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(
+                f"{path}: not a readable safetensors file (truncated, corrupted or forged header): {exc}"
+            ) from exc
+
+        if not header:
+            raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
+        fmt = header.get("format")
+        if fmt != cls._FORMAT:
+            hint = ""
+            for other in _DocRowBank.__subclasses__():
+                if fmt == other._FORMAT:
+                    hint = f"; it is a {other.__name__}, load it with {other.__name__}.load()"
+            raise ValueError(f"{path}: format tag is {fmt!r}, expected {cls._FORMAT!r}{hint}")
+        if header.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: unsupported format_version {header.get('format_version')!r} "
+                f"(this code reads version {_FORMAT_VERSION!r})"
+            )
+        bank = cls._from_header(header, path)
+
+        doc_ids = _json_field(header, "doc_ids", path)
+        if not isinstance(doc_ids, list) or not all(isinstance(d, str) and d for d in doc_ids):
+            raise ValueError(f"{path}: header key 'doc_ids' must be a JSON list of non-empty str")
+        seen: set[str] = set()
+        for d in doc_ids:
+            if d in seen:
+                raise ValueError(f"{path}: duplicate doc_id {d!r} in header key 'doc_ids'")
+            seen.add(d)
+        if "metadata" in header:
+            meta = _json_field(header, "metadata", path)
+            if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
+                raise ValueError(f"{path}: header key 'metadata' must be a JSON list of objects")
+            if len(meta) != len(doc_ids):
+                raise ValueError(f"{path}: {len(meta)} metadata entries for {len(doc_ids)} doc_ids")
+        else:
+            meta = [{} for _ in doc_ids]
+
+        if set(names) != {cls._TENSOR_NAME}:
+            raise ValueError(f"{path}: expected exactly one tensor named {cls._TENSOR_NAME!r}, found {sorted(names)}")
+        rows = tensors[cls._TENSOR_NAME]
+        if rows.dim() != 1 + len(bank._row_shape) or tuple(rows.shape[1:]) != bank._row_shape:
+            raise ValueError(
+                f"{path}: tensor {cls._TENSOR_NAME!r} has shape {tuple(rows.shape)}, "
+                f"expected (N, {', '.join(map(str, bank._row_shape))})"
+            )
+        if rows.shape[0] != len(doc_ids):
+            raise ValueError(
+                f"{path}: tensor {cls._TENSOR_NAME!r} has {rows.shape[0]} rows but the header lists "
+                f"{len(doc_ids)} doc_ids"
+            )
+        rows = bank._check_loaded_rows(rows, path)
+
+        bank._doc_ids = doc_ids
+        bank._index = {d: i for i, d in enumerate(doc_ids)}
+        bank._meta = meta
+        bank._id_bytes = sum(len(d.encode("utf-8")) for d in doc_ids)
+        bank._chunks = [rows.contiguous()] if len(doc_ids) else []
+        bank._invalidate()
+        return bank
+
+
+def _json_field(header: dict[str, str], key: str, path: str) -> Any:
+    if key not in header:
+        raise ValueError(f"{path}: header key {key!r} is missing")
+    try:
+        return json.loads(header[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: header key {key!r} is not valid JSON: {exc}") from exc
+
+
+def _int_field(header: dict[str, str], key: str, path: str) -> int:
+    if key not in header:
+        raise ValueError(f"{path}: header key {key!r} is missing")
+    try:
+        value = int(header[key])
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != header[key]:
+        raise ValueError(f"{path}: header key {key!r} must be a positive integer, got {header[key]!r}")
+    return value
+
+
+def _codes_dtype(codebook_size: int) -> torch.dtype:
+    """Smallest unsigned dtype holding every code in ``[0, codebook_size)``."""
+    if codebook_size <= 256:
+        return torch.uint8
+    if codebook_size <= 65536:
+        return torch.uint16
+    raise ValueError(
+        f"codebook_size {codebook_size} > 65536 is not supported (codes are stored as uint8/uint16)"
+    )
+
+
+def _first_out_of_range(codes: torch.Tensor, codebook_size: int) -> tuple[int, int, int] | None:
+    """First ``(row, position, value)`` with value outside ``[0, K)``, or None.
+
+    Works chunk-wise in int64 because torch lacks comparisons for uint16/uint32.
+    """
+    if codes.numel() == 0:
+        return None
+    rows_per_chunk = max(1, _COUNT_CHUNK_ELEMENTS // max(1, codes.shape[1]))
+    for start in range(0, codes.shape[0], rows_per_chunk):
+        block = codes[start : start + rows_per_chunk].to(torch.int64)
+        bad = (block < 0) | (block >= codebook_size)
+        if bool(bad.any()):
+            r, t = (int(x) for x in bad.nonzero()[0])
+            return start + r, t, int(block[r, t])
+    return None
+
+
+class CompressedMemoryBank(_DocRowBank):
+    """The MBC memory bank: ``T`` codebook indices per unique document.
+
+    Args:
+        codebook_size: ``K``, number of codebook entries; codes lie in ``[0, K)``.
+        num_tokens: ``T``, context vectors (hence codes) per document.
+        codebook_fingerprint: non-empty string identifying the model's codebook
+            (computed and owned by the model).
+
+    Storage: ``codes`` ``(N, T)`` in :attr:`dtype` -- ``torch.uint8`` if
+    ``K <= 256``, ``torch.uint16`` if ``K <= 65536`` (larger ``K`` raises
+    ``ValueError``).  MBC paper Section 3 keeps ``int64`` codes per QA row; we
+    keep the smallest unsigned dtype and one row per unique ``doc_id``.  Rows
+    are appended as chunks and concatenated lazily, so incremental ``extend``
+    is O(total).
+
+    Note: torch implements few ops for ``uint16`` (no comparisons, max, ...);
+    call ``.long()`` on :attr:`codes` before arithmetic or indexing a codebook.
+    """
+
+    _FORMAT = "mbc-compressed-memory-bank"
+    _TENSOR_NAME = "codes"
+
+    def __init__(self, codebook_size: int, num_tokens: int, codebook_fingerprint: str) -> None:
+        codebook_size = _positive_int(codebook_size, "codebook_size")
+        dtype = _codes_dtype(codebook_size)
+        if not isinstance(codebook_fingerprint, str) or not codebook_fingerprint:
+            raise ValueError(f"codebook_fingerprint must be a non-empty str, got {codebook_fingerprint!r}")
+        super().__init__(num_tokens, (num_tokens,), dtype)
+        self._codebook_size = codebook_size
+        self._fingerprint = codebook_fingerprint
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def codebook_size(self) -> int:
+        """``K``: number of codebook entries."""
+        return self._codebook_size
+
+    @property
+    def codebook_fingerprint(self) -> str:
+        """Fingerprint of the codebook these codes index."""
+        return self._fingerprint
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """All codes, ``(N, T)`` in :attr:`dtype`, rows in :attr:`doc_ids` order.
+
+        Returned without copying: the bank never modifies this tensor in place
+        later (mutations build new tensors), so it is a stable snapshot -- but
+        do not modify it yourself."""
+        return self._rows()
+
+    def get_codes(self, doc_ids: Sequence[str]) -> torch.Tensor:
+        """Codes of the given documents, ``(n, T)`` in :attr:`dtype` (a copy).
+        Raises ``KeyError`` naming the first missing id."""
+        return self._get_rows(doc_ids)
+
+    def extend(
+        self,
+        doc_ids: Sequence[str],
+        codes: torch.Tensor,
+        metadata: Sequence[dict | None] | None = None,
+        on_duplicate: str = "skip",
+    ) -> list[int]:
+        """Add documents.
+
+        Args:
+            doc_ids: ``n`` non-empty str ids.
+            codes: integer tensor ``(n, T)`` (any integer dtype/device), values in ``[0, K)``.
+            metadata: optional list of ``n`` JSON-serialisable dicts (or None).
+            on_duplicate: policy for ids already stored or repeated in this call:
+                ``"skip"`` keeps the first/stored row, ``"overwrite"`` replaces
+                codes and metadata (last occurrence wins), ``"fail"`` raises
+                ``ValueError`` naming the id.
+
+        Returns:
+            The row index written for each input document that was not
+            skipped, in input order.
+
+        Raises ``ValueError`` / ``TypeError`` for bad ids, dtype, shape, out-of-range
+        codes (naming the first bad value and its row) or metadata; the bank is
+        unchanged on any error.
+        """
+        return self._extend(doc_ids, codes, metadata, on_duplicate)
+
+    def append(
+        self,
+        doc_id: str,
+        codes: torch.Tensor,
+        metadata: dict | None = None,
+        on_duplicate: str = "skip",
+    ) -> int | None:
+        """Add one document with codes ``(T,)``; see :meth:`extend`.
+        Returns its row index, or None if it was skipped as a duplicate."""
+        return self._append(doc_id, codes, metadata, on_duplicate)
+
+    def _coerce_rows(self, rows: Any, doc_ids: Sequence[str]) -> torch.Tensor:
+        codes = torch.as_tensor(rows).detach()
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        if codes.dim() != 2 or codes.shape[1] != self._num_tokens or codes.shape[0] != len(doc_ids):
+            raise ValueError(
+                f"codes must have shape (n={len(doc_ids)}, T={self._num_tokens}), got {tuple(codes.shape)}"
+            )
+        codes = codes.cpu()
+        bad = _first_out_of_range(codes, self._codebook_size)
+        if bad is not None:
+            r, t, v = bad
+            raise ValueError(
+                f"code {v} at row {r} (doc_id {doc_ids[r]!r}), position {t} is outside "
+                f"[0, {self._codebook_size})"
+            )
+        return codes.to(self._dtype)
+
+    def _check_loaded_rows(self, rows: torch.Tensor, path: str) -> torch.Tensor:
+        if rows.dtype not in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+            raise ValueError(f"{path}: codes have dtype {rows.dtype}, expected an unsigned integer dtype")
+        bad = _first_out_of_range(rows, self._codebook_size)
+        if bad is not None:
+            r, t, v = bad
+            raise ValueError(
+                f"{path}: code {v} at row {r}, position {t} is outside [0, {self._codebook_size})"
+            )
+        return rows.to(self._dtype)
+
+    def _payload_header(self) -> dict[str, str]:
+        return {
+            "codebook_size": str(self._codebook_size),
+            "codebook_fingerprint": self._fingerprint,
+        }
+
+    @classmethod
+    def _from_header(cls, header: dict[str, str], path: str) -> "CompressedMemoryBank":
+        k = _int_field(header, "codebook_size", path)
+        t = _int_field(header, "num_tokens", path)
+        fp = header.get("codebook_fingerprint")
+        if not fp:
+            raise ValueError(f"{path}: header key 'codebook_fingerprint' is missing or empty")
+        try:
+            return cls(k, t, fp)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, codebook_fingerprint: str | None = None) -> "CompressedMemoryBank":
+        """Load a bank saved by :meth:`save`; see ``_DocRowBank.load`` for errors.
+
+        If ``codebook_fingerprint`` is given, also :meth:`check_codebook` it.
+        """
+        bank = super().load(path)
+        if codebook_fingerprint is not None:
+            bank.check_codebook(codebook_fingerprint)
+        return bank
+
+    # ---------------------------------------------------------------- counts
+    def _rows_appended(self, rows: torch.Tensor) -> None:
+        if self._counts is not None:
+            self._counts = self._counts + self._bincount(rows)
+
+    def _invalidate(self) -> None:
+        self._counts = None
+
+    def _bincount(self, codes: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(self._codebook_size, dtype=torch.long)
+        flat = codes.reshape(-1)
+        for start in range(0, flat.numel(), _COUNT_CHUNK_ELEMENTS):
+            block = flat[start : start + _COUNT_CHUNK_ELEMENTS].to(torch.int64)
+            counts += torch.bincount(block, minlength=self._codebook_size)
+        return counts
+
+    def code_counts(self) -> torch.Tensor:
+        """How often each code occurs over all ``N*T`` stored codes: int64 ``(K,)``.
+
+        Cached; updated incrementally on append, recomputed after overwrite /
+        remove.  Returns a copy (safe to modify)."""
+        if self._counts is None:
+            self._counts = self._bincount(self._rows())
+        return self._counts.clone()
+
+    def check_codebook(self, fingerprint: str) -> None:
+        """Raise ``ValueError`` if ``fingerprint`` differs from the bank's codebook fingerprint."""
+        if fingerprint != self._fingerprint:
+            raise ValueError(
+                "memory bank codebook mismatch: the bank's codes index the codebook with fingerprint "
+                f"{self._fingerprint!r}, but this model's codebook has fingerprint {fingerprint!r}; "
+                "the codes would decode to meaningless vectors. Fix: re-encode the documents with "
+                "this model's memorize(), or load the model the bank was built with."
+            )
+
+    def __repr__(self) -> str:
+        n = len(self)
+        per_doc = self.nbytes / n if n else 0.0
+        return (
+            f"CompressedMemoryBank(N={n}, T={self._num_tokens}, K={self._codebook_size}, "
+            f"dtype={str(self._dtype).replace('torch.', '')}, bytes/doc={per_doc:.1f}, "
+            f"codebook_fingerprint={self._fingerprint!r})"
+        )
+
+
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DenseMemoryBank(_DocRowBank):
+    """Uncompressed, MAC-style bank (VQ bypassed), for comparison with MBC.
+
+    Args:
+        num_tokens: ``T``, context vectors per document.
+        hidden_size: ``d``, size of each vector.
+        dtype: storage dtype, ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``.
+
+    Storage: ``vectors`` ``(N, T, d)`` in :attr:`dtype`, one row per unique
+    ``doc_id``; same id / duplicate / metadata / save / load behaviour as
+    :class:`CompressedMemoryBank` (format tag ``"mbc-dense-memory-bank"``,
+    header stores ``hidden_size``; no codebook fingerprint).
+    """
+
+    _FORMAT = "mbc-dense-memory-bank"
+    _TENSOR_NAME = "vectors"
+
+    def __init__(self, num_tokens: int, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        hidden_size = _positive_int(hidden_size, "hidden_size")
+        if dtype not in _DENSE_DTYPES:
+            raise ValueError(f"dtype must be one of {_DENSE_DTYPES}, got {dtype}")
+        super().__init__(num_tokens, (num_tokens, hidden_size), dtype)
+        self._hidden_size = hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        """``d``: size of each context vector."""
+        return self._hidden_size
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """All vectors, ``(N, T, d)`` in :attr:`dtype` (shared snapshot; do not modify)."""
+        return self._rows()
+
+    def get_vectors(self, doc_ids: Sequence[str]) -> torch.Tensor:
+        """Vectors of the given documents, ``(n, T, d)`` (a copy). ``KeyError`` if one is missing."""
+        return self._get_rows(doc_ids)
+
+    def extend(
+        self,
+        doc_ids: Sequence[str],
+        vectors: torch.Tensor,
+        metadata: Sequence[dict | None] | None = None,
+        on_duplicate: str = "skip",
+    ) -> list[int]:
+        """Add documents with float ``vectors`` ``(n, T, d)`` (cast to :attr:`dtype`;
+        must be finite after the cast).  Duplicates, metadata, return value and
+        errors as in :meth:`CompressedMemoryBank.extend`."""
+        return self._extend(doc_ids, vectors, metadata, on_duplicate)
+
+    def append(
+        self,
+        doc_id: str,
+        vectors: torch.Tensor,
+        metadata: dict | None = None,
+        on_duplicate: str = "skip",
+    ) -> int | None:
+        """Add one document with vectors ``(T, d)``; see :meth:`extend`.
+        Returns its row index, or None if it was skipped as a duplicate."""
+        return self._append(doc_id, vectors, metadata, on_duplicate)
+
+    def _coerce_rows(self, rows: Any, doc_ids: Sequence[str]) -> torch.Tensor:
+        vectors = torch.as_tensor(rows).detach()
+        if not vectors.is_floating_point():
+            raise TypeError(f"vectors must be a floating-point tensor, got dtype {vectors.dtype}")
+        expected = (len(doc_ids), *self._row_shape)
+        if tuple(vectors.shape) != expected:
+            raise ValueError(f"vectors must have shape {expected} (n, T, d), got {tuple(vectors.shape)}")
+        vectors = vectors.cpu().to(self._dtype)
+        self._check_finite(vectors, "")
+        return vectors
+
+    @staticmethod
+    def _check_finite(vectors: torch.Tensor, where: str) -> None:
+        finite = torch.isfinite(vectors).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            r = int((~finite).nonzero()[0])
+            raise ValueError(f"{where}vectors at row {r} contain NaN or inf (after casting to the storage dtype)")
+
+    def _check_loaded_rows(self, rows: torch.Tensor, path: str) -> torch.Tensor:
+        if rows.dtype not in _DENSE_DTYPES:
+            raise ValueError(f"{path}: vectors have dtype {rows.dtype}, expected one of {_DENSE_DTYPES}")
+        self._dtype = rows.dtype
+        self._check_finite(rows, f"{path}: ")
+        return rows
+
+    def _payload_header(self) -> dict[str, str]:
+        return {"hidden_size": str(self._hidden_size)}
+
+    @classmethod
+    def _from_header(cls, header: dict[str, str], path: str) -> "DenseMemoryBank":
+        return cls(_int_field(header, "num_tokens", path), _int_field(header, "hidden_size", path))
+
+    def __repr__(self) -> str:
+        n = len(self)
+        per_doc = self.nbytes / n if n else 0.0
+        return (
+            f"DenseMemoryBank(N={n}, T={self._num_tokens}, d={self._hidden_size}, "
+            f"dtype={str(self._dtype).replace('torch.', '')}, bytes/doc={per_doc:.1f})"
+        )

@@ -1,0 +1,503 @@
+"""MBC as a transformers model: `MBCModelForCausalLM` (Katraouras & Rafailidis, arXiv 2601.00756; MAC, Tack et al.
+NeurIPS 2024).
+
+Data flow (shapes for a batch of B questions, a memory of N documents, T context vectors, LM width d):
+
+    documents --AmortizationNetwork--> (N, T, d) --VectorQuantizer--> codes (N, T)      = CompressedMemoryBank
+    question  --AmortizationNetwork--> latents (B, T, d)
+    latents + memory --Aggregator--> modulation (B, T, d) --PrefixGenerator--> L × (key, value) (B, n_kv, P, hd)
+    prefix key/values (as a DynamicCache) + question tokens --frozen LM with KV-LoRA--> answer
+
+Only KV-LoRA and the MBC modules train; the base LM stays frozen. By default a checkpoint references the base LM
+(``config.base_model_name_or_path``) instead of storing its weights, as PEFT adapters do.
+"""
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .aggregator import Aggregator, Memory
+from .amortization import AmortizationNetwork
+from .codebook import VectorQuantizer
+from .configuration_mbc import AGGREGATIONS, MBCConfig
+from .kv_lora import KVLoraConfig, apply_kv_lora, save_kv_lora_adapter
+from .memory_bank import CompressedMemoryBank, DenseMemoryBank
+from .prefix import PrefixGenerator, kv_shape
+
+ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+KV_LORA_DIR = "kv_lora"
+
+
+@dataclass
+class MBCOutput(ModelOutput):
+    """Output of `MBCModelForCausalLM.forward`.
+
+    Attributes:
+        loss: scalar, ``qa_loss + λ·vq_loss`` when labels are given (MBC training objective).
+        logits: (B, L, vocab) float, LM logits over the question/answer tokens (the prefix is not included).
+        qa_loss: scalar, mean NLL of the labelled (answer) tokens.
+        vq_loss: scalar, codebook + β·commitment loss of the documents encoded in this call (0 when none).
+        perplexity: scalar, codebook usage perplexity of those documents.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    qa_loss: torch.Tensor | None = None
+    vq_loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+
+
+def document_id(text: str) -> str:
+    """Stable id of a document: the first 16 hex chars of SHA-1 of its UTF-8 text."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_texts(texts, what: str) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{what} must be a list of str, got {type(texts).__name__}; wrap a single text as [text].")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{i}] is {type(text).__name__}, not str.")
+        if not text.strip():
+            raise ValueError(f"{what}[{i}] is empty or whitespace only; drop it before calling.")
+    return list(texts)
+
+
+class MBCPreTrainedModel(PreTrainedModel):
+    config: MBCConfig
+    base_model_prefix = "mbc"
+    supports_gradient_checkpointing = False
+    # base LM weights are referenced by config.base_model_name_or_path, not stored (see save_pretrained)
+    _keys_to_ignore_on_load_missing = [r"^lm\.(?!.*lora_)"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """MBC modules initialise themselves in __init__ (see each module); sub-models use their own init."""
+
+
+class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
+    """A frozen causal LM that answers questions from a memory of documents through prefix key/values.
+
+    Build one with `MBCModelForCausalLM.from_components` (pretrained LM + encoder), `mbc_hf.testing.tiny_mbc_model`
+    (tests), or load a saved one with ``AutoModelForCausalLM.from_pretrained(path)`` after ``import mbc_hf``.
+    ``model.tokenizer`` (LM) and ``model.encoder_tokenizer`` are attached by those constructors and saved with
+    the model.
+    """
+
+    def __init__(self, config: MBCConfig):
+        super().__init__(config)
+        text_config = config.text_config.get_text_config()
+        d = text_config.hidden_size
+        T = config.num_context_tokens
+        self.lm = AutoModelForCausalLM.from_config(config.text_config)
+        self.amortization = AmortizationNetwork(config.encoder_config, T, d)
+        self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
+        self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
+                                        config.dead_code_threshold)
+        head_dim = config.aggregator_head_dim or d // config.aggregator_heads
+        self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
+        num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
+        self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
+                                                kv_heads, kv_head_dim)
+        self.lm.requires_grad_(False)
+        if config.kv_lora_layers > 0:
+            apply_kv_lora(self.lm, self.kv_lora_config)
+            for name, module in self.lm.named_modules():
+                if "lora_" in name:  # keep B = 0 and kaiming A: not re-initialised by the LM's _init_weights
+                    module._is_hf_initialized = True
+        self.tokenizer = None
+        self.encoder_tokenizer = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction helpers
+    @property
+    def kv_lora_config(self) -> KVLoraConfig:
+        c = self.config
+        return KVLoraConfig(r=c.kv_lora_r, lora_alpha=c.kv_lora_alpha, lora_dropout=c.kv_lora_dropout,
+                            last_n_layers=c.kv_lora_layers, base_model_name_or_path=c.base_model_name_or_path)
+
+    @classmethod
+    def from_components(cls, base_model, encoder, tokenizer, encoder_tokenizer, question_encoder=None,
+                        base_model_name_or_path: str | None = None, **config_kwargs) -> "MBCModelForCausalLM":
+        """Build an MBC model around pretrained parts.
+
+        Args:
+            base_model: a causal LM (`PreTrainedModel`); its weights are copied and frozen.
+            encoder: document encoder backbone (`PreTrainedModel`, encoder-only or T5-style encoder–decoder).
+            tokenizer / encoder_tokenizer: tokenizers of the LM and of the encoder(s).
+            question_encoder: question encoder backbone; ``None`` starts it as a copy of ``encoder``.
+            base_model_name_or_path: where the base LM can be loaded from again; when given, checkpoints reference
+                it instead of storing the LM weights.
+            **config_kwargs: other `MBCConfig` fields.
+        """
+        config = MBCConfig(text_config=base_model.config.to_dict(), encoder_config=encoder.config.to_dict(),
+                           question_encoder_config=question_encoder.config.to_dict() if question_encoder else None,
+                           base_model_name_or_path=base_model_name_or_path, **config_kwargs)
+        model = cls(config)
+        model.load_base_model_weights(base_model.state_dict())
+        model.amortization.backbone.load_state_dict(encoder.state_dict(), strict=False)
+        model.question_encoder.backbone.load_state_dict((question_encoder or encoder).state_dict(), strict=False)
+        model.tokenizer, model.encoder_tokenizer = tokenizer, encoder_tokenizer
+        return model
+
+    def load_base_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a plain base-LM state dict into ``self.lm`` (whose K/V projections are wrapped by KV-LoRA).
+
+        Raises:
+            ValueError: if a base LM weight of ``self.lm`` is not in ``state_dict``.
+        """
+        target = self.lm.state_dict()
+        mapped = {}
+        for key, value in state_dict.items():
+            wrapped = re.sub(r"\.(weight|bias)$", r".base_layer.\1", key)
+            mapped[key if key in target else wrapped] = value
+        result = self.lm.load_state_dict(mapped, strict=False)
+        tied = {k.removeprefix("lm.") for k in self.all_tied_weights_keys}
+        missing = [k for k in result.missing_keys if "lora_" not in k and k not in tied]
+        if missing:
+            raise ValueError(f"The base LM state dict lacks {len(missing)} weights, e.g. {missing[:3]}; is it the "
+                             f"model named in config.base_model_name_or_path ({self.config.base_model_name_or_path})?")
+        self.lm.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the referenced base LM weights and the saved tokenizers.
+
+        Raises:
+            ValueError: if the checkpoint neither stores nor references the base LM weights.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing_base = [k for k in info["missing_keys"] if k.startswith("lm.") and "lora_" not in k]
+        if missing_base:
+            ref = model.config.base_model_name_or_path
+            if ref is None:
+                raise ValueError(f"{pretrained_model_name_or_path} stores no base LM weights and its config names no "
+                                 "base_model_name_or_path; save it with save_pretrained(include_base_model=True).")
+            model.load_base_model_weights(_load_base_state_dict(ref))
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir():
+            if (path / "tokenizer_config.json").exists():
+                model.tokenizer = AutoTokenizer.from_pretrained(path)
+            if (path / ENCODER_TOKENIZER_DIR).is_dir():
+                model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, include_base_model: bool | None = None, **kwargs):
+        """Save config, MBC + KV-LoRA weights (model.safetensors), tokenizers and a standard PEFT export of KV-LoRA
+        (``kv_lora/adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``).
+
+        Args:
+            include_base_model: store the frozen base LM weights too (a self-contained checkpoint). Default: only
+                when ``config.base_model_name_or_path`` is None, i.e. when there is nothing to reference.
+        """
+        if include_base_model is None:
+            include_base_model = self.config.base_model_name_or_path is None
+        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        if not include_base_model:
+            state_dict = {k: v for k, v in state_dict.items() if not (k.startswith("lm.") and "lora_" not in k)}
+        super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        if self.encoder_tokenizer is not None:
+            self.encoder_tokenizer.save_pretrained(os.path.join(save_directory, ENCODER_TOKENIZER_DIR))
+        if self.config.kv_lora_layers > 0:
+            save_kv_lora_adapter(self.lm, self.kv_lora_config, os.path.join(save_directory, KV_LORA_DIR))
+
+    # ------------------------------------------------------------------ memory
+    def _require_tokenizers(self):
+        if self.tokenizer is None or self.encoder_tokenizer is None:
+            raise ValueError("This model has no tokenizers attached; set model.tokenizer and model.encoder_tokenizer "
+                             "or build it with MBCModelForCausalLM.from_components / from_pretrained.")
+
+    def encode_documents(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize documents for the amortization network: ``input_ids``/``attention_mask`` (N, S) int64,
+        truncated to ``config.max_document_length`` tokens (a warning counts truncated documents)."""
+        self._require_tokenizers()
+        enc = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_document_length,
+                                     return_overflowing_tokens=True, return_tensors="pt")
+        sample = enc["overflow_to_sample_mapping"]  # (rows,): which text each row (window) came from
+        first = torch.ones_like(sample, dtype=torch.bool)
+        first[1:] = sample[1:] != sample[:-1]
+        n_cut = int((torch.bincount(sample) > 1).sum())
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} documents exceed max_document_length="
+                          f"{self.config.max_document_length} encoder tokens and were truncated; split long documents "
+                          "into passages before memorize() to keep all of their content.", stacklevel=3)
+        return {"input_ids": enc["input_ids"][first].to(self.device),
+                "attention_mask": enc["attention_mask"][first].to(self.device)}
+
+    def encode_questions(self, questions: list[str], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize questions for both the LM and the question encoder.
+
+        Returns ``input_ids``/``attention_mask`` (B, L) for the LM (prompt from ``config.prompt_template``; left
+        padded for generation, or with ``answers``: right padded, `` answer<eos>`` appended and ``labels`` (B, L)
+        with -100 everywhere but the answer tokens) and ``question_input_ids``/``question_attention_mask`` (B, S)
+        for the question encoder; questions keep their last ``config.max_question_length`` tokens.
+        """
+        self._require_tokenizers()
+        tok, n = self.tokenizer, self.config.max_question_length
+        prompts = [self.config.prompt_template.format(question=q) for q in questions]
+        prompt_ids = [ids[-n:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+        if answers is None:
+            seqs, labels = [bos + p for p in prompt_ids], None
+        else:
+            answer_ids = [ids + [tok.eos_token_id] for ids in tok([" " + a for a in answers],
+                                                                  add_special_tokens=False)["input_ids"]]
+            seqs = [bos + p + a for p, a in zip(prompt_ids, answer_ids)]
+            labels = [[-100] * (len(s) - len(a)) + a for s, a in zip(seqs, answer_ids)]
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        left = answers is None  # generation appends on the right, so prompts are left padded
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for i, s in enumerate(seqs):
+            fill = width - len(s)
+            batch["input_ids"].append([pad] * fill + s if left else s + [pad] * fill)
+            batch["attention_mask"].append([0] * fill + [1] * len(s) if left else [1] * len(s) + [0] * fill)
+            if labels is not None:
+                batch["labels"].append(labels[i] + [-100] * fill)
+        out = {k: torch.tensor(v, device=self.device) for k, v in batch.items() if v}
+        q = self.encoder_tokenizer(questions, padding=True, truncation=True, max_length=n, return_tensors="pt")
+        out["question_input_ids"] = q["input_ids"].to(self.device)
+        out["question_attention_mask"] = q["attention_mask"].to(self.device)
+        return out
+
+    @torch.no_grad()
+    def memorize(self, texts: list[str], memory_bank=None, doc_ids: list[str] | None = None,
+                 metadata: list[dict] | None = None, batch_size: int = 32, compress: bool | None = None,
+                 on_duplicate: str = "skip", show_progress: bool = False):
+        """Online adaptation: encode documents into a memory bank (no gradient, codebook untouched).
+
+        Args:
+            texts: documents (non-empty str). doc_ids: their ids (default: `document_id` of the text).
+            memory_bank: a bank to extend in place; default: a new one.
+            metadata: optional JSON-serialisable dict per document (e.g. timestamp, title).
+            compress: ``True`` -> `CompressedMemoryBank` of codes (default when ``config.use_vq``); ``False`` -> a
+                `DenseMemoryBank` of float vectors (VQ bypassed, MAC-style).
+            on_duplicate: "skip" (default), "overwrite" or "fail" for ids already in the bank.
+
+        Returns:
+            The bank (one row per unique document).
+
+        Raises:
+            TypeError / ValueError: non-str or empty documents, ids/metadata of the wrong length.
+            ValueError: ``memory_bank`` was built with another codebook.
+        """
+        texts = _check_texts(texts, "texts")
+        doc_ids = [document_id(t) for t in texts] if doc_ids is None else list(doc_ids)
+        if len(doc_ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
+            raise ValueError(f"got {len(texts)} texts, {len(doc_ids)} doc_ids and "
+                             f"{len(metadata) if metadata is not None else 'no'} metadata entries; lengths must match.")
+        compress = self.config.use_vq if compress is None else compress
+        if memory_bank is None:
+            memory_bank = self.new_memory_bank(compress)
+        self._check_bank(memory_bank)
+        todo = [i for i, doc_id in enumerate(doc_ids) if on_duplicate != "skip" or doc_id not in memory_bank]
+        was_training = self.training
+        self.eval()
+        try:
+            from tqdm.auto import tqdm
+
+            for start in tqdm(range(0, len(todo), batch_size), desc="memorize", disable=not show_progress):
+                rows = todo[start:start + batch_size]
+                z = self.amortization(**self.encode_documents([texts[i] for i in rows]))  # (n, T, d)
+                values = self.codebook.nearest_codes(z) if compress else z.float().cpu()
+                memory_bank.extend([doc_ids[i] for i in rows], values.cpu(),
+                                   metadata=[metadata[i] for i in rows] if metadata is not None else None,
+                                   on_duplicate=on_duplicate)
+        finally:
+            self.train(was_training)
+        return memory_bank
+
+    def new_memory_bank(self, compress: bool = True):
+        """An empty `CompressedMemoryBank` for this model's codebook, or a `DenseMemoryBank` with compress=False."""
+        if compress:
+            return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
+                                        self.codebook.fingerprint())
+        return DenseMemoryBank(self.config.num_context_tokens, self.config.text_config.get_text_config().hidden_size)
+
+    def _check_bank(self, bank) -> None:
+        if isinstance(bank, CompressedMemoryBank):
+            bank.check_codebook(self.codebook.fingerprint())
+            if bank.num_tokens != self.config.num_context_tokens or bank.codebook_size != self.config.codebook_size:
+                raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
+                                 f"T={self.config.num_context_tokens}, K={self.config.codebook_size}.")
+        elif not isinstance(bank, DenseMemoryBank):
+            raise TypeError(f"memory_bank must be a CompressedMemoryBank or DenseMemoryBank, got {type(bank).__name__}.")
+
+    def memory_from_bank(self, memory_bank, aggregation: str | None = None) -> Memory:
+        """The aggregator's view of a bank (see `Memory`). ``aggregation``: "histogram" (exact O(K), compressed banks
+        only; the default from config) or "dense" (every stored vector, O(N·T)). ``None`` bank -> empty memory.
+
+        Raises:
+            ValueError: unknown aggregation, histogram asked for a dense bank, or a bank from another codebook.
+        """
+        requested, aggregation = aggregation, aggregation or self.config.aggregation
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
+        d = self.codebook.dim
+        if memory_bank is None or len(memory_bank) == 0:
+            return Memory(self.codebook.codebook.new_zeros(1, 0, d))
+        self._check_bank(memory_bank)
+        if isinstance(memory_bank, DenseMemoryBank):
+            if requested == "histogram":
+                raise ValueError("aggregation='histogram' needs a CompressedMemoryBank; use 'dense' for a dense bank.")
+            return Memory(memory_bank.vectors.to(self.device, self.codebook.codebook.dtype).reshape(1, -1, d))
+        if aggregation == "histogram":
+            return Memory.from_codebook(self.codebook.codebook, memory_bank.code_counts())
+        return Memory(self.codebook.decode(memory_bank.codes.to(self.device).long()).reshape(1, -1, d))
+
+    def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
+        """Training memory (MBC §3.4): the batch's own documents, quantized with straight-through gradients.
+
+        Args:
+            context_input_ids / context_attention_mask: (N, S) encoder tokens of the batch's documents.
+            question_doc_index: (B,) int64, the document of each question; when given each question sees only its
+                own document (gold-only memory, a curriculum stage); otherwise every question sees all N documents
+                (the others act as distractors, as in the reference).
+
+        Returns:
+            (Memory of N·T vectors, vq_loss scalar, perplexity scalar).
+        """
+        z = self.amortization(context_input_ids, context_attention_mask)  # (N, T, d)
+        n, T, d = z.shape
+        if self.config.use_vq:
+            vq = self.codebook(z)
+            vectors, vq_loss, perplexity = vq.quantized, vq.loss, vq.perplexity
+        else:
+            vectors, vq_loss, perplexity = z, z.new_zeros(()), z.new_zeros(())
+        mask = None
+        if question_doc_index is not None:
+            owner = torch.arange(n, device=z.device).repeat_interleave(T)  # (N·T,)
+            mask = owner[None, :] == question_doc_index[:, None]  # (B, N·T)
+        return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
+
+    # ------------------------------------------------------------------ prefix
+    def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory):
+        """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim)."""
+        if question_input_ids is None:
+            raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
+                             "build the batch with model.encode_questions(questions).")
+        latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
+        return self.prefix_generator(self.aggregator(latents, memory))
+
+    def _prefix_cache(self, prefix, attention_mask, batch: int, expand: int = 1):
+        """DynamicCache holding the prefix (repeated `expand` times per row) and the mask extended by P ones."""
+        if expand > 1:
+            prefix = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in prefix]
+        cache = DynamicCache(prefix, config=self.lm.config)
+        P = self.config.prefix_length
+        ones = torch.ones(batch, P, dtype=attention_mask.dtype, device=attention_mask.device)
+        return cache, torch.cat([ones, attention_mask], dim=1)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, question_input_ids: torch.LongTensor | None = None,
+                question_attention_mask: torch.Tensor | None = None, memory_bank=None,
+                context_input_ids: torch.LongTensor | None = None, context_attention_mask: torch.Tensor | None = None,
+                question_doc_index: torch.LongTensor | None = None, aggregation: str | None = None,
+                memory: Memory | None = None, **kwargs) -> MBCOutput:
+        """One MBC forward.
+
+        Args:
+            input_ids / attention_mask: (B, L) LM tokens of prompt (+ answer); labels: (B, L), -100 = ignored.
+            question_input_ids / question_attention_mask: (B, S) the question in the encoder's tokenizer.
+            memory_bank: a `CompressedMemoryBank`/`DenseMemoryBank` to read (inference), or
+            context_input_ids / context_attention_mask: (N, S) documents forming the memory (training), with
+            question_doc_index: (B,) optional gold-only assignment (see `memory_from_documents`).
+            memory: a precomputed `Memory` (overrides the above). Nothing given -> empty memory.
+            aggregation: "histogram" | "dense" for ``memory_bank``.
+
+        Returns:
+            `MBCOutput` with ``loss = qa_loss + vq_loss_weight · vq_loss`` when labels are given.
+        """
+        vq_loss = perplexity = None
+        if memory is None:
+            if context_input_ids is not None:
+                memory, vq_loss, perplexity = self.memory_from_documents(context_input_ids, context_attention_mask,
+                                                                         question_doc_index)
+            else:
+                memory = self.memory_from_bank(memory_bank, aggregation)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
+        cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
+        out = self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
+        loss = None
+        if labels is not None:
+            loss = out.loss if vq_loss is None else out.loss + self.config.vq_loss_weight * vq_loss
+        return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                 question_input_ids: torch.LongTensor | None = None, question_attention_mask=None, memory_bank=None,
+                 aggregation: str | None = None, memory: Memory | None = None, **generate_kwargs):
+        """`generate` of the base LM, conditioned on a memory through a fresh prefix cache per call.
+
+        Works for greedy, sampling and beam search (the prefix is repeated for ``num_beams`` /
+        ``num_return_sequences``). ``input_ids`` must be left padded (see `encode_questions`). Returns the
+        LM's output: (B·num_return_sequences, L + new) token ids, prompt included.
+        """
+        if memory is None:
+            memory = self.memory_from_bank(memory_bank, aggregation)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        gen_config = generate_kwargs.get("generation_config") or self.lm.generation_config
+        beams = generate_kwargs.get("num_beams", gen_config.num_beams) or 1
+        expand = beams if beams > 1 else generate_kwargs.get("num_return_sequences",
+                                                             gen_config.num_return_sequences) or 1
+        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
+        cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0], expand)
+        generate_kwargs.setdefault("pad_token_id", self.lm.generation_config.pad_token_id
+                                   if self.lm.generation_config.pad_token_id is not None
+                                   else self.lm.generation_config.eos_token_id)
+        return self.lm.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
+
+    @torch.no_grad()
+    def answer(self, questions: list[str], memory_bank=None, max_new_tokens: int = 16, aggregation: str | None = None,
+               batch_size: int = 16, **generate_kwargs) -> list[str]:
+        """Answer questions from a memory bank (greedy by default), one string per question.
+
+        The memory is prepared once for all questions (O(K) with histogram aggregation). The answer is the
+        generated text up to the first newline, stripped.
+
+        Raises:
+            ValueError: a bank built with another codebook, an unknown aggregation, empty questions.
+        """
+        questions = _check_texts(questions, "questions")
+        memory = self.memory_from_bank(memory_bank, aggregation)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id
+                                   is not None else self.tokenizer.eos_token_id)
+        was_training = self.training
+        self.eval()
+        answers = []
+        try:
+            for start in range(0, len(questions), batch_size):
+                batch = self.encode_questions(questions[start:start + batch_size])
+                out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, **generate_kwargs)
+                new = out[:, batch["input_ids"].shape[1]:]
+                texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+                answers += [t.strip().split("\n")[0].strip() for t in texts]
+        finally:
+            self.train(was_training)
+        return answers
+
+
+def _load_base_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:
+    """State dict of the referenced base LM (a local path, a Hub id, or ``"embedded"``)."""
+    from .embedded import resolve
+
+    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path, "base"), dtype=torch.float32).state_dict()
+
+
+__all__ = ["MBCModelForCausalLM", "MBCOutput", "MBCPreTrainedModel", "document_id"]
