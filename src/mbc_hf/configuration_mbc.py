@@ -49,6 +49,11 @@ class MBCConfig(PreTrainedConfig):
             with a warning by `memorize`).
         max_question_length (`int`, defaults to 128): LM and encoder tokens kept per question (its last tokens).
         prompt_template (`str`): how a question is shown to the LM; must contain ``{question}``.
+        reconstruction_loss_weight (`float`, defaults to 0.0): weight of an auxiliary loss (not in the paper; an
+            ICAE-style autoencoding term): from its own memory alone, through a learned query, the LM must predict
+            the first ``reconstruction_length`` tokens of each training document. It forces the codes to carry the
+            document, which the QA loss alone does not (see README, "Making the memory learnable").
+        reconstruction_length (`int`, defaults to 64): LM tokens per document for that loss.
 
     Example:
         >>> from mbc_hf import MBCConfig
@@ -88,6 +93,8 @@ class MBCConfig(PreTrainedConfig):
     max_document_length: int = 256
     max_question_length: int = 128
     prompt_template: str = "Question: {question}\nAnswer:"
+    reconstruction_loss_weight: float = 0.0
+    reconstruction_length: int = 64
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

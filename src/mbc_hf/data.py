@@ -304,6 +304,7 @@ def _answers(path: Path, where: str, key: str, value: Any, *, split: bool) -> li
 
 
 def _missing_columns_error(path, where, found, missing, accepted) -> ValueError:
+    missing = [m if m.startswith(("'", "one of")) else repr(m) for m in missing]
     return _err(
         path,
         where,
@@ -517,7 +518,7 @@ def _drop_empty_documents(path: Path, rows: list[_Row], what: str = "question(s)
         warnings.warn(
             f"{path}: skipped {n_skipped} {what} on {n_docs} empty or whitespace-only document(s)",
             EmptyDocumentWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_qa_file / load_documents_file
         )
     return kept
 
@@ -597,7 +598,12 @@ def _qa_rows(src: _Source, format: str | None, filter_label: str | None) -> list
         return _rows_squad(src)
     if format == "squad":
         raise ValueError(f"{src.path}: format 'squad' needs one JSON object with a 'data' list")
-    layout = format or _record_layout(src.records[0][1]) if src.records else "flat"
+    if format is not None:
+        layout = format
+    elif src.records:
+        layout = _record_layout(src.records[0][1])
+    else:  # a CSV with a header only
+        layout = "flat"
     if layout == "paragraphs":
         return _rows_paragraphs(src)
     if layout == "archivalqa_subset":
@@ -711,13 +717,6 @@ def _plain_documents(path: Path, src: _Source) -> list[tuple[str, str | None, st
         key = next((k for k in _DOC_TEXT_KEYS if k in cols), None)
         if key is None:
             raise _missing_columns_error(
-                src.header_where if found_cols is not None else path and src.header_where or where,
-                where if found_cols is None else src.header_where,
-                cols,
-                ["'text'"],
-                "'text' (or 'context') with optional 'id'/'doc_id' for documents; "
-                "or a QA layout with a 'question' column (see load_qa_file)",
-            ) if False else _missing_columns_error(
                 path,
                 src.header_where if found_cols is not None else where,
                 cols,
@@ -770,10 +769,11 @@ def load_documents_file(
         ]
     else:
         src = _read_source(path)
-        is_qa = src.squad is not None or any(
-            k in (src.columns if src.columns is not None else src.records[0][1] if src.records else ())
-            for k in ("question", "qas")
-        )
+        if src.squad is not None:
+            is_qa = True
+        else:
+            keys = src.columns if src.columns is not None else (src.records[0][1] if src.records else {})
+            is_qa = "question" in keys or "qas" in keys
         if is_qa:
             rows = _qa_rows(src, None, filter_label)
             return documents(_to_dataset(path, rows, downsample_to))

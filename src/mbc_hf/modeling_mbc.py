@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +42,12 @@ class MBCOutput(ModelOutput):
     """Output of `MBCModelForCausalLM.forward`.
 
     Attributes:
-        loss: scalar, ``qa_loss + λ·vq_loss`` when labels are given (MBC training objective).
+        loss: scalar, ``qa_loss + λ·vq_loss (+ w·reconstruction_loss)`` when labels are given (MBC objective).
         logits: (B, L, vocab) float, LM logits over the question/answer tokens (the prefix is not included).
         qa_loss: scalar, mean NLL of the labelled (answer) tokens.
         vq_loss: scalar, codebook + β·commitment loss of the documents encoded in this call (0 when none).
         perplexity: scalar, codebook usage perplexity of those documents.
+        reconstruction_loss: scalar, NLL of each document's first tokens from its own memory (auxiliary, optional).
     """
 
     loss: torch.Tensor | None = None
@@ -53,6 +55,7 @@ class MBCOutput(ModelOutput):
     qa_loss: torch.Tensor | None = None
     vq_loss: torch.Tensor | None = None
     perplexity: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
 
 
 def document_id(text: str) -> str:
@@ -107,6 +110,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
         self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
                                                 kv_heads, kv_head_dim)
+        self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
         self.lm.requires_grad_(False)
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
@@ -218,9 +222,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             raise ValueError("This model has no tokenizers attached; set model.tokenizer and model.encoder_tokenizer "
                              "or build it with MBCModelForCausalLM.from_components / from_pretrained.")
 
-    def encode_documents(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenize documents for the amortization network: ``input_ids``/``attention_mask`` (N, S) int64,
-        truncated to ``config.max_document_length`` tokens (a warning counts truncated documents)."""
+    def encode_documents(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
+        """Tokenize documents for the amortization network: ``input_ids``/``attention_mask`` (N, S) int64 on
+        ``device`` (default: the model's), truncated to ``config.max_document_length`` tokens (a warning counts
+        truncated documents)."""
         self._require_tokenizers()
         enc = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_document_length,
                                      return_overflowing_tokens=True, return_tensors="pt")
@@ -232,10 +237,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             warnings.warn(f"{n_cut} of {len(texts)} documents exceed max_document_length="
                           f"{self.config.max_document_length} encoder tokens and were truncated; split long documents "
                           "into passages before memorize() to keep all of their content.", stacklevel=3)
-        return {"input_ids": enc["input_ids"][first].to(self.device),
-                "attention_mask": enc["attention_mask"][first].to(self.device)}
+        device = device or self.device
+        return {"input_ids": enc["input_ids"][first].to(device), "attention_mask": enc["attention_mask"][first].to(device)}
 
-    def encode_questions(self, questions: list[str], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def encode_questions(self, questions: list[str], answers: list[str] | None = None,
+                         device=None) -> dict[str, torch.Tensor]:
         """Tokenize questions for both the LM and the question encoder.
 
         Returns ``input_ids``/``attention_mask`` (B, L) for the LM (prompt from ``config.prompt_template``; left
@@ -265,11 +271,23 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             batch["attention_mask"].append([0] * fill + [1] * len(s) if left else [1] * len(s) + [0] * fill)
             if labels is not None:
                 batch["labels"].append(labels[i] + [-100] * fill)
-        out = {k: torch.tensor(v, device=self.device) for k, v in batch.items() if v}
+        device = device or self.device
+        out = {k: torch.tensor(v, device=device) for k, v in batch.items() if v}
         q = self.encoder_tokenizer(questions, padding=True, truncation=True, max_length=n, return_tensors="pt")
-        out["question_input_ids"] = q["input_ids"].to(self.device)
-        out["question_attention_mask"] = q["attention_mask"].to(self.device)
+        out["question_input_ids"] = q["input_ids"].to(device)
+        out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
+
+    def encode_reconstruction_targets(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
+        """LM tokens of each document's start for the auxiliary reconstruction loss: ``reconstruction_input_ids`` /
+        ``reconstruction_attention_mask`` (N, ≤ config.reconstruction_length), right padded."""
+        self._require_tokenizers()
+        tok = self.tokenizer
+        enc = tok(texts, truncation=True, max_length=self.config.reconstruction_length, padding=True,
+                  padding_side="right", add_special_tokens=False, return_tensors="pt")
+        device = device or self.device
+        return {"reconstruction_input_ids": enc["input_ids"].to(device),
+                "reconstruction_attention_mask": enc["attention_mask"].to(device)}
 
     @torch.no_grad()
     def memorize(self, texts: list[str], memory_bank=None, doc_ids: list[str] | None = None,
@@ -381,6 +399,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             mask = owner[None, :] == question_doc_index[:, None]  # (B, N·T)
         return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
 
+    def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
+        """Auxiliary loss: NLL of each document's tokens (N, R) given only that document's T memory vectors, read
+        through the aggregator by ``reconstruction_query`` latents (see ``config.reconstruction_loss_weight``)."""
+        n, T = input_ids.shape[0], self.config.num_context_tokens
+        owner = torch.arange(n, device=input_ids.device).repeat_interleave(T)  # (N·T,)
+        own = Memory(memory.vectors, mask=owner[None, :] == torch.arange(n, device=input_ids.device)[:, None])
+        latents = self.reconstruction_query[None].expand(n, -1, -1)  # (N, T, d)
+        prefix = self.prefix_generator(self.aggregator(latents, own))
+        cache, mask = self._prefix_cache(prefix, attention_mask, n)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels).loss
+
     # ------------------------------------------------------------------ prefix
     def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory):
         """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim)."""
@@ -404,7 +434,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 question_attention_mask: torch.Tensor | None = None, memory_bank=None,
                 context_input_ids: torch.LongTensor | None = None, context_attention_mask: torch.Tensor | None = None,
                 question_doc_index: torch.LongTensor | None = None, aggregation: str | None = None,
-                memory: Memory | None = None, **kwargs) -> MBCOutput:
+                memory: Memory | None = None, reconstruction_input_ids: torch.LongTensor | None = None,
+                reconstruction_attention_mask: torch.Tensor | None = None, **kwargs) -> MBCOutput:
         """One MBC forward.
 
         Args:
@@ -415,9 +446,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             question_doc_index: (B,) optional gold-only assignment (see `memory_from_documents`).
             memory: a precomputed `Memory` (overrides the above). Nothing given -> empty memory.
             aggregation: "histogram" | "dense" for ``memory_bank``.
+            reconstruction_input_ids / reconstruction_attention_mask: (N, R) LM tokens of the N context documents
+                for the auxiliary reconstruction loss (training, with context ids; see `reconstruction_loss`).
 
         Returns:
-            `MBCOutput` with ``loss = qa_loss + vq_loss_weight · vq_loss`` when labels are given.
+            `MBCOutput` with ``loss = qa_loss + vq_loss_weight·vq_loss + reconstruction_loss_weight·
+            reconstruction_loss`` (terms that were not computed are left out) when labels are given.
         """
         vq_loss = perplexity = None
         if memory is None:
@@ -431,10 +465,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
         cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
         out = self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
+        rec_loss = None
+        if reconstruction_input_ids is not None:
+            rec_loss = self.reconstruction_loss(memory, reconstruction_input_ids, reconstruction_attention_mask)
         loss = None
         if labels is not None:
-            loss = out.loss if vq_loss is None else out.loss + self.config.vq_loss_weight * vq_loss
-        return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity)
+            loss = out.loss
+            if vq_loss is not None:
+                loss = loss + self.config.vq_loss_weight * vq_loss
+            if rec_loss is not None:
+                loss = loss + self.config.reconstruction_loss_weight * rec_loss
+        return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity,
+                         reconstruction_loss=rec_loss)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -487,10 +529,47 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, **generate_kwargs)
                 new = out[:, batch["input_ids"].shape[1]:]
                 texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-                answers += [t.strip().split("\n")[0].strip() for t in texts]
+                answers += [_first_line(t) for t in texts]
         finally:
             self.train(was_training)
         return answers
+
+    @contextmanager
+    def kv_lora_disabled(self):
+        """Inside this context the LM runs without KV-LoRA, i.e. as the plain frozen base LM."""
+        layers = [m for m in self.lm.modules() if hasattr(m, "enable_adapters") and "lora_A" in m._modules]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    @torch.no_grad()
+    def answer_with_base_lm(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16,
+                            **generate_kwargs) -> list[str]:
+        """Baselines without memory: the plain base LM (KV-LoRA off, no prefix) completes fully formatted prompts
+        (closed-book, or with passages in context); returns the first generated line of each, stripped."""
+        self._require_tokenizers()
+        tok = self.tokenizer
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None
+                                   else tok.eos_token_id)
+        answers = []
+        with self.kv_lora_disabled():
+            for start in range(0, len(prompts), batch_size):
+                enc = tok(prompts[start:start + batch_size], padding=True, padding_side="left",
+                          return_tensors="pt").to(self.device)
+                out = self.lm.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                       **generate_kwargs)
+                answers += [_first_line(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                     skip_special_tokens=True)]
+        return answers
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
 
 
 def _load_base_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:

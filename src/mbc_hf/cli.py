@@ -1,0 +1,279 @@
+"""``mbc-hf`` command line: train, adapt, ask, eval, demo. Run ``mbc-hf COMMAND --help`` for the options."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SHARED_DATA_ENV = "MBC_SHARED_DATA"
+SQUAD_TRAIN = "squad/train-part.first44articles.paragraphs.jsonl"
+SQUAD_DEV = "squad/dev.minus-holdout.paragraphs.jsonl"
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a text file through a temporary file and a rename, so a reader never sees half of it."""
+    from .kv_lora import _atomic_write
+
+    def write(tmp):
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    _atomic_write(str(path), write)
+
+
+def shared_data_dir() -> Path | None:
+    """``$MBC_SHARED_DATA``, else ``../shared/data`` from the working directory or from this repository."""
+    candidates = [os.environ.get(SHARED_DATA_ENV), Path.cwd().parent / "shared" / "data",
+                  Path(__file__).resolve().parents[3] / "shared" / "data"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def build(base_model: str, encoder: str, **config_kwargs):
+    """A fresh MBC model: ``tiny``/``tiny-gpt2`` (random, for smoke tests) or pretrained parts (see embedded).
+    ``None`` config values are left at their defaults."""
+    config_kwargs = {k: v for k, v in config_kwargs.items() if v is not None}
+    if base_model.startswith("tiny"):
+        from .testing import tiny_mbc_model
+
+        return tiny_mbc_model(base="gpt2" if base_model == "tiny-gpt2" else "llama",
+                              encoder="t5" if encoder == "tiny-t5" else "bert", **config_kwargs)
+    from .embedded import build_model
+
+    return build_model(base_model, encoder, **config_kwargs)
+
+
+def load_model(path: str):
+    import mbc_hf  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+class StopAfterMinutes:
+    """TrainerCallback factory: stop (and save) once training has run for ``minutes``."""
+
+    @staticmethod
+    def make(minutes: float):
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                self.start = time.time()
+
+            def on_step_end(self, args, state, control, **kw):
+                if time.time() - self.start > minutes * 60:
+                    control.should_training_stop = True
+                    control.should_save = True
+
+        return _Stop()
+
+
+def split_train_eval(dataset, eval_docs: int):
+    """Hold out the rows of the last ``eval_docs`` documents (file order) for the memory gain."""
+    doc_ids = list(dict.fromkeys(dataset["doc_id"]))
+    held = set(doc_ids[len(doc_ids) - eval_docs:]) if eval_docs else set()
+    train = dataset.filter(lambda r: r["doc_id"] not in held)
+    return train, dataset.filter(lambda r: r["doc_id"] in held) if held else None
+
+
+def cmd_train(a) -> dict:
+    from .data import load_qa_file
+    from .trainer import MBCTrainer, MBCTrainingArguments
+
+    dataset = load_qa_file(a.train_file, downsample_to=a.downsample_to)
+    train, held = split_train_eval(dataset, a.eval_docs)
+    evaluation = load_qa_file(a.eval_file, downsample_to=a.eval_docs or None) if a.eval_file else held
+    if a.resume and Path(a.output_dir, "config.json").exists():
+        model = load_model(a.output_dir).train()
+    else:
+        model = build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
+                      num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers)
+    args = MBCTrainingArguments(
+        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
+        encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
+        lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
+        num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
+        eval_strategy="steps" if evaluation is not None else "no", eval_steps=a.eval_steps,
+        memory_gain_questions=a.memory_gain_questions, report_to="none", use_cpu=not a.gpu, seed=a.seed,
+        disable_tqdm=not sys.stderr.isatty() and not a.progress, dataloader_num_workers=0)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         callbacks=[StopAfterMinutes.make(a.max_minutes)] if a.max_minutes else None)
+    resume = a.resume and any(Path(a.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    metrics = trainer.evaluate() if evaluation is not None else {}
+    trainer.save_model(a.output_dir)
+    Path(a.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def cmd_adapt(a) -> None:
+    from .data import load_documents_file
+    from .memory_bank import CompressedMemoryBank
+
+    model = load_model(a.model)
+    docs = load_documents_file(a.documents)
+    bank = CompressedMemoryBank.load(a.bank) if Path(a.bank).exists() else None
+    before = len(bank) if bank is not None else 0
+    start = time.perf_counter()
+    bank = model.memorize([text for _, text in docs], memory_bank=bank, doc_ids=[i for i, _ in docs],
+                          batch_size=a.batch_size, show_progress=True)
+    ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+    bank.save(a.bank)
+    print(f"bank {a.bank}: {len(bank)} documents (+{len(bank) - before}), {bank.nbytes} bytes "
+          f"({bank.nbytes / max(len(bank), 1):.1f} bytes/doc), {ms:.1f} ms/doc")
+
+
+def cmd_ask(a) -> None:
+    from .memory_bank import CompressedMemoryBank
+
+    model = load_model(a.model)
+    bank = CompressedMemoryBank.load(a.bank)
+    for question, answer in zip(a.question, model.answer(a.question, memory_bank=bank,
+                                                         max_new_tokens=a.max_new_tokens)):
+        print(f"Q: {question}\nA: {answer}")
+
+
+def cmd_eval(a) -> dict:
+    from .data import load_qa_file
+    from .evaluation import evaluate_online
+
+    model = load_model(a.model)
+    dataset = load_qa_file(a.data, downsample_to=a.downsample_to)
+    metrics = evaluate_online(model, dataset, aggregation=a.aggregation, compress=not a.no_compress,
+                              max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    predictions, _ = metrics.pop("predictions"), metrics.pop("memory_bank")
+    if a.output:
+        write_text_atomic(a.output, json.dumps(metrics, indent=2))
+        if a.predictions:
+            rows = [{"question_id": q, "prediction": p, "answers": r}
+                    for q, p, r in zip(dataset["question_id"], predictions, dataset["answers"])]
+            write_text_atomic(a.predictions, "\n".join(json.dumps(r) for r in rows) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def cmd_demo(a) -> None:
+    from .data import load_qa_file
+    from .demo import run_demo
+
+    shared = shared_data_dir()
+    train_file = a.train_file or (shared / SQUAD_TRAIN if shared else None)
+    dev_file = a.dev_file or (shared / SQUAD_DEV if shared else None)
+    if train_file is None or dev_file is None:
+        import datasets
+
+        print("shared data not found; loading SQuAD from the Hub (rajpurkar/squad)")
+        squad = datasets.load_dataset("rajpurkar/squad")
+        train, dev = _hub_rows(squad["train"].select(range(12000))), _hub_rows(squad["validation"])
+    else:
+        train, dev = load_qa_file(train_file), load_qa_file(dev_file, downsample_to=a.dev_docs)
+    run_demo(train, dev, a)
+
+
+def _hub_rows(split):
+    from .modeling_mbc import document_id
+
+    return split.map(lambda r: {"doc_id": document_id(r["context"]), "answers": r["answers"]["text"],
+                                "question_id": r["id"]}, remove_columns=["id", "title"])
+
+
+def add_model_options(p, default="embedded"):
+    p.add_argument("--base-model", default=default, help="'embedded' (SmolLM2-135M-Instruct), a local path or Hub id "
+                                                          "of a causal LM, or 'tiny'/'tiny-gpt2' (random, tests)")
+    p.add_argument("--encoder", default=default, help="'embedded' (all-MiniLM-L6-v2), a local path or Hub id of an "
+                                                       "encoder (BERT-like or T5), or 'tiny-bert'/'tiny-t5'")
+
+
+def add_train_options(p):
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=3e-4, help="LR of the MBC modules")
+    p.add_argument("--encoder-learning-rate", type=float, default=5e-5)
+    p.add_argument("--lora-learning-rate", type=float, default=1e-4)
+    p.add_argument("--lora-start-step", type=int, default=0)
+    p.add_argument("--gold-only-steps", type=int, default=0)
+    p.add_argument("--reconstruction-weight", type=float, default=0.5)
+    p.add_argument("--num-context-tokens", type=int, help="T (default: the model config's, 12)")
+    p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: 6)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--logging-steps", type=int, default=25)
+    p.add_argument("--save-steps", type=int, default=250)
+    p.add_argument("--eval-steps", type=int, default=250)
+    p.add_argument("--eval-docs", type=int, default=32, help="hold out the last N train documents for the memory "
+                                                             "gain (ignored with --eval-file)")
+    p.add_argument("--memory-gain-questions", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gpu", action="store_true", help="allow an accelerator (default: CPU only)")
+    p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mbc-hf", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train an MBC model on a QA file")
+    p.add_argument("--train-file", required=True)
+    p.add_argument("--eval-file")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--downsample-to", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add_model_options(p)
+    add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapt", help="stream documents into a (new or existing) memory bank")
+    p.add_argument("--model", required=True)
+    p.add_argument("--documents", required=True, help="a QA file, a .txt (one document per line) or a JSONL with "
+                                                       "'text' (and optional 'id')")
+    p.add_argument("--bank", required=True, help=".safetensors bank; appended to when it exists")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("ask", help="answer questions from a memory bank")
+    p.add_argument("--model", required=True)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("question", nargs="+")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval", help="adapt on a QA file's documents, answer its questions, report EM/F1")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--downsample-to", type=int, help="first N unique documents in file order (paper: 1665)")
+    p.add_argument("--output", help="metrics.json")
+    p.add_argument("--predictions", help="predictions .jsonl (with --output)")
+    p.add_argument("--aggregation", choices=["histogram", "dense"])
+    p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: short meta-training, adapt, answer")
+    p.add_argument("--train-file")
+    p.add_argument("--dev-file")
+    p.add_argument("--dev-docs", type=int, default=40, help="dev documents streamed into the bank")
+    p.add_argument("--output-dir", default="outputs/demo")
+    add_model_options(p)
+    add_train_options(p)
+    p.set_defaults(func=cmd_demo, max_minutes=8.0, eval_steps=100, save_steps=100000)
+    return root
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
