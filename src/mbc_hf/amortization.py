@@ -55,13 +55,30 @@ class AmortizationNetwork(nn.Module):
             self.readout = CrossAttentionBlock(width, width, heads, width // heads, backbone_config.intermediate_size)
         self.mlp = ContextMLP(width, out_dim)
 
+    def freeze_backbone(self) -> None:
+        """Freeze the pretrained backbone: no gradients and no dropout; it then runs under no_grad, which makes a
+        CPU training step several times cheaper (only the learned queries, readout and MLP train)."""
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
         queries = self.queries[None].expand(batch, -1, -1)  # (B, T, d_enc)
-        if self.is_encoder_decoder:
+        if self.is_encoder_decoder:  # the decoder reads the learned queries, so it always runs with gradients
             states = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                    decoder_inputs_embeds=queries).last_hidden_state  # (B, T, d_enc)
         else:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, d)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,S,d)
             states = self.readout(queries, Memory(hidden, mask=attention_mask.bool()))  # (B, T, d_enc)
         return self.mlp(states)  # (B, T, out_dim)

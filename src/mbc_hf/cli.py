@@ -53,6 +53,13 @@ def load_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+def build_from_args(a):
+    return build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
+                 reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
+                 kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
+                 codebook_dim=a.codebook_dim or None)
+
+
 class StopAfterMinutes:
     """TrainerCallback factory: stop (and save) once training has run for ``minutes``."""
 
@@ -90,8 +97,7 @@ def cmd_train(a) -> dict:
     if a.resume and Path(a.output_dir, "config.json").exists():
         model = load_model(a.output_dir).train()
     else:
-        model = build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
-                      num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers)
+        model = build_from_args(a)
     args = MBCTrainingArguments(
         output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
         gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
@@ -197,7 +203,7 @@ def add_train_options(p):
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=3e-4, help="LR of the MBC modules")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="LR of the MBC modules")
     p.add_argument("--encoder-learning-rate", type=float, default=5e-5)
     p.add_argument("--lora-learning-rate", type=float, default=1e-4)
     p.add_argument("--lora-start-step", type=int, default=0)
@@ -205,6 +211,11 @@ def add_train_options(p):
     p.add_argument("--reconstruction-weight", type=float, default=0.5)
     p.add_argument("--num-context-tokens", type=int, help="T (default: the model config's, 12)")
     p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: 6)")
+    p.add_argument("--train-encoders", action="store_true", help="also train the encoder backbones (the paper "
+                   "does; about 3x slower per step on a CPU)")
+    p.add_argument("--codebook-dim", type=int, default=32, help="factorized l2-normalised codes of this size "
+                   "(0 = the paper's direct d-dim codebook)")
+    p.add_argument("--reconstruction-length", type=int, default=32, help="document tokens of the auxiliary loss")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--logging-steps", type=int, default=25)

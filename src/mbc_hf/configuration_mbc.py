@@ -36,6 +36,8 @@ class MBCConfig(PreTrainedConfig):
         ema_decay (`float`, defaults to 0.99): decay of the EMA of code usage used by online resetting (MBC §3.3).
         dead_code_threshold (`float`, defaults to 1e-4): a code whose usage EMA is below this is dead and is
             re-initialised from current encoder outputs during training (MBC §3.3).
+        codebook_dim (`int`, *optional*): ``None`` = the paper's codebook of d-dim codes; an int = factorized,
+            l2-normalised codes of this size (ViT-VQGAN), which keeps many more codes in use (see `VectorQuantizer`).
         use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).
         aggregator_layers (`int`, defaults to 4): cross-attention blocks of the aggregator (reference: 4).
         aggregator_heads (`int`, defaults to 8) / aggregator_head_dim (`int`, *optional*): attention shape of the
@@ -49,6 +51,9 @@ class MBCConfig(PreTrainedConfig):
             with a warning by `memorize`).
         max_question_length (`int`, defaults to 128): LM and encoder tokens kept per question (its last tokens).
         prompt_template (`str`): how a question is shown to the LM; must contain ``{question}``.
+        freeze_encoders (`bool`, defaults to False): keep the pretrained encoder backbones frozen (the paper trains
+            its T5 amortization network fully; freezing makes a CPU step several times cheaper, and only the learned
+            queries, readouts and MLPs of the amortization network and question encoder train).
         reconstruction_loss_weight (`float`, defaults to 0.0): weight of an auxiliary loss (not in the paper; an
             ICAE-style autoencoding term): from its own memory alone, through a learned query, the LM must predict
             the first ``reconstruction_length`` tokens of each training document. It forces the codes to carry the
@@ -80,6 +85,7 @@ class MBCConfig(PreTrainedConfig):
     vq_loss_weight: float = 1.0
     ema_decay: float = 0.99
     dead_code_threshold: float = 1e-4
+    codebook_dim: int | None = None
     use_vq: bool = True
     aggregator_layers: int = 4
     aggregator_heads: int = 8
@@ -93,6 +99,7 @@ class MBCConfig(PreTrainedConfig):
     max_document_length: int = 256
     max_question_length: int = 128
     prompt_template: str = "Question: {question}\nAnswer:"
+    freeze_encoders: bool = False
     reconstruction_loss_weight: float = 0.0
     reconstruction_length: int = 64
 

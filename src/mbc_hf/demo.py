@@ -17,13 +17,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run_demo(train, dev, a) -> list[dict]:
-    from .cli import build, split_train_eval
+    from .cli import build_from_args, split_train_eval
     from .evaluation import evaluate_base_lm, evaluate_online
     from .trainer import MBCTrainer, MBCTrainingArguments
     from .cli import StopAfterMinutes
 
-    model = build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
-                  num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers)
+    model = build_from_args(a)
     train, held = split_train_eval(train, a.eval_docs)
     args = MBCTrainingArguments(
         output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,

@@ -104,7 +104,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self.amortization = AmortizationNetwork(config.encoder_config, T, d)
         self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
         self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                        config.dead_code_threshold)
+                                        config.dead_code_threshold, config.codebook_dim)
         head_dim = config.aggregator_head_dim or d // config.aggregator_heads
         self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
         num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
@@ -112,6 +112,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                                                 kv_heads, kv_head_dim)
         self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
         self.lm.requires_grad_(False)
+        if config.freeze_encoders:
+            self.amortization.freeze_backbone()
+            self.question_encoder.freeze_backbone()
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():
@@ -120,6 +123,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self.tokenizer = None
         self.encoder_tokenizer = None
         self.post_init()
+
+    def post_init(self):
+        super().post_init()
+        # transformers only gathers tied weights from direct PreTrainedModel children; the encoder backbones sit one
+        # level deeper (T5 ties embed_tokens to shared), so collect them from every sub-model
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -178,22 +187,25 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Raises:
             ValueError: if the checkpoint neither stores nor references the base LM weights.
         """
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        missing_base = [k for k in info["missing_keys"] if k.startswith("lm.") and "lora_" not in k]
-        if missing_base:
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        info = None
+        if isinstance(model, tuple):
+            model, info = model
+        if not _checkpoint_has_base_weights(pretrained_model_name_or_path, kwargs.get("subfolder", "")):
             ref = model.config.base_model_name_or_path
             if ref is None:
                 raise ValueError(f"{pretrained_model_name_or_path} stores no base LM weights and its config names no "
                                  "base_model_name_or_path; save it with save_pretrained(include_base_model=True).")
             model.load_base_model_weights(_load_base_state_dict(ref))
+        if model.codebook.frozen:
+            model.codebook.freeze()
         path = Path(str(pretrained_model_name_or_path))
         if path.is_dir():
             if (path / "tokenizer_config.json").exists():
                 model.tokenizer = AutoTokenizer.from_pretrained(path)
             if (path / ENCODER_TOKENIZER_DIR).is_dir():
                 model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR)
-        return (model, info) if want_info else model
+        return (model, info) if info is not None else model
 
     def save_pretrained(self, save_directory, include_base_model: bool | None = None, **kwargs):
         """Save config, MBC + KV-LoRA weights (model.safetensors), tokenizers and a standard PEFT export of KV-LoRA
@@ -570,6 +582,24 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
 def _first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip()
+
+
+def _checkpoint_has_base_weights(name_or_path, subfolder: str = "") -> bool:
+    """Whether a saved MBC checkpoint stores the base LM's own weights (keys ``lm.*`` other than KV-LoRA)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, subfolder=subfolder,
+                        _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        with open(index) as f:
+            keys = json.load(f)["weight_map"].keys()
+    else:
+        with safe_open(cached_file(name_or_path, SAFE_WEIGHTS_NAME, subfolder=subfolder), "pt") as f:
+            keys = list(f.keys())
+    return any(k.startswith("lm.") and "lora_" not in k for k in keys)
 
 
 def _load_base_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:

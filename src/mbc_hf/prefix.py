@@ -10,7 +10,7 @@ and differ only in a learned mixing of the T latents and in a per-(layer, K/V) o
 
 Parameters: A·T + 2d + (d+1)·r + 2L·r·n_kv·head_dim + A·n_kv·head_dim. For SmolLM2-135M (L=30, d=576,
 3 KV heads × 64, P=2, T=12, r=256) that is 3.12M; for a Llama-2-7B-sized LM (L=32, d=4096, 32 × 128, r=256)
-it is 68.2M instead of ~807M.
+it is 68.7M instead of ~807M.
 Keys are not rotated (RoPE applies only to the question's own keys), exactly as with PEFT prefix tuning.
 """
 

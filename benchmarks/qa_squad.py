@@ -1,0 +1,400 @@
+"""SQuAD document-QA benchmark: MBC against its ablations and against in-context baselines, in one table.
+
+Every row is measured in the same run, on the same questions (the first N unique documents of the file, in file
+order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row runs in its own child process
+(``multiprocessing`` "spawn"), so that its peak RSS is its own:
+
+    closed_book  closed-book base LM: KV-LoRA off, no prefix, question only   (model.answer_with_base_lm)
+    empty        MBC reading an empty memory (memory ablation)                 (evaluate_online(adapt=False))
+    mbc          MBC, compressed bank, histogram aggregation                  (evaluate_online(aggregation="histogram"))
+    dense        the same model with the VQ bypassed: uncompressed MAC-style DenseMemoryBank, dense aggregation
+    bm25         BM25 top-1 passage (rank_bm25.BM25Okapi over the stream's unique documents) in the base LM's prompt
+    gold         gold passage in the base LM's prompt (upper bound)
+
+Usage::
+
+    python benchmarks/qa_squad.py --model runs/X \\
+        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --downsample-to 200 \\
+        --output-dir benchmarks/results
+
+``--model`` is a saved MBC checkpoint, ``tiny`` (random tiny model, smoke tests) or ``embedded-untrained``
+(SmolLM2-135M-Instruct + all-MiniLM-L6-v2 with untrained MBC modules: only the closed_book/bm25/gold rows mean
+anything). Writes ``results.json``, ``results.md`` and ``predictions.jsonl`` to ``--output-dir`` and prints the
+markdown table.
+
+The parent process deliberately imports neither torch nor transformers: a spawned child starts with the peak RSS
+of its parent already on its books (Linux carries the high-water mark across fork/exec), so a heavy parent would
+inflate every row's peak RSS. ``parent_peak_rss_mib`` in results.json is that floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import shlex
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+ROWS = {
+    "closed_book": "closed-book base LM (no memory)",
+    "empty": "MBC, empty memory (ablation)",
+    "mbc": "MBC, compressed bank (histogram)",
+    "dense": "MBC, VQ bypassed (dense MAC-style bank)",
+    "bm25": "BM25 top-1 passage in context",
+    "gold": "gold passage in context (upper bound)",
+}
+PROMPT_STYLES = ("chat-short", "plain")
+TINY, EMBEDDED_UNTRAINED = "tiny", "embedded-untrained"
+
+PLAIN_CONTEXT = "Context: {passage}\nQuestion: {question}\nAnswer:"
+PLAIN_CLOSED = "Question: {question}\nAnswer:"
+
+SYSTEM_CONTEXT = ("You answer questions about a passage. Reply with only the shortest phrase from the passage that "
+                  "answers the question, copied word for word: no full sentence, no explanation.")
+SYSTEM_CLOSED = ("You answer questions. Reply with only the shortest phrase that answers the question (a name, "
+                 "number, date or a few words): no full sentence, no explanation.")
+# One-shot example (not from SQuAD, so nothing leaks into the evaluation).
+EXAMPLE_PASSAGE = ("The Eiffel Tower was completed in 1889 as the entrance arch of the World's Fair in Paris. It was "
+                   "designed and built by the engineering company of Gustave Eiffel and is about 330 metres tall.")
+EXAMPLE_QUESTION = "Whose company built the Eiffel Tower?"
+EXAMPLE_ANSWER = "Gustave Eiffel"
+CHAT_CONTEXT_USER = "Passage: {passage}\nQuestion: {question}"
+CHAT_CLOSED_USER = "Question: {question}"
+
+COLUMNS = {  # table header -> results key
+    "row": "label", "prompt": "prompt", "EM": "em", "F1": "f1", "prefix-EM": "prefix_em",
+    "bank bytes/doc": "bytes_per_doc", "adapt ms/doc": "adapt_ms_per_doc", "query ms": "query_ms",
+    "peak RSS MiB": "peak_rss_mib", "BM25 top-1 acc": "retrieval_top1",
+}
+
+
+def tokenize_bm25(text: str) -> list[str]:
+    """Lowercased word tokens for BM25."""
+    return re.findall(r"\w+", text.lower())
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process so far, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------------- prompts
+class PromptBuilder:
+    """Base-LM prompts for the closed-book and in-context rows.
+
+    ``plain``: ``Context: {passage}\\nQuestion: {question}\\nAnswer:`` (closed-book: ``Question: ...\\nAnswer:``).
+    ``chat-short``: the tokenizer's chat template with a system message asking for the shortest answer phrase
+    copied from the passage and a one-shot example as a prior user/assistant turn (closed-book: the same without
+    a passage). Falls back to ``plain`` with a warning when the tokenizer has no chat template. Passages are
+    truncated to ``passage_tokens`` LM tokens.
+    """
+
+    def __init__(self, tokenizer, style: str = "chat-short", passage_tokens: int = 350):
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {style!r} is not one of {PROMPT_STYLES}")
+        if style == "chat-short" and getattr(tokenizer, "chat_template", None) is None:
+            warnings.warn("the LM tokenizer has no chat template; using the 'plain' prompt instead of 'chat-short'",
+                          stacklevel=2)
+            style = "plain"
+        self.tokenizer, self.style, self.passage_tokens = tokenizer, style, passage_tokens
+        self.truncated = 0  # passages cut so far
+        self._cache: dict[str, str] = {}
+        # answer_with_base_lm tokenizes with the tokenizer's special tokens; if it prepends BOS itself, drop the
+        # BOS the chat template writes, so it is not there twice
+        bos = tokenizer.bos_token
+        ids = tokenizer("x")["input_ids"]
+        self._strip_bos = bool(bos) and tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+
+    def passage(self, text: str) -> str:
+        """``text`` cut to its first ``passage_tokens`` LM tokens."""
+        if text not in self._cache:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.passage_tokens:
+                self.truncated += 1
+                text_out = self.tokenizer.decode(ids[:self.passage_tokens], skip_special_tokens=True).strip()
+            else:
+                text_out = text
+            self._cache[text] = text_out
+        return self._cache[text]
+
+    def __call__(self, question: str, passage: str | None = None) -> str:
+        question = question.strip()
+        if self.style == "plain":
+            if passage is None:
+                return PLAIN_CLOSED.format(question=question)
+            return PLAIN_CONTEXT.format(passage=self.passage(passage), question=question)
+        if passage is None:
+            messages = [{"role": "system", "content": SYSTEM_CLOSED},
+                        {"role": "user", "content": CHAT_CLOSED_USER.format(question=EXAMPLE_QUESTION)},
+                        {"role": "assistant", "content": EXAMPLE_ANSWER},
+                        {"role": "user", "content": CHAT_CLOSED_USER.format(question=question)}]
+        else:
+            messages = [{"role": "system", "content": SYSTEM_CONTEXT},
+                        {"role": "user", "content": CHAT_CONTEXT_USER.format(passage=EXAMPLE_PASSAGE,
+                                                                             question=EXAMPLE_QUESTION)},
+                        {"role": "assistant", "content": EXAMPLE_ANSWER},
+                        {"role": "user", "content": CHAT_CONTEXT_USER.format(passage=self.passage(passage),
+                                                                             question=question)}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self._strip_bos and text.startswith(self.tokenizer.bos_token):
+            text = text[len(self.tokenizer.bos_token):]
+        return text
+
+
+# ----------------------------------------------------------------------------------------------------- child side
+def load_model(spec: str, seed: int = 0):
+    """``tiny`` | ``embedded-untrained`` | a saved MBC checkpoint (``AutoModelForCausalLM.from_pretrained``)."""
+    import torch
+
+    torch.manual_seed(seed)  # untrained MBC modules get the same weights in every child
+    if spec == TINY:
+        from mbc_hf.testing import tiny_mbc_model
+
+        model = tiny_mbc_model(seed=seed)
+    elif spec == EMBEDDED_UNTRAINED:
+        from mbc_hf.embedded import build_model
+
+        model = build_model(freeze_encoders=True)
+    else:
+        import mbc_hf  # noqa: F401  (registers the Auto classes)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec)
+    return model.eval()
+
+
+def _base_lm_row(model, ds, opts: dict, name: str) -> dict:
+    from mbc_hf.data import documents
+    from mbc_hf.evaluation import score
+
+    build = PromptBuilder(model.tokenizer, opts["prompt"], opts["passage_tokens"])
+    questions, gold = list(ds["question"]), list(ds["context"])
+    docs = documents(ds)
+    out = {"prompt": build.style, "adapt_ms_per_doc": 0.0, "bytes_per_doc": 0.0}
+    if name in ("bm25", "gold"):  # the stored text: full passages, UTF-8
+        out["bytes_per_doc"] = sum(len(t.encode("utf-8")) for _, t in docs) / max(len(docs), 1)
+    passages, extra_ms = [None] * len(questions), 0.0
+    if name == "gold":
+        passages = gold
+    elif name == "bm25":
+        import numpy as np
+        from rank_bm25 import BM25Okapi
+
+        start = time.perf_counter()
+        index = BM25Okapi([tokenize_bm25(text) for _, text in docs])
+        out["adapt_ms_per_doc"] = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+        start = time.perf_counter()
+        top = [int(np.argmax(index.get_scores(tokenize_bm25(q)))) for q in questions]
+        extra_ms = (time.perf_counter() - start) * 1000  # retrieval counts as query time
+        passages = [docs[i][1] for i in top]
+        out["retrieved_doc_ids"] = [docs[i][0] for i in top]
+        out["retrieval_top1"] = sum(r == g for r, g in zip(out["retrieved_doc_ids"], ds["doc_id"])) / len(top)
+    start = time.perf_counter()
+    prompts = [build(q, p) for q, p in zip(questions, passages)]
+    predictions = model.answer_with_base_lm(prompts, max_new_tokens=opts["max_new_tokens"],
+                                            batch_size=opts["batch_size"])
+    out["query_ms"] = ((time.perf_counter() - start) * 1000 + extra_ms) / max(len(questions), 1)
+    out["passages_truncated"] = build.truncated
+    out["example_prompt"] = prompts[0] if prompts else ""
+    return {**out, **score(predictions, ds), "predictions": predictions}
+
+
+def _mbc_row(model, ds, opts: dict, name: str) -> dict:
+    from mbc_hf.evaluation import evaluate_online
+
+    common = dict(max_new_tokens=opts["max_new_tokens"], batch_size=opts["batch_size"],
+                  show_progress=opts["progress"])
+    if name == "empty":
+        r = evaluate_online(model, ds, adapt=False, **common)
+    elif name == "mbc":
+        r = evaluate_online(model, ds, aggregation="histogram", **common)
+    else:
+        r = evaluate_online(model, ds, compress=False, aggregation="dense", **common)
+    bank = r.pop("memory_bank")
+    out = {k: r[k] for k in ("em", "f1", "prefix_em", "adapt_ms_per_doc", "query_ms", "predictions")}
+    out["bytes_per_doc"] = bank.nbytes / len(bank) if bank is not None and len(bank) else 0.0
+    out["bank_bytes"] = bank.nbytes if bank is not None else 0
+    out["bank_type"] = type(bank).__name__ if bank is not None else None
+    out["prompt"] = "memory prefix + model template"
+    out["prompt_template"] = model.config.prompt_template
+    return out
+
+
+def run_row(name: str, opts: dict) -> dict:
+    """Run one benchmark row (in a fresh process) and return its metrics (JSON-serialisable)."""
+    import torch
+
+    if opts.get("threads"):
+        torch.set_num_threads(opts["threads"])
+    from mbc_hf.data import documents, load_qa_file
+
+    ds = load_qa_file(opts["data"], downsample_to=opts["downsample_to"])
+    model = load_model(opts["model"], opts["seed"])
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            result = (_base_lm_row if name in ("closed_book", "bm25", "gold") else _mbc_row)(model, ds, opts, name)
+    for w in caught:  # show them once, after the row, and keep them in the results
+        print(f"[{name}] warning: {w.category.__name__}: {w.message}", file=sys.stderr)
+    result.update(row=name, label=ROWS[name], n_docs=len(documents(ds)), n_questions=len(ds),
+                  question_ids=list(ds["question_id"]), row_seconds=time.perf_counter() - start,
+                  peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
+                  warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------- parent side
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"saved MBC checkpoint dir, '{TINY}' or '{EMBEDDED_UNTRAINED}'")
+    p.add_argument("--data", required=True, help="QA file (e.g. shared/data/squad/dev.minus-holdout.paragraphs.jsonl)")
+    p.add_argument("--downsample-to", type=int, default=200, help="first N unique documents in file order")
+    p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="chat-short",
+                   help="prompt style of the base-LM rows (closed_book, bm25, gold)")
+    p.add_argument("--passage-tokens", type=int, default=350, help="truncate in-context passages to N LM tokens")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per row (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-process", action="store_true",
+                   help="run rows in this process (debugging; peak RSS is then cumulative, not per row)")
+    p.add_argument("--progress", action="store_true", help="progress bars for the MBC rows")
+    a = p.parse_args(argv)
+    a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in a.rows if r not in ROWS]
+    if unknown or not a.rows:
+        p.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    a.rows = [r for r in ROWS if r in a.rows]  # canonical order
+    return a
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _command_line(argv) -> str:
+    script = Path(__file__)
+    try:
+        script = script.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *argv])
+
+
+def _fmt_cell(key: str, value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if key in ("bytes_per_doc", "peak_rss_mib") and isinstance(value, float):
+        return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    if key == "retrieval_top1":
+        return f"{100 * value:.1f}%"
+    return value
+
+
+def render_markdown(results: dict) -> str:
+    from mbc_hf.demo import markdown_table  # imports mbc_hf (torch): only after the children have run
+
+    rows = [{h: _fmt_cell(k, r.get(k)) for h, k in COLUMNS.items()} for r in results["rows"]]
+    a = results["args"]
+    styles = sorted({r["prompt"] for r in results["rows"] if r["row"] in ("closed_book", "bm25", "gold")})
+    templates = sorted({r["prompt_template"] for r in results["rows"] if r.get("prompt_template")})
+    template = " / ".join(json.dumps(t)[1:-1] for t in templates) or "n/a"
+    if results["isolation"] == "spawn":
+        rss = ("ru_maxrss of the child process that ran the row (model, data and libraries loaded; at least the "
+               f"parent's {results['parent_peak_rss_mib']:.0f} MiB)")
+    else:
+        rss = "**cumulative** peak of the single process that ran all rows (--in-process), not per row"
+    caption = [
+        f"**SQuAD dev stream, first {results['n_docs']} documents, {results['n_questions']} questions**; model "
+        f"`{a['model']}`; every row measured in this run on the same questions.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Base-LM rows (closed-book, BM25, gold) use the `{', '.join(styles) or a['prompt']}` prompt "
+        f"(requested `--prompt {a['prompt']}`), passages truncated to {a['passage_tokens']} LM tokens; answers: "
+        f"greedy, max_new_tokens={a['max_new_tokens']}, first line, stripped. MBC rows use the model's own prompt "
+        f"template (`{template}`) after the memory prefix. EM/F1: official SQuAD v1.1; prefix-EM: the MBC/MAC "
+        "reference code's EM.",
+        "Bank bytes/doc: MBC rows `bank.nbytes/len(bank)` (codes or fp32 vectors + doc-id bytes); BM25 and gold: "
+        "UTF-8 bytes of the full stored passage text (the BM25 index itself not counted); closed-book/empty: 0. "
+        "Adapt ms/doc: memorize() per unique document (BM25: index build); query ms: per question, retrieval and "
+        f"aggregation included. Peak RSS: {rss}. CPU, torch threads "
+        f"{results['rows'][0].get('torch_threads') if results['rows'] else '?'}, load average at start "
+        f"{results['loadavg_start']}.",
+    ]
+    return markdown_table(rows, list(COLUMNS)) + "\n\n" + "\n".join(caption) + "\n"
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)  # inherited by the children
+    opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "prompt": a.prompt,
+            "passage_tokens": a.passage_tokens, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
+            "threads": a.threads, "seed": a.seed, "progress": a.progress}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    loadavg = [round(x, 2) for x in os.getloadavg()]
+    parent_rss = peak_rss_mib()
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for name in a.rows:
+        print(f"[qa_squad] row {name}: {ROWS[name]} ...", file=sys.stderr, flush=True)
+        if a.in_process:
+            r = run_row(name, opts)
+        else:
+            with ctx.Pool(1, maxtasksperchild=1) as pool:
+                r = pool.apply(run_row, (name, opts))
+        print(f"[qa_squad]   EM {r['em']:.2f} F1 {r['f1']:.2f} ({r['row_seconds']:.0f} s, peak RSS "
+              f"{r['peak_rss_mib']:.0f} MiB)", file=sys.stderr, flush=True)
+        rows.append(r)
+    ref = rows[0]
+    if any(r["question_ids"] != ref["question_ids"] for r in rows):
+        raise RuntimeError("rows were measured on different questions")
+    out_dir = Path(a.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for i, qid in enumerate(ref["question_ids"]):
+            rec = {"question_id": qid, **{r["row"]: r["predictions"][i] for r in rows}}
+            if "retrieved_doc_ids" in (bm25 := next((r for r in rows if r["row"] == "bm25"), {})):
+                rec["bm25_doc_id"] = bm25["retrieved_doc_ids"][i]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    slim = [{k: v for k, v in r.items() if k not in ("predictions", "question_ids", "retrieved_doc_ids")}
+            for r in rows]
+    results = {
+        "rows": slim, "args": vars(a), "command": _command_line(argv), "timestamp": started,
+        "model": a.model, "model_path": str(Path(a.model).resolve()) if Path(a.model).exists() else a.model,
+        "data": str(Path(a.data).resolve()), "n_docs": ref["n_docs"], "n_questions": ref["n_questions"],
+        "versions": {"python": platform.python_version(), "torch": _version("torch"),
+                     "transformers": _version("transformers"), "mbc-hf": _version("mbc-hf"),
+                     "rank_bm25": _version("rank_bm25") or _version("rank-bm25")},
+        "parent_peak_rss_mib": parent_rss, "isolation": "in-process" if a.in_process else "spawn",
+        "loadavg_start": loadavg, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    markdown = render_markdown(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "results.md").write_text(markdown)
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Smoke test of benchmarks/qa_squad.py on the tiny random model and a 4-document SQuAD-style fixture.
+
+All six rows run in-process through ``main()`` (fast); the default per-row child-process path ("spawn") is checked
+once through the command line on one row, since every child pays the full library import (~5-10 s on a busy CPU).
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rank_bm25")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "qa_squad.py"
+
+PARAGRAPHS = [
+    ("Lakes", "Lake Baikal in Siberia is the deepest lake in the world. It holds about one fifth of the fresh "
+              "water on the surface of the Earth.",
+     [("Where is Lake Baikal?", "Siberia"), ("What is the deepest lake in the world?", "Lake Baikal")]),
+    ("Lakes", "The Caspian Sea is the largest lake by area. It lies between Europe and Asia and its water is "
+              "salty.",
+     [("What is the largest lake by area?", "The Caspian Sea"), ("Is the Caspian water fresh or salty?", "salty")]),
+    ("Music", "Ludwig van Beethoven was born in Bonn in 1770. He wrote nine symphonies and became deaf late in "
+              "his life.",
+     [("Where was Beethoven born?", "Bonn"), ("How many symphonies did Beethoven write?", "nine")]),
+    ("Music", "The violin has four strings tuned in fifths. Antonio Stradivari built famous violins in Cremona.",
+     [("How many strings does a violin have?", "four"), ("Where did Stradivari build violins?", "Cremona")]),
+]
+
+
+def write_fixture(path: Path) -> Path:
+    index: dict[str, int] = {}
+    with open(path, "w", encoding="utf-8") as f:
+        for n, (title, context, qas) in enumerate(PARAGRAPHS):
+            i = index[title] = index.get(title, -1) + 1
+            f.write(json.dumps({
+                "paragraph_id": f"{title}#{i}", "title": title, "paragraph_index": i, "context": context,
+                "qas": [{"id": f"q{n}-{k}", "question": q,
+                         "answers": {"text": [a], "answer_start": [context.index(a)]}}
+                        for k, (q, a) in enumerate(qas)]}) + "\n")
+    return path
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("qa_squad", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_row(row):
+    for key in ("em", "f1", "prefix_em", "bytes_per_doc", "adapt_ms_per_doc", "query_ms", "peak_rss_mib"):
+        assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["row"], key, row[key])
+    assert 0 <= row["em"] <= 100 and 0 <= row["f1"] <= 100 and row["peak_rss_mib"] > 0
+
+
+def test_all_rows_in_process(tmp_path):
+    bench = load_bench()
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    out = tmp_path / "results"
+    bench.main(["--model", "tiny", "--data", str(data), "--downsample-to", "4", "--output-dir", str(out),
+                "--in-process", "--threads", "1", "--max-new-tokens", "4"])
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["row"]: r for r in results["rows"]}
+    assert list(rows) == ["closed_book", "empty", "mbc", "dense", "bm25", "gold"]
+    for row in rows.values():
+        check_row(row)
+    assert results["n_docs"] == 4 and results["n_questions"] == 8
+    assert results["versions"]["torch"] and results["versions"]["transformers"]
+    assert 0.0 <= rows["bm25"]["retrieval_top1"] <= 1.0
+    assert rows["bm25"]["retrieval_top1"] >= 0.5  # the fixture's questions share words with their passage
+    assert rows["closed_book"]["bytes_per_doc"] == rows["empty"]["bytes_per_doc"] == 0
+    text_bytes = sum(len(c.encode()) for _, c, _ in PARAGRAPHS) / 4
+    assert rows["gold"]["bytes_per_doc"] == rows["bm25"]["bytes_per_doc"] == pytest.approx(text_bytes)
+    assert rows["mbc"]["bank_type"] == "CompressedMemoryBank" and rows["dense"]["bank_type"] == "DenseMemoryBank"
+    assert 0 < rows["mbc"]["bytes_per_doc"] < rows["dense"]["bytes_per_doc"]
+    assert rows["gold"]["prompt"] == "plain"  # the tiny tokenizer has no chat template: fallback + warning
+    assert any("no chat template" in w for w in rows["gold"]["warnings"])
+    md = (out / "results.md").read_text()
+    assert "gold passage in context" in md and "--model tiny" in md
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and set(rows) <= set(preds[0])
+
+
+def test_rows_in_spawned_children(tmp_path):
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--data", str(data), "--downsample-to",
+                           "2", "--rows", "mbc", "--output-dir", str(out), "--threads", "1", "--max-new-tokens",
+                           "4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["isolation"] == "spawn" and [r["row"] for r in results["rows"]] == ["mbc"]
+    check_row(results["rows"][0])
+    assert results["n_docs"] == 2 and results["n_questions"] == 4
+    assert "MBC, compressed bank" in proc.stdout
