@@ -214,3 +214,47 @@ def test_fingerprint_identifies_the_codebook():
         vq.embedding.weight[17, 3] = torch.nextafter(vq.embedding.weight[17, 3], torch.tensor(float("inf")))
     assert vq.fingerprint() != fp  # a one-ulp change of one row is enough
     assert make_vq(64, 8, seed=1).fingerprint() != fp
+
+
+# --- factorized, l2-normalised codes (codebook_dim) -------------------------------------------------------------
+def factorized(k=32, d=16, c=4, **kw):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(k, d, codebook_dim=c, **kw)
+    torch.nn.init.normal_(vq.embedding.weight)
+    return vq
+
+
+def test_factorized_nearest_code_is_the_cosine_nearest_in_projected_space():
+    vq = factorized()
+    z = torch.randn(3, 5, 16)
+    x = F.normalize(vq.project_in(z), dim=-1)
+    codes = F.normalize(vq.embedding.weight, dim=-1)
+    expected = (x @ codes.t()).argmax(-1)
+    assert torch.equal(vq.nearest_codes(z), expected)
+
+
+def test_factorized_decode_matches_forward_and_codebook_rows():
+    vq = factorized().eval()
+    z = torch.randn(2, 6, 16)
+    out = vq(z)
+    assert out.quantized.shape == z.shape
+    torch.testing.assert_close(out.quantized, vq.decode(out.codes))
+    torch.testing.assert_close(vq.decode(out.codes), vq.codebook[out.codes])
+
+
+def test_factorized_training_step_with_reset_backpropagates():
+    vq = factorized(dead_code_threshold=0.5).train()  # every unused code is dead -> resets happen in forward
+    before = vq.embedding.weight.detach().clone()
+    z = torch.randn(4, 3, 16, requires_grad=True)
+    out = vq(z)
+    (out.quantized.sum() + out.loss).backward()  # must not fail although resets wrote into the weight
+    assert z.grad is not None and vq.embedding.weight.grad is not None
+    assert not torch.equal(before, vq.embedding.weight.detach())
+
+
+def test_factorized_fingerprint_covers_the_projections():
+    vq = factorized()
+    fp = vq.fingerprint()
+    with torch.no_grad():
+        vq.project_out.weight[0, 0] += 1.0
+    assert vq.fingerprint() != fp

@@ -75,7 +75,8 @@ class VectorQuantizer(nn.Module):
     def _codes(self) -> torch.Tensor:
         """(K, c) code vectors in the lookup space (unit length when factorized)."""
         weight = self.embedding.weight.detach() if bool(self.frozen) else self.embedding.weight
-        return l2norm(weight) if self.factorized else weight
+        # clone: dead-code resets write into the weight after this call, while autograd still needs the values
+        return l2norm(weight.clone()) if self.factorized else weight
 
     def _lookup_space(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project_in(z.to(self.embedding.weight.dtype))

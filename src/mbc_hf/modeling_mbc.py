@@ -122,6 +122,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                     module._is_hf_initialized = True
         self.tokenizer = None
         self.encoder_tokenizer = None
+        self.eval_metrics = None  # last evaluation (set by MBCTrainer.evaluate), shown in the saved model card
         self.post_init()
 
     def post_init(self):
@@ -227,6 +228,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             self.encoder_tokenizer.save_pretrained(os.path.join(save_directory, ENCODER_TOKENIZER_DIR))
         if self.config.kv_lora_layers > 0:
             save_kv_lora_adapter(self.lm, self.kv_lora_config, os.path.join(save_directory, KV_LORA_DIR))
+        if kwargs.get("is_main_process", True):
+            from .model_card import render_model_card
+
+            render_model_card(self, metrics=self.eval_metrics).save(os.path.join(save_directory, "README.md"))
 
     # ------------------------------------------------------------------ memory
     def _require_tokenizers(self):

@@ -197,6 +197,7 @@ class MBCTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if not (isinstance(v, float)
                                                                                      and math.isnan(v))}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+        model.eval_metrics = metrics
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
