@@ -1,0 +1,63 @@
+"""`mbc-hf` command line on a tiny model and files the tests write (train -> adapt -> ask -> eval)."""
+import json
+
+import pytest
+
+from mbc_hf.cli import main
+from mbc_hf.memory_bank import CompressedMemoryBank
+
+
+def write_paragraphs(path, n=6):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"paragraph_id": f"T#{i}", "title": "T", "paragraph_index": i,
+                                "context": f"Room {i} of the old museum holds painting number {i * 11}.",
+                                "qas": [{"id": f"q{i}", "question": f"Which painting is in room {i}?",
+                                         "answers": {"text": [str(i * 11)], "answer_start": [0]}}]}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    write_paragraphs(tmp / "train.jsonl")
+    out = tmp / "model"
+    main(["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
+          "--encoder", "tiny-bert", "--max-steps", "3", "--batch-size", "2", "--eval-docs", "2",
+          "--memory-gain-questions", "2", "--eval-steps", "2", "--logging-steps", "1", "--save-steps", "2"])
+    return tmp, out
+
+
+def test_train_writes_a_loadable_model_and_metrics(trained):
+    tmp, out = trained
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert "eval_memory_gain" in metrics
+
+
+def test_adapt_appends_and_ask_answers(trained, capsys):
+    tmp, out = trained
+    docs = tmp / "docs.txt"
+    docs.write_text("The red door is in Rome.\nThe blue door is in Oslo.\n")
+    bank = tmp / "bank.safetensors"
+    main(["adapt", "--model", str(out), "--documents", str(docs), "--bank", str(bank)])
+    assert len(CompressedMemoryBank.load(bank)) == 2
+    docs.write_text("The green door is in Lima.\nThe red door is in Rome.\n")  # one new, one already stored
+    main(["adapt", "--model", str(out), "--documents", str(docs), "--bank", str(bank)])
+    assert len(CompressedMemoryBank.load(bank)) == 3
+    capsys.readouterr()
+    main(["ask", "--model", str(out), "--bank", str(bank), "--max-new-tokens", "3", "Where is the red door?"])
+    printed = capsys.readouterr().out
+    assert "Q: Where is the red door?" in printed and "A:" in printed
+
+
+def test_eval_writes_metrics_with_the_documented_keys(trained):
+    tmp, out = trained
+    data = tmp / "dev.jsonl"
+    write_paragraphs(data, n=4)
+    main(["eval", "--model", str(out), "--data", str(data), "--downsample-to", "3", "--output",
+          str(tmp / "metrics.json"), "--max-new-tokens", "3"])
+    metrics = json.loads((tmp / "metrics.json").read_text())
+    for key in ("em", "f1", "prefix_em", "n_docs", "n_questions", "bank_bytes", "bytes_per_doc", "adapt_ms_per_doc",
+                "query_ms"):
+        assert key in metrics
+    assert metrics["n_docs"] == 3 and metrics["n_questions"] == 3
