@@ -230,8 +230,24 @@ def _mbc_row(model, ds, opts: dict, name: str) -> dict:
     return out
 
 
+def _exit_with_parent(parent_pid: int, every: float = 2.0) -> None:
+    """In a child: exit as soon as the parent process is gone (killed parents would otherwise leave the row
+    running as an orphan)."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def run_row(name: str, opts: dict) -> dict:
     """Run one benchmark row (in a fresh process) and return its metrics (JSON-serialisable)."""
+    if opts.get("parent_pid") and os.getpid() != opts["parent_pid"]:
+        _exit_with_parent(opts["parent_pid"])
     import torch
 
     if opts.get("threads"):
@@ -350,7 +366,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault(key, value)  # inherited by the children
     opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "prompt": a.prompt,
             "passage_tokens": a.passage_tokens, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
-            "threads": a.threads, "seed": a.seed, "progress": a.progress}
+            "threads": a.threads, "seed": a.seed, "progress": a.progress, "parent_pid": os.getpid()}
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     loadavg = [round(x, 2) for x in os.getloadavg()]
     parent_rss = peak_rss_mib()

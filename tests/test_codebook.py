@@ -225,9 +225,10 @@ def factorized(k=32, d=16, c=4, **kw):
 
 
 def test_factorized_nearest_code_is_the_cosine_nearest_in_projected_space():
-    vq = factorized()
+    vq = factorized().eval()
+    vq.running_mean.normal_()
     z = torch.randn(3, 5, 16)
-    x = F.normalize(vq.project_in(z), dim=-1)
+    x = F.normalize(vq.project_in(z) - vq.running_mean, dim=-1)  # centred, then unit length
     codes = F.normalize(vq.embedding.weight, dim=-1)
     expected = (x @ codes.t()).argmax(-1)
     assert torch.equal(vq.nearest_codes(z), expected)
@@ -258,3 +259,15 @@ def test_factorized_fingerprint_covers_the_projections():
     with torch.no_grad():
         vq.project_out.weight[0, 0] += 1.0
     assert vq.fingerprint() != fp
+
+
+def test_factorized_codes_are_centred_with_the_batch_mean_in_training_and_its_ema_in_eval():
+    vq = factorized(ema_decay=0.5).train()
+    z = torch.randn(64, 2, 16) + 5.0  # a large component shared by every vector
+    vq(z)
+    batch_mean = vq.project_in(z).reshape(-1, 4).mean(0)
+    torch.testing.assert_close(vq.running_mean, 0.5 * batch_mean.detach())
+    vq.eval()
+    before = vq.running_mean.clone()
+    vq(z)
+    assert torch.equal(before, vq.running_mean)  # eval never updates it

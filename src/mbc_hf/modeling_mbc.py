@@ -201,11 +201,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if model.codebook.frozen:
             model.codebook.freeze()
         path = Path(str(pretrained_model_name_or_path))
-        if path.is_dir():
+        if path.is_dir():  # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
             if (path / "tokenizer_config.json").exists():
-                model.tokenizer = AutoTokenizer.from_pretrained(path)
+                model.tokenizer = AutoTokenizer.from_pretrained(path, config=model.config.text_config)
             if (path / ENCODER_TOKENIZER_DIR).is_dir():
-                model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR)
+                model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR,
+                                                                        config=model.config.encoder_config)
         return (model, info) if info is not None else model
 
     def save_pretrained(self, save_directory, include_base_model: bool | None = None, **kwargs):

@@ -1,0 +1,39 @@
+"""A saved folder loads with trust_remote_code=True in a process where `import mbc_hf` fails, and answers the same."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mbc_hf.testing import tiny_mbc_model
+
+DOCS = ["The cat sat on the mat.", "Paris is the capital of France."]
+QUESTIONS = ["Where is Paris?", "Where did the cat sit?"]
+
+
+@pytest.mark.parametrize("base", ["llama", "gpt2"])
+def test_trust_remote_code_without_mbc_hf(tmp_path, base):
+    model = tiny_mbc_model(base=base, seed=3).eval()
+    model.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mbc.MBCModelForCausalLM"
+    expected = model.answer(QUESTIONS, memory_bank=model.memorize(DOCS), max_new_tokens=5)
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["mbc_hf"] = None          # `import mbc_hf` now raises ImportError
+        try:
+            import mbc_hf
+            raise SystemExit("mbc_hf importable")
+        except ImportError:
+            pass
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+        print(json.dumps(m.answer({QUESTIONS!r}, memory_bank=m.memorize({DOCS!r}), max_new_tokens=5)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
