@@ -273,11 +273,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded default: short meta-training, adapt, answer")
     p.add_argument("--train-file")
     p.add_argument("--dev-file")
-    p.add_argument("--dev-docs", type=int, default=40, help="dev documents streamed into the bank")
+    p.add_argument("--dev-docs", type=int, default=20, help="dev documents streamed into the bank")
     p.add_argument("--output-dir", default="outputs/demo")
     add_model_options(p)
     add_train_options(p)
-    p.set_defaults(func=cmd_demo, max_minutes=8.0, eval_steps=100, save_steps=100000)
+    p.set_defaults(func=cmd_demo, max_minutes=7.0, eval_steps=100, save_steps=100000)
     return root
 
 

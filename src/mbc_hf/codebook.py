@@ -124,6 +124,11 @@ class VectorQuantizer(nn.Module):
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]
         return dist.argmin(dim=1).view(x.shape[:-1])
 
+    def unquantized(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d): what the aggregator would read with the quantization step skipped (the input itself
+        for the paper's codebook; the decoded, centred unit vector before snapping to a code when factorized)."""
+        return self.project_out(self._lookup_space(z)).to(z.dtype) if self.factorized else z
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(...) integer codes -> (..., d) code vectors."""
         return self.project_out(F.embedding(codes.long(), self._codes()))

@@ -346,7 +346,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             for start in tqdm(range(0, len(todo), batch_size), desc="memorize", disable=not show_progress):
                 rows = todo[start:start + batch_size]
                 z = self.amortization(**self.encode_documents([texts[i] for i in rows]))  # (n, T, d)
-                values = self.codebook.nearest_codes(z) if compress else z.float().cpu()
+                if compress:
+                    values = self.codebook.nearest_codes(z)
+                else:  # VQ bypassed (MAC-style float memory), in the space the aggregator was trained on
+                    values = (self.codebook.unquantized(z) if self.config.use_vq else z).float()
                 memory_bank.extend([doc_ids[i] for i in rows], values.cpu(),
                                    metadata=[metadata[i] for i in rows] if metadata is not None else None,
                                    on_duplicate=on_duplicate)

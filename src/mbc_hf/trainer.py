@@ -74,7 +74,9 @@ class MBCDataCollator:
 def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Answer NLL (nats/token) of a collated batch with the gold document alone, with an empty memory and with an
     unrelated document (each question gets the next question's document), and the gains
-    ``memory_gain = nll_empty - nll_gold`` and ``memory_gain_unrelated = nll_unrelated - nll_gold``."""
+    ``memory_gain = nll_empty - nll_gold`` and ``memory_gain_unrelated = nll_unrelated - nll_gold``. With
+    reconstruction targets in the batch, also ``reconstruction_gain``: NLL of each document's first tokens from
+    another document's memory minus from its own (> 0 means the codes carry the document)."""
     was_training = model.training
     model.eval()
     batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -90,9 +92,20 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     gold = nll(dict(docs, question_doc_index=idx))
     empty = nll(dict(memory=Memory(model.codebook.codebook.new_zeros(1, 0, model.codebook.dim))))
     unrelated = nll(dict(docs, question_doc_index=(idx + 1) % n_docs)) if n_docs > 1 else float("nan")
+    out = {"nll_gold": gold, "nll_empty": empty, "nll_unrelated": unrelated, "memory_gain": empty - gold,
+           "memory_gain_unrelated": unrelated - gold}
+    if "reconstruction_input_ids" in batch and n_docs > 1:  # do the codes carry the document at all?
+        rec = (batch["reconstruction_input_ids"], batch["reconstruction_attention_mask"])
+
+        def rec_nll(ids, mask):
+            return float(model.reconstruction_loss(model.memory_from_documents(ids, mask)[0], *rec))
+
+        out["reconstruction_nll_gold"] = rec_nll(docs["context_input_ids"], docs["context_attention_mask"])
+        out["reconstruction_nll_unrelated"] = rec_nll(docs["context_input_ids"].roll(1, 0),
+                                                      docs["context_attention_mask"].roll(1, 0))
+        out["reconstruction_gain"] = out["reconstruction_nll_unrelated"] - out["reconstruction_nll_gold"]
     model.train(was_training)
-    return {"nll_gold": gold, "nll_empty": empty, "nll_unrelated": unrelated, "memory_gain": empty - gold,
-            "memory_gain_unrelated": unrelated - gold}
+    return out
 
 
 class LoraWarmStartCallback(TrainerCallback):

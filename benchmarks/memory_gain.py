@@ -1,0 +1,50 @@
+"""Memory gain of a trained MBC model: does the answer (and the document itself) get likelier with the gold document
+in memory than with an empty memory or an unrelated document? Prints a markdown table, writes JSON.
+
+    python benchmarks/memory_gain.py --model runs/mbc-smollm2 \
+        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 --output benchmarks/results/memory_gain.json
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mbc_hf  # noqa: F401
+from transformers import AutoModelForCausalLM
+
+from mbc_hf.data import load_qa_file
+from mbc_hf.demo import markdown_table
+from mbc_hf.trainer import MBCDataCollator, memory_gain
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="QA file; one question per document is used")
+    p.add_argument("--docs", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="documents per batch (the unrelated memory is the "
+                                                                 "next document of the batch)")
+    p.add_argument("--output")
+    a = p.parse_args(argv)
+    model = AutoModelForCausalLM.from_pretrained(a.model).eval()
+    if model.config.reconstruction_loss_weight <= 0:
+        model.config.reconstruction_loss_weight = 1.0  # only so the collator adds the reconstruction targets
+    rows, seen = [], set()
+    for row in load_qa_file(a.data, downsample_to=a.docs):
+        if row["doc_id"] not in seen:
+            seen.add(row["doc_id"])
+            rows.append(row)
+    collate, parts = MBCDataCollator(model), []
+    for i in range(0, len(rows), a.batch_size):
+        parts.append(memory_gain(model, collate(rows[i:i + a.batch_size])))
+    mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
+    table = markdown_table([{"quantity": k, "nats/token": v} for k, v in mean.items()], ["quantity", "nats/token"])
+    print(f"{len(rows)} documents, one question each, from {a.data}\n\n{table}")
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "n_docs": len(rows), **mean,
+                                              "command": " ".join(sys.argv)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
