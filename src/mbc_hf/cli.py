@@ -60,23 +60,20 @@ def build_from_args(a):
                  codebook_dim=a.codebook_dim or None)
 
 
-class StopAfterMinutes:
-    """TrainerCallback factory: stop (and save) once training has run for ``minutes``."""
+def stop_after_minutes(minutes: float):
+    """A TrainerCallback that stops (and saves) once training has run for ``minutes``."""
+    from transformers import TrainerCallback
 
-    @staticmethod
-    def make(minutes: float):
-        from transformers import TrainerCallback
+    class StopAfterMinutes(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
 
-        class _Stop(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                self.start = time.time()
+        def on_step_end(self, args, state, control, **kw):
+            if time.time() - self.start > minutes * 60:
+                control.should_training_stop = True
+                control.should_save = True
 
-            def on_step_end(self, args, state, control, **kw):
-                if time.time() - self.start > minutes * 60:
-                    control.should_training_stop = True
-                    control.should_save = True
-
-        return _Stop()
+    return StopAfterMinutes()
 
 
 def split_train_eval(dataset, eval_docs: int):
@@ -109,7 +106,7 @@ def cmd_train(a) -> dict:
         memory_gain_questions=a.memory_gain_questions, report_to="none", use_cpu=not a.gpu, seed=a.seed,
         disable_tqdm=not sys.stderr.isatty() and not a.progress, dataloader_num_workers=0)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         callbacks=[StopAfterMinutes.make(a.max_minutes)] if a.max_minutes else None)
+                         callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
     resume = a.resume and any(Path(a.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = trainer.evaluate() if evaluation is not None else {}

@@ -17,10 +17,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run_demo(train, dev, a) -> list[dict]:
-    from .cli import build_from_args, split_train_eval
+    from .cli import build_from_args, split_train_eval, stop_after_minutes
     from .evaluation import evaluate_base_lm, evaluate_online
     from .trainer import MBCTrainer, MBCTrainingArguments
-    from .cli import StopAfterMinutes
 
     model = build_from_args(a)
     train, held = split_train_eval(train, a.eval_docs)
@@ -33,7 +32,7 @@ def run_demo(train, dev, a) -> list[dict]:
         save_strategy="no", eval_strategy="no", memory_gain_questions=a.memory_gain_questions, report_to="none",
         use_cpu=not a.gpu, seed=a.seed)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held,
-                         callbacks=[StopAfterMinutes.make(a.max_minutes)] if a.max_minutes else None)
+                         callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
     print(f"meta-training for at most {a.max_minutes} min on {len(train)} questions ...")
     trainer.train()
     gain = trainer.evaluate()
