@@ -84,9 +84,28 @@ def split_train_eval(dataset, eval_docs: int):
     return train, dataset.filter(lambda r: r["doc_id"] in held) if held else None
 
 
+def make_trainer(a, model, train, evaluation, **overrides):
+    """`MBCTrainer` configured from the train/demo command-line options (``overrides``: TrainingArguments fields)."""
+    from .trainer import MBCTrainer, MBCTrainingArguments
+
+    settings = dict(
+        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
+        encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
+        lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
+        num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
+        eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions, report_to="none",
+        use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
+        dataloader_num_workers=0)
+    settings.update(overrides)
+    return MBCTrainer(model=model, args=MBCTrainingArguments(**settings), train_dataset=train,
+                      eval_dataset=evaluation,
+                      callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
+
+
 def cmd_train(a) -> dict:
     from .data import load_qa_file
-    from .trainer import MBCTrainer, MBCTrainingArguments
 
     dataset = load_qa_file(a.train_file, downsample_to=a.downsample_to)
     train, held = split_train_eval(dataset, a.eval_docs)
@@ -95,18 +114,8 @@ def cmd_train(a) -> dict:
         model = load_model(a.output_dir).train()
     else:
         model = build_from_args(a)
-    args = MBCTrainingArguments(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
-        gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
-        encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
-        lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
-        num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
-        max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
-        eval_strategy="steps" if evaluation is not None else "no", eval_steps=a.eval_steps,
-        memory_gain_questions=a.memory_gain_questions, report_to="none", use_cpu=not a.gpu, seed=a.seed,
-        disable_tqdm=not sys.stderr.isatty() and not a.progress, dataloader_num_workers=0)
-    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
+    trainer = make_trainer(a, model, train, evaluation,
+                           eval_strategy="steps" if evaluation is not None else "no")
     resume = a.resume and any(Path(a.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = trainer.evaluate() if evaluation is not None else {}

@@ -17,22 +17,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run_demo(train, dev, a) -> list[dict]:
-    from .cli import build_from_args, split_train_eval, stop_after_minutes
+    from .cli import build_from_args, make_trainer, split_train_eval
     from .evaluation import evaluate_base_lm, evaluate_online
-    from .trainer import MBCTrainer, MBCTrainingArguments
 
     model = build_from_args(a)
     train, held = split_train_eval(train, a.eval_docs)
-    args = MBCTrainingArguments(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
-        learning_rate=a.learning_rate, encoder_learning_rate=a.encoder_learning_rate,
-        lora_learning_rate=a.lora_learning_rate, lora_start_step=a.lora_start_step,
-        gold_only_steps=a.gold_only_steps, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
-        lr_scheduler_type="constant_with_warmup", max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps,
-        save_strategy="no", eval_strategy="no", memory_gain_questions=a.memory_gain_questions, report_to="none",
-        use_cpu=not a.gpu, seed=a.seed)
-    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held,
-                         callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
+    trainer = make_trainer(a, model, train, held, save_strategy="no", eval_strategy="no", disable_tqdm=False)
     print(f"meta-training for at most {a.max_minutes} min on {len(train)} questions ...")
     trainer.train()
     gain = trainer.evaluate()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .aggregator import Memory
 
 
 @dataclass
@@ -90,7 +89,7 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
 
     docs = dict(context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
     gold = nll(dict(docs, question_doc_index=idx))
-    empty = nll(dict(memory=Memory(model.codebook.codebook.new_zeros(1, 0, model.codebook.dim))))
+    empty = nll(dict(memory=model.memory_from_bank(None)))
     unrelated = nll(dict(docs, question_doc_index=(idx + 1) % n_docs)) if n_docs > 1 else float("nan")
     out = {"nll_gold": gold, "nll_empty": empty, "nll_unrelated": unrelated, "memory_gain": empty - gold,
            "memory_gain_unrelated": unrelated - gold}
