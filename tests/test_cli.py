@@ -1,4 +1,5 @@
 """`mbc-hf` command line on a tiny model and files the tests write (train -> adapt -> ask -> eval)."""
+import csv
 import json
 
 import pytest
@@ -61,3 +62,32 @@ def test_eval_writes_metrics_with_the_documented_keys(trained):
                 "query_ms"):
         assert key in metrics
     assert metrics["n_docs"] == 3 and metrics["n_questions"] == 3
+
+
+def test_eval_retention_writes_the_curve(trained, capsys):
+    tmp, out = trained
+    data = tmp / "stream.jsonl"
+    write_paragraphs(data, n=6)
+    report = tmp / "retention"
+    main(["eval", "--model", str(out), "--data", str(data), "--retention", "--retention-first", "2",
+          "--retention-step", "1", "--retention-until", "4", "--max-new-tokens", "3", "--output-dir", str(report),
+          "--output", str(tmp / "retention.json")])
+    with open(report / "retention.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["n_docs"]) for r in rows] == [2, 3, 4]  # --retention-until: documents 5 and 6 are not streamed
+    assert [int(r["n_questions"]) for r in rows] == [2, 2, 2]  # the first 2 documents' questions, every time
+    assert (report / "retention.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [r["n_docs"] for r in json.loads((tmp / "retention.json").read_text())["retention"]] == [2, 3, 4]
+    assert "| n_docs | n_questions | em | f1 |" in capsys.readouterr().out
+
+
+def test_errors_exit_with_a_message_instead_of_a_traceback(trained, tmp_path):
+    tmp, out = trained
+    write_paragraphs(tmp_path / "dev.jsonl", n=2)
+    with pytest.raises(SystemExit, match="mbc-hf eval: error: --retention writes .* give --output-dir"):
+        main(["eval", "--model", str(out), "--data", str(tmp_path / "dev.jsonl"), "--retention"])
+    with pytest.raises(SystemExit, match="mbc-hf eval: error: the dataset has 2 unique documents, fewer than first=3"):
+        main(["eval", "--model", str(out), "--data", str(tmp_path / "dev.jsonl"), "--retention", "--retention-first",
+              "3", "--output-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"mbc-hf ask: error: .*absent\.safetensors"):
+        main(["ask", "--model", str(out), "--bank", str(tmp_path / "absent.safetensors"), "Where?"])

@@ -335,3 +335,46 @@ def test_real_squad_dev_paragraphs_downsampled():
     assert len(ds) == 754  # questions of the first 50 paragraphs
     assert len(set(ds["question_id"])) == len(ds)
     assert all(ds["answers"]) and all(isinstance(a, str) for row in ds["answers"] for a in row)
+
+
+# ---------------------------------------------------------------- malformed files (docs/bad_inputs.md)
+
+
+MALFORMED = [
+    pytest.param("d.jsonl", b'{"text": "ok"}\n{"text": "b\xc3("}\n', load_documents_file,
+                 r"d\.jsonl: line 2: invalid UTF-8 at byte offset 26", id="jsonl-bad-utf8"),
+    pytest.param("d.txt", b"one\ntwo\nthr\xe9e\n", load_documents_file,
+                 r"d\.txt: line 3: invalid UTF-8 at byte offset 11", id="txt-latin1"),
+    pytest.param("d.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "\xff"}\n'), load_documents_file,
+                 r"d\.jsonl\.gz: line 2: invalid UTF-8 at decompressed byte offset 25", id="gz-bad-utf8"),
+    pytest.param("d.jsonl.gz", gzip.compress(b'{"text": "ok"}\n' * 50)[:25], load_documents_file,
+                 r"d\.jsonl\.gz: cannot read file", id="gz-truncated"),
+    pytest.param("d.jsonl", b'{"text": "a\\ud800b"}\n', load_documents_file,
+                 r"d\.jsonl: line 1: field 'text' holds a lone surrogate", id="lone-surrogate-text"),
+    pytest.param("d.jsonl", b'{"id": "\\udfff", "text": "x"}\n', load_documents_file,
+                 r"d\.jsonl: line 1: field 'id' holds a lone surrogate", id="lone-surrogate-id"),
+    pytest.param("q.jsonl", b'{"context": "D", "question": "q", "answers": ["a\\udc00"]}\n', load_qa_file,
+                 r"q\.jsonl: line 1: field 'answers\[0\]' holds a lone surrogate", id="lone-surrogate-answer"),
+    pytest.param("q.json", json.dumps({"data": [{"title": "T\udc00", "paragraphs": []}]}).encode(), load_qa_file,
+                 r"q\.json: data\[0\]: field 'title' holds a lone surrogate", id="lone-surrogate-title"),
+    pytest.param("q.csv", b"text,question,answers\nD,q,a\nD,q,a,extra\n", load_qa_file,
+                 r"q\.csv: line 3: 4 fields but the header has 3", id="csv-extra-field"),
+    pytest.param("q.csv", b"text,question,answers\nD,q\n", load_qa_file,
+                 r"q\.csv: line 2: missing value for 'answers'", id="csv-short-row"),
+    pytest.param("d.json", b'[{"text": "a"}, 3]', load_documents_file,
+                 r"d\.json: record 1: expected a JSON object, got int", id="json-array-non-object"),
+    pytest.param("d.jsonl", b'{"text": "a"}\n["text"]\n', load_documents_file,
+                 r"d\.jsonl: line 2: expected a JSON object per line, got list", id="jsonl-line-not-object"),
+    pytest.param("d.jsonl", b'{"text": 5}\n', load_documents_file,
+                 r"d\.jsonl: line 1: field 'text' must be a string, got int", id="text-not-str"),
+    pytest.param("d.jsonl", b'{"id": [1], "text": "x"}\n', load_documents_file,
+                 r"d\.jsonl: line 1: field 'id' must be a string or integer, got list", id="id-not-str"),
+    pytest.param("d.jsonl", b"", load_documents_file, r"d\.jsonl: file is empty", id="empty-jsonl"),
+    pytest.param("q.csv", b"", load_qa_file, r"q\.csv: file is empty \(no CSV header\)", id="empty-csv"),
+]
+
+
+@pytest.mark.parametrize("name, content, loader, match", MALFORMED)
+def test_malformed_files_name_the_file_and_the_place(tmp_path, name, content, loader, match):
+    with pytest.raises(ValueError, match=match):
+        loader(write(tmp_path / name, content))

@@ -98,6 +98,8 @@ def test_extend_validation_leaves_bank_unchanged():
         bank.extend([""], rand_codes(1))
     with pytest.raises(ValueError, match="non-empty str"):
         bank.extend([3], rand_codes(1))
+    with pytest.raises(TypeError, match="not a single str"):
+        bank.extend("n0", rand_codes(1))
     with pytest.raises(TypeError, match="JSON"):
         bank.extend(["n0"], rand_codes(1), [{"t": object()}])
     with pytest.raises(ValueError, match="on_duplicate"):
@@ -272,19 +274,57 @@ def test_load_truncated(tmp_path):
             CompressedMemoryBank.load(path)
 
 
-def test_load_forged_header(tmp_path):
+def _reheader(data: bytes, edit) -> bytes:
+    """The file ``data`` with its JSON header replaced by ``edit(header dict)`` (padded as safetensors does)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _set(path: tuple, value):
+    def edit(header):
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+FORGED = [
+    pytest.param(lambda d, n: struct.pack("<Q", 2**40) + d[8:], "header", id="huge-header-length"),
+    pytest.param(lambda d, n: struct.pack("<Q", 2**63) + d[8:], "header", id="header-length-2**63"),
+    pytest.param(lambda d, n: struct.pack("<Q", 99_000_000) + d[8:], "header", id="header-beyond-file"),
+    pytest.param(lambda d, n: struct.pack("<Q", n - 7) + d[8:], "", id="header-cut-inside-json"),
+    pytest.param(lambda d, n: d[:8] + b"[" + d[9:], "", id="header-not-an-object"),
+    pytest.param(lambda d, n: d[:8] + b"\xff" * n + d[8 + n :], "UTF-8", id="header-not-utf8"),
+    pytest.param(lambda d, n: d[:8] + b" " * n + d[8 + n :], "", id="header-blank"),
+    pytest.param(lambda d, n: _reheader(d, _set(("codes", "dtype"), "U32")), "shape, data type, or offset",
+                 id="dtype-size-mismatch"),
+    pytest.param(lambda d, n: _reheader(d, _set(("codes", "shape"), [11, T])), "shape, data type, or offset",
+                 id="shape-size-mismatch"),
+    pytest.param(lambda d, n: _reheader(d, _set(("codes", "data_offsets"), [0, 10**12])), "",
+                 id="offsets-beyond-file"),
+    pytest.param(lambda d, n: _reheader(d, _set(("__metadata__", "format"), 5)), "expected a string",
+                 id="metadata-value-not-str"),
+    pytest.param(lambda d, n: _reheader(d, lambda h: h.pop("codes")), "", id="tensor-entry-removed"),
+    pytest.param(lambda d, n: b"\x80\x04\x95" + bytes(60), "", id="pickle-bytes"),
+    pytest.param(lambda d, n: b"not a safetensors file at all, just some text\n" * 4, "", id="text-file"),
+]
+
+
+@pytest.mark.parametrize("forge, match", FORGED)
+def test_load_forged_header(tmp_path, forge, match):
     path = tmp_path / "bank.safetensors"
     make_bank(10).save(path)
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    for forged in (
-        struct.pack("<Q", 2**40) + data[8:],  # absurd header length
-        struct.pack("<Q", n - 7) + data[8:],  # header length cut inside the JSON
-        data[:8] + b"[" + data[9:],  # JSON no longer an object
-    ):
-        path.write_bytes(forged)
-        with pytest.raises(ValueError, match="bank.safetensors"):
-            CompressedMemoryBank.load(path)
+    path.write_bytes(forge(data, n))
+    with pytest.raises(ValueError, match="bank.safetensors: not a readable safetensors file") as info:
+        CompressedMemoryBank.load(path)
+    assert match in str(info.value)
 
 
 def write_raw(path, codes, **overrides):
@@ -318,6 +358,14 @@ def write_raw(path, codes, **overrides):
         (torch.zeros(3, T, dtype=torch.uint8), {"format_version": "2"}, "format_version"),
         (torch.zeros(3, T, dtype=torch.uint8), {"metadata": json.dumps([{}])}, "metadata"),
         (torch.zeros(3, T, dtype=torch.uint8), {"codebook_fingerprint": None}, "codebook_fingerprint"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"num_tokens": "08"}, "num_tokens.*positive integer"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"num_tokens": "-8"}, "num_tokens.*positive integer"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"codebook_size": "1000000"}, "codebook_size 1000000 > 65536"),
+        (torch.zeros(3, T, dtype=torch.int8), {}, "unsigned"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"doc_ids": json.dumps(["a", "b", 3])}, "doc_ids.*non-empty str"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"doc_ids": json.dumps({"a": 1})}, "doc_ids.*JSON list"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"metadata": json.dumps([{}, {}, []])}, "metadata.*list of objects"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"metadata": "{oops"}, "metadata.*not valid JSON"),
     ],
 )
 def test_load_rejects_bad_files(tmp_path, codes, overrides, match):
@@ -395,3 +443,43 @@ def test_dense_round_trip(tmp_path):
     empty = DenseMemoryBank(T, d)
     empty.save(path)
     assert len(DenseMemoryBank.load(path)) == 0
+
+
+def test_metadata_copies_are_independent(tmp_path):
+    bank = CompressedMemoryBank(256, T, FP)
+    bank.extend(["a", "b", "c"], rand_codes(3, 256), [None, {}, {"k": 1}])
+    bank.append("d", rand_codes(1, 256)[0])
+    meta = bank.metadata
+    assert meta == [{}, {}, {"k": 1}, {}]
+    meta[0]["x"] = 1  # rows without metadata share storage inside the bank, never in what it hands out
+    assert meta[1] == {} and meta[3] == {} and bank.metadata == [{}, {}, {"k": 1}, {}]
+    bank.get_metadata("b")["y"] = 2
+    assert bank.get_metadata("a") == {} and bank.get_metadata("d") == {}
+    bank.save(tmp_path / "m.safetensors")
+    loaded = CompressedMemoryBank.load(tmp_path / "m.safetensors").metadata
+    loaded[0]["z"] = 3
+    assert loaded[1] == {} and loaded[3] == {}
+
+
+def test_save_refuses_a_header_over_the_safetensors_limit(tmp_path, monkeypatch):
+    import mbc_hf.memory_bank as memory_bank
+
+    path = tmp_path / "bank.safetensors"
+    make_bank(3).save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(memory_bank, "_SAFETENSORS_MAX_HEADER_BYTES", 4096 + 2000)  # a 100 MB header, scaled down
+    big = make_bank(3)
+    big.extend([f"long-id-{i:04d}-" + "x" * 40 for i in range(100)], rand_codes(100))
+    with pytest.raises(ValueError, match=r"header limit .*\(shorten doc ids / metadata or split the bank\)"):
+        big.save(path)
+    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+
+
+def test_many_small_extends_keep_few_chunks():
+    bank = CompressedMemoryBank(K, T, FP)
+    codes = rand_codes(5000)
+    for i in range(5000):
+        bank.append(f"d{i}", codes[i])
+        assert len(bank._chunks) <= 2 * (i + 1).bit_length()  # O(log N) tensors, not one per call
+    assert torch.equal(bank.codes.long(), codes)
+    assert torch.equal(bank.code_counts(), torch.bincount(codes.flatten(), minlength=K))

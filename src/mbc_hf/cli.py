@@ -57,7 +57,8 @@ def build_from_args(a):
     return build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
                  reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
                  kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
-                 codebook_dim=a.codebook_dim or None)
+                 codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
+                 code_entropy_weight=a.code_entropy_weight)
 
 
 def stop_after_minutes(minutes: float):
@@ -127,17 +128,16 @@ def cmd_train(a) -> dict:
 
 def cmd_adapt(a) -> None:
     from .data import load_documents_file
+    from .evaluation import adapt_stream
     from .memory_bank import CompressedMemoryBank
 
-    model = load_model(a.model)
-    docs = load_documents_file(a.documents)
+    docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
     bank = CompressedMemoryBank.load(a.bank) if Path(a.bank).exists() else None
+    model = load_model(a.model)
     before = len(bank) if bank is not None else 0
     start = time.perf_counter()
-    bank = model.memorize([text for _, text in docs], memory_bank=bank, doc_ids=[i for i, _ in docs],
-                          batch_size=a.batch_size, show_progress=True)
+    bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every, bank_path=a.bank)
     ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
-    bank.save(a.bank)
     print(f"bank {a.bank}: {len(bank)} documents (+{len(bank) - before}), {bank.nbytes} bytes "
           f"({bank.nbytes / max(len(bank), 1):.1f} bytes/doc), {ms:.1f} ms/doc")
 
@@ -156,6 +156,8 @@ def cmd_eval(a) -> dict:
     from .data import load_qa_file
     from .evaluation import evaluate_online
 
+    if a.retention:
+        return cmd_eval_retention(a)
     model = load_model(a.model)
     dataset = load_qa_file(a.data, downsample_to=a.downsample_to)
     metrics = evaluate_online(model, dataset, aggregation=a.aggregation, compress=not a.no_compress,
@@ -169,6 +171,35 @@ def cmd_eval(a) -> dict:
             write_text_atomic(a.predictions, "\n".join(json.dumps(r) for r in rows) + "\n")
     print(json.dumps(metrics, indent=2))
     return metrics
+
+
+def cmd_eval_retention(a) -> list[dict]:
+    """``mbc-hf eval --retention``: `retention_curve` -> retention.csv + retention.png in --output-dir."""
+    from .data import load_qa_file
+    from .demo import markdown_table
+    from .evaluation import RETENTION_COLUMNS, retention_curve, write_retention
+
+    if not a.output_dir:
+        raise ValueError("--retention writes retention.csv and retention.png: give --output-dir")
+    until = a.retention_until or None
+    limits = [n for n in (until, a.downsample_to) if n]
+    try:  # fail before the long run when the plot cannot be drawn
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("mbc-hf eval: error: --retention draws retention.png with matplotlib: "
+                         "pip install matplotlib") from None
+
+    dataset = load_qa_file(a.data, downsample_to=min(limits) if limits else None)
+    model = load_model(a.model)
+    rows = retention_curve(model, dataset, first=a.retention_first, step=a.retention_step, until=until,
+                           max_questions_per_doc=a.max_questions_per_doc, compress=not a.no_compress,
+                           aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    csv_path, png_path = write_retention(rows, a.output_dir)
+    if a.output:
+        write_text_atomic(a.output, json.dumps({"retention": rows}, indent=2))
+    print(markdown_table(rows, list(RETENTION_COLUMNS)))
+    print(f"wrote {csv_path} and {png_path}")
+    return rows
 
 
 def cmd_demo(a) -> None:
@@ -222,6 +253,10 @@ def add_train_options(p):
     p.add_argument("--codebook-dim", type=int, default=32, help="factorized l2-normalised codes of this size "
                    "(0 = the paper's direct d-dim codebook)")
     p.add_argument("--reconstruction-length", type=int, default=32, help="document tokens of the auxiliary loss")
+    p.add_argument("--prefix-mode", choices=["generator", "soft_tokens"], help="prefix key/values from the paper's "
+                   "generator or from soft tokens run through the LM (default: the model config's, generator)")
+    p.add_argument("--code-entropy-weight", type=float, help="codebook entropy loss weight (default: the config's, 0)")
+    p.add_argument("--prefix-length", type=int, help="prefix key/values per layer (default: the config's, 2)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--logging-steps", type=int, default=25)
@@ -255,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
                                                        "'text' (and optional 'id')")
     p.add_argument("--bank", required=True, help=".safetensors bank; appended to when it exists")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--save-every", type=int, help="also save the bank (atomically) every N new documents, so a "
+                                                  "killed run keeps its progress; rerunning resumes")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("ask", help="answer questions from a memory bank")
@@ -274,6 +311,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--retention", action="store_true", help="MAC's forgetting curve instead of one score: F1 on the "
+                   "first documents' questions while further documents stream into the same bank; writes "
+                   "retention.csv and retention.png in --output-dir")
+    p.add_argument("--retention-first", type=int, default=200, help="documents memorized before the first "
+                                                                     "measurement; their questions are measured")
+    p.add_argument("--retention-step", type=int, default=200, help="re-measure after every N further documents")
+    p.add_argument("--retention-until", type=int, default=1600, help="stop after this many documents "
+                                                                      "(0 = the whole file)")
+    p.add_argument("--max-questions-per-doc", type=int, help="with --retention: measure at most N questions per "
+                                                             "document")
+    p.add_argument("--output-dir", help="with --retention: where retention.csv and retention.png go")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: short meta-training, adapt, answer")
@@ -288,8 +336,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """Run ``mbc-hf``. Bad input (a ValueError or OSError: malformed data file, corrupted bank, bank from another
+    codebook, missing file...) exits with status 1 and ``mbc-hf COMMAND: error: MESSAGE`` on stderr, without a
+    traceback; set ``MBC_HF_TRACEBACK=1`` to get the traceback instead."""
     args = parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)  # nothing returned: the console script passes main()'s value to sys.exit
+    except (ValueError, OSError) as exc:
+        if os.environ.get("MBC_HF_TRACEBACK"):
+            raise
+        raise SystemExit(f"mbc-hf {args.command}: error: {exc}") from exc
 
 
 if __name__ == "__main__":

@@ -243,6 +243,21 @@ def _err(path: Path, where: str, msg: str) -> ValueError:
     return ValueError(f"{path}: {where}: {msg}")
 
 
+def _valid_unicode(path: Path, where: str, key: str, value: str) -> str:
+    """`value`, or a ValueError if it holds a lone surrogate (a JSON ``\\ud800``-``\\udfff`` escape without its
+    pair): such a str cannot be encoded as UTF-8, so it could be neither hashed into a doc_id nor saved."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _err(
+            path,
+            where,
+            f"field {key!r} holds a lone surrogate {value[e.start]!r} at character {e.start} (an unpaired "
+            "\\uD800-\\uDFFF JSON escape), which is not valid Unicode; fix or drop that escape in the file",
+        ) from None
+    return value
+
+
 def _get_str(path: Path, where: str, rec: dict, key: str, *, allow_empty: bool = True) -> str:
     value = rec.get(key)
     if value is None:
@@ -251,7 +266,7 @@ def _get_str(path: Path, where: str, rec: dict, key: str, *, allow_empty: bool =
         raise _err(path, where, f"field {key!r} must be a string, got {type(value).__name__}: {value!r:.80}")
     if not allow_empty and not value.strip():
         raise _err(path, where, f"empty {key!r}")
-    return value
+    return _valid_unicode(path, where, key, value)
 
 
 def _get_id(path: Path, where: str, rec: dict, keys: tuple[str, ...]) -> str | None:
@@ -262,7 +277,7 @@ def _get_id(path: Path, where: str, rec: dict, keys: tuple[str, ...]) -> str | N
             continue
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise _err(path, where, f"field {key!r} must be a string or integer, got {type(value).__name__}")
-        return str(value)
+        return _valid_unicode(path, where, key, str(value))
     return None
 
 
@@ -277,7 +292,7 @@ def _answers(path: Path, where: str, key: str, value: Any, *, split: bool) -> li
         raise _err(path, where, f"missing value for {key!r}")
     if isinstance(value, str):
         items = value.split(ANSWER_SEPARATOR) if split else [value]
-        out = [a for a in items if a.strip()]
+        out = [_valid_unicode(path, where, key, a) for a in items if a.strip()]
         if not out:
             raise _err(path, where, f"empty {key!r} (no reference answer)")
         return out
@@ -297,7 +312,7 @@ def _answers(path: Path, where: str, key: str, value: Any, *, split: bool) -> li
             raise _err(path, where, f"{key}[{j}] must be a string, got {type(a).__name__}: {a!r:.80}")
         if not a.strip():
             raise _err(path, where, f"{key}[{j}] is an empty answer")
-        out.append(a)
+        out.append(_valid_unicode(path, where, f"{key}[{j}]", a))
     if not out:
         raise _err(path, where, f"no reference answers in {key!r}")
     return out
@@ -342,6 +357,8 @@ def _rows_squad(src: _Source) -> list[_Row]:
         title = article.get("title")
         if title is not None and not isinstance(title, str):
             raise _err(path, aw, f"'title' must be a string, got {type(title).__name__}")
+        if title is not None:
+            _valid_unicode(path, aw, "title", title)
         for p, para in enumerate(article["paragraphs"]):
             pw = f"{aw}.paragraphs[{p}]"
             if not isinstance(para, dict):
@@ -678,8 +695,9 @@ def load_qa_file(
             JSON array, ``data[a].paragraphs[p].qas[q] (id '...')`` for SQuAD JSON): bytes
             that are not UTF-8 (line and byte offset), invalid JSON, missing required
             columns/keys (the message lists the columns found and those accepted), an empty
-            question, non-string fields, answers that are empty, a document id used for two
-            different texts, an empty file.
+            question, non-string fields, answers that are empty, a string holding a lone-surrogate
+            JSON escape (``\\ud800``; not valid Unicode), a document id used for two different texts,
+            an empty file.
     """
     path = Path(path)
     if format is not None and format not in FORMATS:

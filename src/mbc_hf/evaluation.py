@@ -1,14 +1,29 @@
 """Online adaptation and QA evaluation (MAC/MBC protocol, method notes §4.1): stream the documents of a QA set into
 a memory bank once (no gradients), then answer every question against the final bank and score EM/F1.
 
+* `evaluate_online`: adapt on a QA set's documents, answer its questions, score them.
+* `retention_curve` / `write_retention`: MAC's forgetting measurement (F1 on the first documents' questions while
+  more documents stream into the same bank), as rows, a CSV and a PNG plot.
+* `adapt_stream`: memorize an unbounded stream of documents (e.g. a `datasets.IterableDataset`) in batches, with
+  optional atomic checkpoints of the bank.
+
 Timers (ms): ``adapt_ms_per_doc`` = wall time of `memorize` (tokenization included) / unique documents;
 ``query_ms`` = wall time of `answer` (aggregation over the bank included, unlike the reference) / questions.
 """
 
+import csv
+import io
+import math
 import resource
 import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
-from .data import documents
+from .data import EmptyDocumentWarning, document_id, documents
+
+#: Columns of the rows returned by `retention_curve`, in the order they are written to ``retention.csv``.
+RETENTION_COLUMNS = ("n_docs", "n_questions", "em", "f1", "prefix_em", "retention", "bank_docs", "bank_bytes")
 
 
 def peak_rss_mb() -> float:
@@ -60,14 +75,299 @@ def evaluate_online(model, dataset, memory_bank=None, aggregation: str | None = 
     adapt_ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
     questions = list(dataset["question"])
     start = time.perf_counter()
-    predictions = []
-    from tqdm.auto import tqdm
-
-    for i in tqdm(range(0, len(questions), batch_size), desc="answer", disable=not show_progress):
-        predictions += model.answer(questions[i:i + batch_size], memory_bank=bank, aggregation=aggregation,
-                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = _answer_all(model, questions, bank, aggregation, max_new_tokens, batch_size, show_progress)
     query_ms = (time.perf_counter() - start) * 1000 / max(len(questions), 1)
     n_docs, nbytes = (len(bank), bank.nbytes) if bank is not None else (0, 0)
     return {**score(predictions, dataset), "n_docs": n_docs, "n_questions": len(questions), "bank_bytes": nbytes,
             "bytes_per_doc": nbytes / max(n_docs, 1), "adapt_ms_per_doc": adapt_ms, "query_ms": query_ms,
             "peak_rss_mb": peak_rss_mb(), "predictions": predictions, "memory_bank": bank}
+
+
+def _answer_all(model, questions: list[str], bank, aggregation, max_new_tokens: int, batch_size: int,
+                show_progress: bool, desc: str = "answer") -> list[str]:
+    from tqdm.auto import tqdm
+
+    predictions = []
+    for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not show_progress):
+        predictions += model.answer(questions[i:i + batch_size], memory_bank=bank, aggregation=aggregation,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return predictions
+
+
+def _check_count(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _select(dataset, indices: list[int]):
+    """Rows ``indices`` of a `datasets.Dataset` (``select``) or of a dict of lists."""
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return {column: [values[i] for i in indices] for column, values in dataset.items()}
+
+
+def retention_curve(model, dataset, first: int = 200, step: int = 200, until: int | None = 1600,
+                    max_questions_per_doc: int | None = None, compress: bool | None = None,
+                    aggregation: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
+                    show_progress: bool = True) -> list[dict]:
+    """MAC's forgetting measurement: F1 on the questions of the first documents while more documents stream in.
+
+    The unique documents of ``dataset`` are taken in file order (`mbc_hf.data.documents`). The model memorizes the
+    first ``first`` of them into a new bank and answers the questions of those documents (at most
+    ``max_questions_per_doc`` per document, the first ones in file order); then it keeps memorizing the following
+    documents into the SAME bank and answers the SAME questions again after every ``step`` further documents, up to
+    ``until`` documents or the end of the stream (the last point is measured even when it is not a multiple of
+    ``step`` past ``first``). Answering never changes the bank or the model.
+
+    Args:
+        model: an `MBCModelForCausalLM`.
+        dataset: rows with ``doc_id, context, question, answers`` (a `datasets.Dataset` from
+            `mbc_hf.data.load_qa_file`, or a dict of equal-length lists).
+        first, step: documents (counts, not bytes). until: last document count to measure (``None``: all).
+        max_questions_per_doc: cap on the measured questions per document (``None``: all of them).
+        compress: ``False`` uses an uncompressed `DenseMemoryBank` (MAC-style; default: the model's setting).
+        aggregation, max_new_tokens, batch_size: as in `evaluate_online`.
+
+    Returns:
+        One dict per measurement, keys `RETENTION_COLUMNS`: ``n_docs`` (int, documents of the stream memorized so
+        far), ``n_questions`` (int, the same at every row), ``em``/``f1``/``prefix_em`` (float, percent),
+        ``retention`` (float, ``f1 / f1 of the first row * 100``, so 100.0 on the first row; NaN on every row when
+        the first F1 is 0, since the ratio is undefined), ``bank_docs`` (int, rows in the bank) and ``bank_bytes``
+        (int, `bank.nbytes`: codes plus doc-id bytes).
+
+    Raises:
+        ValueError: ``first``/``step``/``until``/``max_questions_per_doc`` not positive ints, ``until < first``, or
+            fewer than ``first`` unique documents in ``dataset``. Errors of `memorize`/`answer` propagate (e.g. empty
+            documents, which `load_qa_file` already drops).
+    """
+    for value, name in ((first, "first"), (step, "step")):
+        _check_count(value, name)
+    _check_count(until, "until", allow_none=True)
+    _check_count(max_questions_per_doc, "max_questions_per_doc", allow_none=True)
+    if until is not None and until < first:
+        raise ValueError(f"until={until} is smaller than first={first}")
+    docs = documents(dataset)
+    if len(docs) < first:
+        raise ValueError(f"the dataset has {len(docs)} unique documents, fewer than first={first}; "
+                         "lower --retention-first or use a larger file")
+    end = len(docs) if until is None else min(until, len(docs))
+    points = list(range(first, end + 1, step))
+    if points[-1] != end:
+        points.append(end)
+
+    measured = {text for _, text in docs[:first]}
+    per_doc: dict[str, int] = {}
+    indices = []
+    for i, text in enumerate(dataset["context"]):
+        if text in measured and (max_questions_per_doc is None or per_doc.get(text, 0) < max_questions_per_doc):
+            per_doc[text] = per_doc.get(text, 0) + 1
+            indices.append(i)
+    subset = _select(dataset, indices)
+    questions = list(subset["question"])
+
+    rows: list[dict] = []
+    bank, done = None, 0
+    for n in points:
+        chunk = docs[done:n]
+        bank = model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[i for i, _ in chunk],
+                              batch_size=batch_size, compress=compress, show_progress=False)
+        done = n
+        predictions = _answer_all(model, questions, bank, aggregation, max_new_tokens, batch_size, show_progress,
+                                  desc=f"answer ({n} docs)")
+        scores = score(predictions, subset)
+        base = rows[0]["f1"] if rows else scores["f1"]
+        rows.append({"n_docs": n, "n_questions": len(questions), "em": scores["em"], "f1": scores["f1"],
+                     "prefix_em": scores["prefix_em"],
+                     "retention": scores["f1"] / base * 100 if base > 0 else math.nan,
+                     "bank_docs": len(bank), "bank_bytes": bank.nbytes})
+    return rows
+
+
+def write_retention(rows: list[dict], output_dir, title: str | None = None) -> tuple[Path, Path]:
+    """Write `retention_curve` rows as ``retention.csv`` (header `RETENTION_COLUMNS`, one line per row; NaN written
+    as ``nan``) and ``retention.png`` (F1 retention in percent, and F1, against documents streamed) in
+    ``output_dir`` (created if missing). Each file is written to a temporary file and renamed into place, so a reader
+    never sees a partial file. Needs matplotlib (``pip install matplotlib``; no pyplot state is touched).
+
+    Returns:
+        (csv path, png path).
+
+    Raises:
+        ValueError: no rows, or a row lacks one of `RETENTION_COLUMNS`. ImportError: matplotlib is missing.
+    """
+    from .kv_lora import _atomic_write
+
+    if not rows:
+        raise ValueError("no retention rows to write")
+    for i, row in enumerate(rows):
+        missing = [c for c in RETENTION_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"retention row {i} lacks {missing}; expected the columns {RETENTION_COLUMNS}")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("write_retention needs matplotlib for retention.png: pip install matplotlib") from exc
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = output_dir / "retention.csv", output_dir / "retention.png"
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RETENTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(str(csv_path), lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")  # Agg canvas by default; no pyplot, no global backend
+    ax = fig.subplots()
+    n_docs = [r["n_docs"] for r in rows]
+    ax.plot(n_docs, [r["retention"] for r in rows], marker="o", color="tab:blue", label="F1 retention (%)")
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("documents streamed into the bank")
+    ax.set_ylabel("F1 retention (% of the first measurement)", color="tab:blue")
+    f1_axis = ax.twinx()
+    f1_axis.plot(n_docs, [r["f1"] for r in rows], marker="s", color="tab:orange", label="F1")
+    f1_axis.set_ylabel("F1 (%)", color="tab:orange")
+    handles = ax.get_lines()[:1] + f1_axis.get_lines()
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    ax.set_title(title or f"Retention on the questions of the first {rows[0]['n_docs']} documents "
+                          f"({rows[0]['n_questions']} questions)", fontsize=10)
+    _atomic_write(str(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return csv_path, png_path
+
+
+def _stream_item(item, position: int, text_column: str, id_column: str | None) -> tuple[str, str]:
+    """(doc_id, text) of one stream item; raises naming its position."""
+    if isinstance(item, str):
+        text, doc_id = item, None
+    elif isinstance(item, tuple) and len(item) == 2:
+        doc_id, text = item
+    elif isinstance(item, Mapping):
+        if text_column not in item:
+            raise ValueError(f"stream item {position} has no column {text_column!r} (columns: {sorted(item)}); "
+                             "pass text_column= the name of the document-text column")
+        text = item[text_column]
+        if id_column is None:
+            doc_id = None
+        elif id_column not in item:
+            raise ValueError(f"stream item {position} has no column {id_column!r} (columns: {sorted(item)}); pass "
+                             "id_column=None to use the SHA-1 document_id of the text")
+        else:
+            doc_id = item[id_column]
+    else:
+        raise TypeError(f"stream item {position} is a {type(item).__name__}; expected a str, a (doc_id, text) tuple "
+                        "or a mapping with a text column")
+    if not isinstance(text, str):
+        raise TypeError(f"stream item {position}: the document text is {type(text).__name__}, not str")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"stream item {position}: the document text is not valid Unicode ({exc.reason} at "
+                         f"character {exc.start}); clean it before memorizing") from None
+    if doc_id is None:
+        return (document_id(text) if text.strip() else ""), text
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
+        raise TypeError(f"stream item {position}: doc id {doc_id!r} must be a non-empty str or an int")
+    return str(doc_id), text
+
+
+def adapt_stream(model, stream: Iterable, memory_bank=None, *, batch_size: int = 32, text_column: str = "context",
+                 id_column: str | None = None, compress: bool | None = None, on_duplicate: str = "skip",
+                 show_progress: bool = True, save_every: int | None = None, bank_path=None,
+                 total: int | None = None):
+    """Memorize a stream of documents into a memory bank, ``batch_size`` at a time (online adaptation, no gradient).
+
+    Only the current batch of texts is held in memory: the stream is read lazily (a `datasets.IterableDataset`,
+    e.g. ``load_dataset("json", data_files=..., streaming=True)["train"]``, a generator, a list...). The codes are the
+    ones `model.memorize` gives for the same documents (memorize is batch-invariant).
+
+    Args:
+        model: an `MBCModelForCausalLM`.
+        stream: items that are either a str (the text), a ``(doc_id, text)`` tuple (what
+            `mbc_hf.data.load_documents_file` returns) or a mapping (a dataset row) holding the text under
+            ``text_column`` and, when ``id_column`` is set, the id under ``id_column`` (str or int).
+        memory_bank: a bank to extend in place (default: a new one, compressed unless ``compress=False``).
+        id_column: ``None`` = the id is `document_id(text)` (SHA-1 prefix), as in `memorize`.
+        on_duplicate: ``"skip"`` (default): an id already in the bank or earlier in the stream is not encoded again
+            (first occurrence wins; e.g. a QA dataset with one row per question gives one row per document).
+            ``"overwrite"`` / ``"fail"``: as in `memorize` (with ``"fail"`` the batches before the duplicate stay
+            stored).
+        save_every: with ``bank_path``, save the bank (atomically, `bank.save`) each time at least this many new
+            documents were stored since the last save, and once at the end; a killed run leaves the last complete
+            checkpoint, and running again on the same stream with that bank resumes (stored ids are skipped).
+        bank_path: where to save the bank at the end (and at checkpoints). ``None``: not saved.
+        total: number of items, for the progress bar only (default: ``len(stream)`` when defined).
+
+    Empty or whitespace-only texts are skipped; one `EmptyDocumentWarning` at the end counts them.
+
+    Returns:
+        The bank (``memory_bank`` itself when given).
+
+    Raises:
+        ValueError: ``batch_size``/``save_every`` not positive ints, ``save_every`` without ``bank_path``, a bank
+            built with another codebook (checked before reading the stream), an item without the text/id column, a
+            text with lone surrogates. TypeError: an item of another type, a non-str text, an id that is not a
+            non-empty str or int. Errors of `memorize` and `bank.save` propagate; stored documents stay in
+            ``memory_bank``.
+    """
+    _check_count(batch_size, "batch_size")
+    _check_count(save_every, "save_every", allow_none=True)
+    if save_every is not None and bank_path is None:
+        raise ValueError("save_every needs bank_path (where to write the checkpoints)")
+    if memory_bank is None:
+        memory_bank = model.new_memory_bank(model.config.use_vq if compress is None else compress)
+    model.memorize([], memory_bank=memory_bank)  # validates the bank against this model's codebook, stores nothing
+    if total is None:
+        try:
+            total = len(stream)
+        except TypeError:  # generators, IterableDataset
+            total = None
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total, desc="memorize", unit="doc", disable=not show_progress)
+    ids: list[str] = []
+    texts: list[str] = []
+    pending: set[str] = set()
+    n_empty = stored_since_save = 0
+    saved = False  # the file at bank_path holds the bank as it is now
+
+    def flush() -> None:
+        nonlocal stored_since_save, saved
+        if not texts:
+            return
+        before = len(memory_bank)
+        model.memorize(texts, memory_bank=memory_bank, doc_ids=ids, batch_size=batch_size, compress=compress,
+                       on_duplicate=on_duplicate)
+        stored_since_save += len(memory_bank) - before if on_duplicate == "skip" else len(texts)
+        ids.clear()
+        texts.clear()
+        pending.clear()
+        saved = saved and stored_since_save == 0
+        if save_every is not None and stored_since_save >= save_every:
+            memory_bank.save(bank_path)
+            stored_since_save, saved = 0, True
+
+    for position, item in enumerate(stream):
+        progress.update(1)
+        doc_id, text = _stream_item(item, position, text_column, id_column)
+        if not text.strip():
+            n_empty += 1
+            continue
+        if on_duplicate == "skip" and (doc_id in pending or doc_id in memory_bank):
+            continue
+        pending.add(doc_id)
+        ids.append(doc_id)
+        texts.append(text)
+        if len(texts) >= batch_size:
+            flush()
+            progress.set_postfix(bank=len(memory_bank), refresh=False)
+    flush()
+    progress.set_postfix(bank=len(memory_bank))
+    progress.close()
+    if bank_path is not None and not saved:
+        memory_bank.save(bank_path)
+    if n_empty:
+        warnings.warn(f"adapt_stream: skipped {n_empty} empty or whitespace-only document(s)", EmptyDocumentWarning,
+                      stacklevel=2)
+    return memory_bank

@@ -40,6 +40,7 @@ import errno
 import json
 import math
 import os
+import struct
 import tempfile
 from typing import Any, Sequence
 
@@ -59,6 +60,9 @@ _SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 _SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 # Elements converted to int64 at a time when counting / range-checking codes.
 _COUNT_CHUNK_ELEMENTS = 1 << 22
+# The metadata of every row without metadata: one shared dict, never mutated (rows are replaced, and readers get
+# deep copies), instead of one empty dict (64 bytes) per row.
+_NO_METADATA: dict = {}
 
 
 def _default_file_mode() -> int:
@@ -97,8 +101,8 @@ def _normalise_metadata(item: Any, position: int) -> dict:
     Raises ``TypeError`` if it is not a dict with str keys and JSON values, or
     if it would not round-trip unchanged through JSON (tuples, int keys, NaN).
     """
-    if item is None:
-        return {}
+    if item is None or (isinstance(item, dict) and not item):
+        return _NO_METADATA
     if not isinstance(item, dict):
         raise TypeError(f"metadata[{position}] must be a dict or None, got {type(item).__name__}")
     try:
@@ -192,7 +196,7 @@ class _DocRowBank:
     @property
     def metadata(self) -> list[dict]:
         """Deep copy of the per-row metadata dicts, in row order (``{}`` when none)."""
-        return copy.deepcopy(self._meta)
+        return [copy.deepcopy(m) for m in self._meta]  # one deepcopy per row: rows never share a dict
 
     def get_metadata(self, doc_id: str) -> dict:
         """Deep copy of one document's metadata. Raises ``KeyError`` if absent."""
@@ -237,7 +241,7 @@ class _DocRowBank:
                 raise ValueError(f"doc_ids[{i}] must be a non-empty str, got {d!r}")
         rows = self._coerce_rows(rows, doc_ids)
         if metadata is None:
-            meta = [{} for _ in doc_ids]
+            meta = [_NO_METADATA] * len(doc_ids)
         else:
             if isinstance(metadata, dict):
                 raise TypeError("metadata must be a list of dicts (one per document), not a dict")
@@ -293,6 +297,11 @@ class _DocRowBank:
                 self._id_bytes += len(d.encode("utf-8"))
             self._chunks.append(added)
             self._rows_appended(added)
+            # Merge trailing chunks of similar size (a binary counter): O(log N) chunks stay between reads, so a
+            # long stream of small extends does not keep one tensor (with its per-tensor overhead) per call.
+            while len(self._chunks) > 1 and self._chunks[-2].shape[0] <= 2 * self._chunks[-1].shape[0]:
+                last = self._chunks.pop()
+                self._chunks[-1] = torch.cat([self._chunks[-1], last], dim=0)
         return written
 
     def _append(self, doc_id: str, row: Any, metadata: dict | None, on_duplicate: str) -> int | None:
@@ -331,7 +340,10 @@ class _DocRowBank:
         metadata header.  The file is written to a temporary file in the same
         directory, fsynced and moved into place with ``os.replace``; on any
         error the temporary file is removed and an existing file at ``path`` is
-        left untouched.
+        left untouched.  A process killed (SIGKILL, power loss) during the save
+        leaves the previous file complete, plus a stray
+        ``.<name>.<random>.tmp`` file next to it that is safe to delete.
+        Concurrent savers to one path: the last rename wins (no merge).
 
         Raises ``FileNotFoundError`` (naming the directory) if the parent
         directory does not exist (it is not created), and ``ValueError`` if the
@@ -375,6 +387,10 @@ class _DocRowBank:
     def load(cls, path: str | os.PathLike):
         """Load a bank written by :meth:`save` (safetensors only, never pickle).
 
+        The file is read once, through one open file, into memory (transiently
+        about twice the file size), so loading while another process saves to
+        the same path gives either the old or the new bank, never a mix.
+
         Raises ``FileNotFoundError`` if ``path`` does not exist, and
         ``ValueError`` naming the file and the problem when it is truncated,
         corrupted or has a forged header, has the wrong format tag or version,
@@ -384,15 +400,24 @@ class _DocRowBank:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "memory bank file not found", path)
+        # Read the file through ONE open file, then parse the bytes: a concurrent save() replaces the path with a
+        # new file (os.replace), and safe_open reads the tensor data by reopening the path, so it could combine
+        # the old header with the new file's bytes.
         try:
-            with safetensors.safe_open(path, framework="pt") as fh:
-                header = fh.metadata()
-                names = list(fh.keys())
-                tensors = {name: fh.get_tensor(name) for name in names}
-        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            tensors = safetensors.torch.load(data)
+            (header_length,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8 : 8 + header_length]).get("__metadata__")
+        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, struct.error) as exc:
             raise ValueError(
                 f"{path}: not a readable safetensors file (truncated, corrupted or forged header): {exc}"
             ) from exc
+        names = list(tensors)
+        if header is not None and not (
+            isinstance(header, dict) and all(isinstance(v, str) for v in header.values())
+        ):
+            raise ValueError(f"{path}: safetensors metadata header must map str to str")
 
         if not header:
             raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
@@ -424,8 +449,9 @@ class _DocRowBank:
                 raise ValueError(f"{path}: header key 'metadata' must be a JSON list of objects")
             if len(meta) != len(doc_ids):
                 raise ValueError(f"{path}: {len(meta)} metadata entries for {len(doc_ids)} doc_ids")
+            meta = [m or _NO_METADATA for m in meta]
         else:
-            meta = [{} for _ in doc_ids]
+            meta = [_NO_METADATA] * len(doc_ids)
 
         if set(names) != {cls._TENSOR_NAME}:
             raise ValueError(f"{path}: expected exactly one tensor named {cls._TENSOR_NAME!r}, found {sorted(names)}")
@@ -513,8 +539,9 @@ class CompressedMemoryBank(_DocRowBank):
     ``K <= 256``, ``torch.uint16`` if ``K <= 65536`` (larger ``K`` raises
     ``ValueError``).  MBC paper Section 3 keeps ``int64`` codes per QA row; we
     keep the smallest unsigned dtype and one row per unique ``doc_id``.  Rows
-    are appended as chunks and concatenated lazily, so incremental ``extend``
-    is O(total).
+    are appended as chunks, merged with chunks of similar size (O(log N)
+    chunks, each row copied O(log N) times) and concatenated on read, so
+    incremental ``extend`` stays cheap and bounded in overhead.
 
     Note: torch implements few ops for ``uint16`` (no comparisons, max, ...);
     call ``.long()`` on :attr:`codes` before arithmetic or indexing a codebook.
@@ -667,14 +694,25 @@ class CompressedMemoryBank(_DocRowBank):
         flat = codes.reshape(-1)
         for start in range(0, flat.numel(), _COUNT_CHUNK_ELEMENTS):
             block = flat[start : start + _COUNT_CHUNK_ELEMENTS].to(torch.int64)
-            counts += torch.bincount(block, minlength=self._codebook_size)
+            block_counts = torch.bincount(block, minlength=self._codebook_size)
+            if block_counts.numel() > self._codebook_size:  # only possible after an in-place edit of `codes`
+                position = start + int((block >= self._codebook_size).nonzero()[0])
+                row, t = divmod(position, self._num_tokens)
+                raise ValueError(
+                    f"code {int(flat[position])} at row {row} (doc_id {self._doc_ids[row]!r}), position {t} is "
+                    f"outside [0, {self._codebook_size}): the bank's codes tensor was modified in place; "
+                    "never write into `bank.codes`, use extend(..., on_duplicate='overwrite') instead"
+                )
+            counts += block_counts
         return counts
 
     def code_counts(self) -> torch.Tensor:
         """How often each code occurs over all ``N*T`` stored codes: int64 ``(K,)``.
 
         Cached; updated incrementally on append, recomputed after overwrite /
-        remove.  Returns a copy (safe to modify)."""
+        remove.  Returns a copy (safe to modify).  Raises ``ValueError`` naming
+        the row if a code is ``>= K`` (possible only if :attr:`codes` was
+        modified in place; ``extend`` and ``load`` refuse such codes)."""
         if self._counts is None:
             self._counts = self._bincount(self._rows())
         return self._counts.clone()
