@@ -131,6 +131,7 @@ class MBCTrainer(Trainer):
         model = kwargs.get("model") or (args[0] if args else None)
         super().__init__(*args, data_collator=data_collator or MBCDataCollator(model), **kwargs)
         self.add_callback(LoraWarmStartCallback())
+        self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
         self._parts = {}
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -183,9 +184,17 @@ class MBCTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Memory gain on the first ``memory_gain_questions`` eval rows (one row per document), plus EM/F1 after
         online adaptation on the eval documents when ``eval_max_questions`` > 0. Metrics are logged and returned
-        with the ``eval_`` prefix (e.g. ``eval_memory_gain``, usable as ``metric_for_best_model``)."""
+        with the ``eval_`` prefix (e.g. ``eval_memory_gain``, usable as ``metric_for_best_model``).
+
+        With several processes (DDP) the codebook is first made identical on all of them (`sync_codebook`), every
+        process memorizes a share of the eval documents and answers a share of the questions, and codes and
+        answers are gathered (`evaluate_online_distributed`): the bank, and so the metrics, equal the
+        single-process ones on every process. The memory gain is computed in full on each process. The bank of the
+        online evaluation is kept in ``self.eval_memory_bank`` (None when ``eval_max_questions`` is 0).
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         model = self.accelerator.unwrap_model(self.model)
+        sync_codebook(model)
         start = time.time()
         rows, seen = [], set()
         for row in dataset:
@@ -200,12 +209,17 @@ class MBCTrainer(Trainer):
             for k, v in part.items():
                 metrics.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
+        self.eval_memory_bank = None
         if self.args.eval_max_questions > 0:
             from .evaluation import evaluate_online
 
             subset = dataset.select(range(min(len(dataset), self.args.eval_max_questions)))
-            online = evaluate_online(model, subset, show_progress=False)
-            metrics.update({k: v for k, v in online.items() if k not in ("predictions", "memory_bank")})
+            if self.accelerator.num_processes > 1:
+                online = evaluate_online_distributed(model, subset, self.accelerator)
+            else:
+                online = evaluate_online(model, subset, show_progress=False)
+            self.eval_memory_bank = online.pop("memory_bank")
+            metrics.update({k: v for k, v in online.items() if k != "predictions"})
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if not (isinstance(v, float)
                                                                                      and math.isnan(v))}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
@@ -213,3 +227,132 @@ class MBCTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
+
+
+# ---------------------------------------------------------------------------------------------- multi-process
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync_codebook(model, src: int = 0) -> bool:
+    """Copy the VQ codebook (its floating-point parameters and buffers) of process ``src`` to every process.
+
+    Online resetting (`VectorQuantizer._reset_dead_codes`) writes encoder outputs of the *local* batch into the
+    codebook weights during the forward; DDP averages gradients but never re-synchronises parameters, so without
+    this the processes' codebooks drift apart (seen with 2 CPU processes after a few steps) and their codes
+    mean different things. Needs replicated parameters (DDP, DeepSpeed ZeRO-1/2), not sharded ones (FSDP,
+    ZeRO-3). Returns False (and does nothing) without an initialised process group of more than one process.
+    """
+    if _world_size() <= 1:
+        return False
+    codebook = getattr(model, "module", model).codebook
+    for tensor in [*codebook.parameters(), *codebook.buffers()]:
+        if tensor.is_floating_point():
+            torch.distributed.broadcast(tensor.data, src=src)
+    return True
+
+
+class CodebookSyncCallback(TrainerCallback):
+    """After every optimizer step, `sync_codebook` (process 0's codebook to all processes); a no-op with one
+    process. `MBCTrainer` adds it itself.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            sync_codebook(model)
+
+
+def shard_in_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Row numbers of process ``rank`` of ``world`` when ``n`` rows are cut into batches of ``batch_size`` (as a
+    single process would batch them) and whole batches are dealt out round-robin. Each row belongs to exactly one
+    process, and each row is computed in the same batch as in a single process (same padding, same numbers)."""
+    return [i for start in range(rank * batch_size, n, world * batch_size)
+            for i in range(start, min(start + batch_size, n))]
+
+
+def gather_rows(accelerator, index: torch.Tensor, values: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows spread over processes -> all ``total`` rows in order, on every process (tensor gathers only).
+
+    Args:
+        accelerator: the trainer's `accelerate.Accelerator`.
+        index: (n,) int64, the global row numbers this process holds (any order; n may differ per process).
+        values: (n, ...) those rows (same trailing shape and dtype on every process).
+        total: number of rows over all processes.
+
+    Returns:
+        (total, ...) CPU tensor, row i = the row whose index is i.
+
+    Raises:
+        RuntimeError: the processes together do not hold each of 0..total-1 exactly once (a row lost or held
+            twice).
+    """
+    device = accelerator.device
+    width = int(accelerator.gather(torch.tensor([index.numel()], device=device)).max())
+    pad = width - index.numel()
+    index = torch.cat([index.long(), index.new_full((pad,), -1, dtype=torch.long)]).to(device)
+    values = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))]).to(device)
+    all_index, all_values = accelerator.gather(index).cpu(), accelerator.gather(values).cpu()
+    keep = all_index >= 0
+    all_index, all_values = all_index[keep], all_values[keep]
+    order = torch.argsort(all_index)
+    if all_index.numel() != total or not torch.equal(all_index[order], torch.arange(total)):
+        raise RuntimeError(f"gathered {all_index.numel()} rows for {total}: rows "
+                           f"{sorted(set(range(total)) - set(all_index.tolist()))[:5]} missing or some held twice")
+    return all_values[order]
+
+
+def gather_texts(accelerator, index: torch.Tensor, texts: list[str], total: int) -> list[str]:
+    """`gather_rows` for strings (UTF-8 bytes in an int64 tensor, column 0 = byte length)."""
+    encoded = [t.encode("utf-8") for t in texts]
+    local = max((len(b) for b in encoded), default=0)
+    width = int(accelerator.gather(torch.tensor([local], device=accelerator.device)).max())
+    rows = torch.zeros((len(encoded), width + 1), dtype=torch.long)
+    for r, b in enumerate(encoded):
+        rows[r, 0] = len(b)
+        rows[r, 1:len(b) + 1] = torch.tensor(list(b), dtype=torch.long)
+    gathered = gather_rows(accelerator, index, rows, total)
+    return [bytes(row[1:1 + int(row[0])].tolist()).decode("utf-8") for row in gathered]
+
+
+def evaluate_online_distributed(model, dataset, accelerator, aggregation: str | None = None,
+                                compress: bool | None = None, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    """`mbc_hf.evaluation.evaluate_online` split over the processes of ``accelerator``; same arguments and keys.
+
+    Each process memorizes its `shard_in_batches` of the unique documents, the codes (or dense vectors) are
+    gathered with `gather_rows`, and every process builds the same bank with the documents in file order, equal to
+    the single-process bank (same batches, same codebook: call `sync_codebook` first). Each process then answers
+    its share of the questions against that bank (`evaluate_online` with ``adapt=False``) and the answers are
+    gathered (`gather_texts`) and scored once. ``adapt_ms_per_doc`` and ``query_ms`` are wall times of the
+    distributed phases divided by all documents / questions; ``peak_rss_mb`` is this process's.
+
+    Raises:
+        RuntimeError: a document or answer was lost or duplicated in the gather.
+    """
+    from .data import documents
+    from .evaluation import evaluate_online, peak_rss_mb, score
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    compress = model.config.use_vq if compress is None else compress
+    docs = documents(dataset)
+    start = time.perf_counter()
+    mine = shard_in_batches(len(docs), batch_size, rank, world)
+    ids = [docs[i][0] for i in mine]
+    local = model.memorize([docs[i][1] for i in mine], doc_ids=ids, batch_size=batch_size, compress=compress)
+    values = local.get_codes(ids).long() if compress else local.get_vectors(ids).float()
+    rows = gather_rows(accelerator, torch.tensor(mine, dtype=torch.long), values, len(docs))
+    bank = model.new_memory_bank(compress)
+    if docs:
+        bank.extend([doc_id for doc_id, _ in docs], rows)
+    adapt_ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+
+    start = time.perf_counter()
+    mine = shard_in_batches(len(dataset), batch_size, rank, world)
+    local_predictions = evaluate_online(model, dataset.select(mine), memory_bank=bank, aggregation=aggregation,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False,
+                                        adapt=False)["predictions"] if mine else []
+    predictions = gather_texts(accelerator, torch.tensor(mine, dtype=torch.long), local_predictions, len(dataset))
+    query_ms = (time.perf_counter() - start) * 1000 / max(len(dataset), 1)
+    return {**score(predictions, dataset), "n_docs": len(bank), "n_questions": len(dataset), "bank_bytes": bank.nbytes,
+            "bytes_per_doc": bank.nbytes / max(len(bank), 1), "adapt_ms_per_doc": adapt_ms, "query_ms": query_ms,
+            "peak_rss_mb": peak_rss_mb(), "predictions": predictions, "memory_bank": bank}
