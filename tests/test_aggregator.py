@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 from mbc_hf.aggregator import Aggregator, Memory
-from mbc_hf.prefix import PrefixGenerator, kv_shape
+from mbc_hf.prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 from mbc_hf.testing import tiny_mbc_model
 
 BASES = ("llama", "gpt2")
@@ -185,3 +185,42 @@ def test_prefix_generator_initial_mix_repeats_the_latents():
     assert torch.equal(gen.mix.sum(dim=1), torch.ones(12))
     assert torch.equal(torch.bincount(owner, minlength=5), torch.tensor([3, 3, 2, 2, 2]))
     assert (owner.diff() >= 0).all()
+
+
+# ----------------------------------------------------------------------------- soft-token prefix
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_soft_token_prefix_equals_the_soft_tokens_inline(base):
+    """Question logits after the soft-token prefix cache equal those of one LM pass over [soft tokens; question]
+    (same rotary positions, same keys/values), and the prefix has the LM's own KV-cache shape."""
+    model = tiny_mbc_model(base, "bert", seed=0, prefix_mode="soft_tokens", prefix_length=5).eval()
+    gen, lm = model.prefix_generator, model.lm
+    latents = torch.randn(2, model.config.num_context_tokens, model.config.text_config.hidden_size)
+    prefix = gen(latents, lm)
+    assert [tuple(k.shape) for k, _ in prefix] == [(2, s[1], 5, s[3]) for s in lm_cache_shapes(lm, 2)]
+    ids = torch.randint(5, 60, (2, 4))
+    with torch.no_grad():
+        cache, mask = model._prefix_cache(prefix, torch.ones_like(ids), 2)
+        cached = lm(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        embeds = gen.scale * gen.proj(torch.einsum("pt,btd->bpd", gen.mix, latents))
+        inline = lm(inputs_embeds=torch.cat([embeds, lm.get_input_embeddings()(ids)], 1)).logits[:, 5:]
+    torch.testing.assert_close(cached, inline, atol=1e-5, rtol=1e-4)
+
+
+def test_soft_token_prefix_starts_at_the_embedding_scale():
+    model = tiny_mbc_model("llama", "bert", seed=0, prefix_mode="soft_tokens", prefix_length=4)
+    embeddings = model.lm.get_input_embeddings().weight
+    model.prefix_generator.match_embedding_scale(embeddings)
+    gen = model.prefix_generator
+    soft = gen.scale * gen.proj(torch.randn(64, model.config.text_config.hidden_size))
+    ratio = soft.pow(2).mean().sqrt() / embeddings.pow(2).mean().sqrt()
+    assert 0.8 < float(ratio) < 1.25
+
+
+def test_soft_token_prefix_parameter_count():
+    """prefix.py: P·T + 2d + (d+1)·d_emb + 1 parameters (0.33M for SmolLM2-135M with P = T = 12)."""
+    gen = SoftTokenPrefix(576, 12, 12, 576)
+    n = sum(p.numel() for p in gen.parameters())
+    assert n == 12 * 12 + 2 * 576 + 577 * 576 + 1
+    assert round(n / 1e6, 2) == 0.33

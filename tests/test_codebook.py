@@ -271,3 +271,50 @@ def test_factorized_codes_are_centred_with_the_batch_mean_in_training_and_its_em
     before = vq.running_mean.clone()
     vq(z)
     assert torch.equal(before, vq.running_mean)  # eval never updates it
+
+
+# ----------------------------------------------------------------------------- entropy loss (LFQ / MAGVIT-v2)
+
+
+def test_entropy_loss_is_low_when_vectors_spread_over_codes_and_high_when_they_collapse():
+    vq = make_vq(16, 8)
+    codes = vq.embedding.weight.detach()
+    spread = codes[torch.arange(16)] + 0.01 * torch.randn(16, 8)  # each vector next to its own code
+    collapsed = codes[torch.zeros(16, dtype=torch.long)] + 0.01 * torch.randn(16, 8)  # all next to code 0
+    low, high = vq.entropy_loss(spread), vq.entropy_loss(collapsed)
+    assert low.item() == pytest.approx(-torch.log(torch.tensor(16.0)).item(), abs=0.05)  # sure of each code, 16 used
+    assert high.item() == pytest.approx(0.0, abs=0.05)  # sure of one code, one used
+    assert low < high
+
+
+def test_entropy_weight_adds_to_the_training_loss_only():
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, 8)
+    plain, weighted = make_vq(16, 8), make_vq(16, 8)
+    weighted.entropy_weight = 0.5
+    for vq in (plain, weighted):
+        vq.eval()
+    assert torch.equal(plain(z).loss, weighted(z).loss)  # eval: no entropy term
+    plain.train(), weighted.train()
+    base = plain(z).loss
+    x = weighted._lookup_space(z)
+    expected = base + 0.5 * weighted.entropy_loss(x)
+    torch.testing.assert_close(weighted(z).loss, expected)
+
+
+def test_entropy_loss_gradient_spreads_collapsed_vectors_over_more_codes():
+    """Factorized unit-length codes (where the distances the 0.1 temperature assumes, in [0, 4], hold)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 16, codebook_dim=8).eval()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.randn(32, 8))
+    vq.requires_grad_(False)
+    anchor = vq.project_in.weight.pinverse() @ F.normalize(vq.embedding.weight[0], dim=0)  # maps onto code 0
+    z = (anchor + 0.05 * torch.randn(64, 16)).requires_grad_(True)
+    before = vq.nearest_codes(z).unique().numel()
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        vq.entropy_loss(vq._lookup_space(z)).backward()
+        opt.step()
+    assert before <= 3 and vq.nearest_codes(z).unique().numel() >= before + 8

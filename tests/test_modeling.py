@@ -468,6 +468,7 @@ BAD_TEXTS = [
     pytest.param(["ok", b"bytes"], TypeError, id="bytes-item"),
     pytest.param(["ok", ""], ValueError, id="empty"),
     pytest.param([" \n\t"], ValueError, id="whitespace"),
+    pytest.param(["ok", "caf\ud800"], ValueError, id="lone-surrogate"),
 ]
 
 

@@ -6,6 +6,9 @@ Two kinds of backbone are supported:
 * encoder–decoder (T5, the paper's choice): the encoder reads the text and the decoder takes T learned query
   vectors as ``decoder_inputs_embeds``; its T output states are the context.
 * encoder-only (BERT, MiniLM): T learned queries read the encoder states through one `CrossAttentionBlock`.
+  Query t starts from the mean of the t-th of T equal segments of the text (`segment_pool`, not in the paper):
+  learned queries alone start near-identical (cosine 0.98 between the T slots of one document), so every slot
+  quantized to the same code; segment means make the T slots differ, and carry the text, from the first step.
 
 A shared MLP then maps each of the T states to the LM width:
 ``MLP(x) = skip(x) + Linear(d_lm, d_lm)(tanh(Linear(d_enc, d_lm)(LN(x))))`` (the reference keeps T separate MLPs;
@@ -13,6 +16,7 @@ the learned queries already tell the T slots apart, so one MLP is shared).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
 
@@ -29,6 +33,21 @@ class ContextMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.net(x)
+
+
+def segment_pool(hidden: torch.Tensor, mask: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Mean of each of ``num_segments`` contiguous, equal-length segments of every text's real tokens.
+
+    hidden (B, S, d) float, mask (B, S) 0/1 -> (B, num_segments, d); token i of a text with n real tokens belongs to
+    segment ``floor(i·num_segments/n)``. Segments of texts shorter than ``num_segments`` tokens may be empty (zeros).
+    """
+    mask = mask.to(hidden.dtype)
+    position = mask.cumsum(1) - 1  # (B, S): index among the real tokens
+    length = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+    segment = (position * num_segments / length).floor().long().clamp(0, num_segments - 1)  # (B, S)
+    weights = F.one_hot(segment, num_segments).to(hidden.dtype) * mask[..., None]  # (B, S, T)
+    weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+    return torch.einsum("bst,bsd->btd", weights, hidden)
 
 
 class AmortizationNetwork(nn.Module):
@@ -80,5 +99,6 @@ class AmortizationNetwork(nn.Module):
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,S,d)
+            queries = queries + segment_pool(hidden, attention_mask, queries.shape[1])  # (B, T, d_enc)
             states = self.readout(queries, Memory(hidden, mask=attention_mask.bool()))  # (B, T, d_enc)
         return self.mlp(states)  # (B, T, out_dim)

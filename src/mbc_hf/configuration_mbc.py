@@ -8,6 +8,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 AGGREGATIONS = ("histogram", "dense")
+PREFIX_MODES = ("generator", "soft_tokens")
 
 
 class MBCConfig(PreTrainedConfig):
@@ -38,11 +39,16 @@ class MBCConfig(PreTrainedConfig):
             re-initialised from current encoder outputs during training (MBC §3.3).
         codebook_dim (`int`, *optional*): ``None`` = the paper's codebook of d-dim codes; an int = factorized,
             l2-normalised codes of this size (ViT-VQGAN), which keeps many more codes in use (see `VectorQuantizer`).
+        code_entropy_weight (`float`, defaults to 0.0): weight of the codebook's entropy loss (spread the batch over
+            many codes, each vector sure of its code; LFQ / MAGVIT-v2, not in the paper; see `VectorQuantizer`).
         use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).
         aggregator_layers (`int`, defaults to 4): cross-attention blocks of the aggregator (reference: 4).
         aggregator_heads (`int`, defaults to 8) / aggregator_head_dim (`int`, *optional*): attention shape of the
             aggregator; the head dim defaults to ``hidden_size // aggregator_heads`` of the LM.
         prefix_rank (`int`, defaults to 256): bottleneck of the prefix generator (see `PrefixGenerator`).
+        prefix_mode (`str`, defaults to "generator"): how the modulation becomes prefix key/values: "generator" (the
+            paper's P-tuning v2 expansion, `PrefixGenerator`) or "soft_tokens" (P soft input tokens whose key/values
+            the frozen LM computes itself, `SoftTokenPrefix`; not in the paper).
         kv_lora_r / kv_lora_alpha / kv_lora_dropout / kv_lora_layers: KV-LoRA rank, alpha, dropout and number of
             last LM layers adapted (reference: 16 / 32 / 0.05 / 6 for DistilGPT2). ``kv_lora_layers=0`` disables it.
         aggregation (`str`, defaults to "histogram"): default way to read a compressed bank; ``"histogram"`` is the
@@ -86,11 +92,13 @@ class MBCConfig(PreTrainedConfig):
     ema_decay: float = 0.99
     dead_code_threshold: float = 1e-4
     codebook_dim: int | None = None
+    code_entropy_weight: float = 0.0
     use_vq: bool = True
     aggregator_layers: int = 4
     aggregator_heads: int = 8
     aggregator_head_dim: int | None = None
     prefix_rank: int = 256
+    prefix_mode: str = "generator"
     kv_lora_r: int = 16
     kv_lora_alpha: int = 32
     kv_lora_dropout: float = 0.05
@@ -107,6 +115,8 @@ class MBCConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}.")
+        if self.prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode={self.prefix_mode!r} is not one of {PREFIX_MODES}.")
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
         for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank"):

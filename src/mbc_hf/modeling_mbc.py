@@ -31,7 +31,7 @@ from .codebook import VectorQuantizer
 from .configuration_mbc import AGGREGATIONS, MBCConfig
 from .kv_lora import KVLoraConfig, apply_kv_lora, save_kv_lora_adapter
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
-from .prefix import PrefixGenerator, kv_shape
+from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
 KV_LORA_DIR = "kv_lora"
@@ -71,6 +71,11 @@ def _check_texts(texts, what: str) -> list[str]:
             raise TypeError(f"{what}[{i}] is {type(text).__name__}, not str.")
         if not text.strip():
             raise ValueError(f"{what}[{i}] is empty or whitespace only; drop it before calling.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what}[{i}] holds a lone surrogate at character {e.start}, which is not valid "
+                             "Unicode; decode the source with errors='replace' or drop the text.") from None
     return list(texts)
 
 
@@ -104,12 +109,16 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self.amortization = AmortizationNetwork(config.encoder_config, T, d)
         self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
         self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                        config.dead_code_threshold, config.codebook_dim)
+                                        config.dead_code_threshold, config.codebook_dim, config.code_entropy_weight)
         head_dim = config.aggregator_head_dim or d // config.aggregator_heads
         self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
         num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
-        self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
-                                                kv_heads, kv_head_dim)
+        if config.prefix_mode == "soft_tokens":
+            self.prefix_generator = SoftTokenPrefix(d, T, config.prefix_length,
+                                                    self.lm.get_input_embeddings().embedding_dim)
+        else:
+            self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
+                                                    kv_heads, kv_head_dim)
         self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
         self.lm.requires_grad_(False)
         if config.freeze_encoders:
@@ -157,6 +166,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                            base_model_name_or_path=base_model_name_or_path, **config_kwargs)
         model = cls(config)
         model.load_base_model_weights(base_model.state_dict())
+        if isinstance(model.prefix_generator, SoftTokenPrefix):
+            model.prefix_generator.match_embedding_scale(model.lm.get_input_embeddings().weight)
         model.amortization.backbone.load_state_dict(encoder.state_dict(), strict=False)
         model.question_encoder.backbone.load_state_dict((question_encoder or encoder).state_dict(), strict=False)
         model.tokenizer, model.encoder_tokenizer = tokenizer, encoder_tokenizer
@@ -201,7 +212,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if model.codebook.frozen:
             model.codebook.freeze()
         path = Path(str(pretrained_model_name_or_path))
-        if path.is_dir():  # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
+        if path.is_dir():
+            from .hub import load_model_card_data
+
+            model.eval_metrics = load_model_card_data(path).get("metrics")  # shown again in a re-saved card
+            # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
             if (path / "tokenizer_config.json").exists():
                 model.tokenizer = AutoTokenizer.from_pretrained(path, config=model.config.text_config)
             if (path / ENCODER_TOKENIZER_DIR).is_dir():
@@ -209,14 +224,31 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                                                                         config=model.config.encoder_config)
         return (model, info) if info is not None else model
 
-    def save_pretrained(self, save_directory, include_base_model: bool | None = None, **kwargs):
-        """Save config, MBC + KV-LoRA weights (model.safetensors), tokenizers and a standard PEFT export of KV-LoRA
-        (``kv_lora/adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``).
+    def save_pretrained(self, save_directory, include_base_model: bool | None = None, memory_bank=None,
+                        model_card_kwargs: dict | None = None, **kwargs):
+        """Save config, MBC + KV-LoRA weights (model.safetensors), tokenizers, a standard PEFT export of KV-LoRA
+        (``kv_lora/adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``),
+        the modeling code (``auto_map``), an optional ``memory_bank.safetensors`` and the model card ``README.md``
+        (see `mbc_hf.hub`).
 
         Args:
             include_base_model: store the frozen base LM weights too (a self-contained checkpoint). Default: only
                 when ``config.base_model_name_or_path`` is None, i.e. when there is nothing to reference.
+            memory_bank: a bank to ship with the model (`CompressedMemoryBank` / `DenseMemoryBank` of this model);
+                its statistics go into the card. Load it back with `load_memory_bank`.
+            model_card_kwargs: `mbc_hf.model_card.render_model_card` arguments (``training_data``, ``license``,
+                ``model_id``...); the card's metrics are ``self.eval_metrics`` (the last `MBCTrainer.evaluate`).
+
+        Raises:
+            ValueError / TypeError: ``memory_bank`` was built with another codebook (checked before writing).
         """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload the folder before the card and bank are "
+                             "written; call model.push_to_hub(repo_id, memory_bank=...) instead.")
+        if memory_bank is not None:
+            from .hub import check_bank_for_model
+
+            check_bank_for_model(memory_bank, self)
         if include_base_model is None:
             include_base_model = self.config.base_model_name_or_path is None
         state_dict = kwargs.pop("state_dict", None) or self.state_dict()
@@ -230,9 +262,26 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if self.config.kv_lora_layers > 0:
             save_kv_lora_adapter(self.lm, self.kv_lora_config, os.path.join(save_directory, KV_LORA_DIR))
         if kwargs.get("is_main_process", True):
-            from .model_card import render_model_card
+            from .hub import save_hub_files
 
-            render_model_card(self, metrics=self.eval_metrics).save(os.path.join(save_directory, "README.md"))
+            save_hub_files(self, save_directory, memory_bank=memory_bank, model_card_kwargs=model_card_kwargs)
+
+    def push_to_hub(self, repo_id: str, memory_bank=None, **kwargs):
+        """Save this model (and ``memory_bank``) to a temporary folder with `save_pretrained` and upload it to the
+        Hub repo ``repo_id`` with ``HfApi.create_repo`` + ``upload_folder``; returns the ``CommitInfo``. Keyword
+        arguments (``commit_message``, ``private``, ``token``, ``revision``, ``create_pr``, ``endpoint``, ``api``,
+        ``model_card_kwargs``...) and errors: see `mbc_hf.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, memory_bank=memory_bank, **kwargs)
+
+    def load_memory_bank(self, path_or_repo_id=None, **kwargs):
+        """The bank saved with a model (``memory_bank.safetensors``) from a folder, file or Hub repo (default: where
+        this model was loaded from), checked against this model's codebook. Returns a `CompressedMemoryBank` or
+        `DenseMemoryBank`; raises ``FileNotFoundError`` when there is none. See `mbc_hf.hub.load_memory_bank`."""
+        from .hub import load_memory_bank
+
+        return load_memory_bank(path_or_repo_id or self.name_or_path, model=self, **kwargs)
 
     # ------------------------------------------------------------------ memory
     def _require_tokenizers(self):
@@ -393,6 +442,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             return Memory(memory_bank.vectors.to(self.device, self.codebook.codebook.dtype).reshape(1, -1, d))
         if aggregation == "histogram":
             return Memory.from_codebook(self.codebook.codebook, memory_bank.code_counts())
+        memory_bank.code_counts()  # validates the codes (raises a clear error for codes >= K)
         return Memory(self.codebook.decode(memory_bank.codes.to(self.device).long()).reshape(1, -1, d))
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
@@ -427,7 +477,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         owner = torch.arange(n, device=input_ids.device).repeat_interleave(T)  # (N·T,)
         own = Memory(memory.vectors, mask=owner[None, :] == torch.arange(n, device=input_ids.device)[:, None])
         latents = self.reconstruction_query[None].expand(n, -1, -1)  # (N, T, d)
-        prefix = self.prefix_generator(self.aggregator(latents, own))
+        prefix = self.prefix_from_latents(self.aggregator(latents, own))
         cache, mask = self._prefix_cache(prefix, attention_mask, n)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels).loss
@@ -439,14 +489,20 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
         latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
-        return self.prefix_generator(self.aggregator(latents, memory))
+        return self.prefix_from_latents(self.aggregator(latents, memory))
+
+    def prefix_from_latents(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B, T, d) modulation -> L × (key, value), each (B, n_kv, P, head_dim) (see ``config.prefix_mode``)."""
+        if isinstance(self.prefix_generator, SoftTokenPrefix):
+            return self.prefix_generator(modulation, self.lm)
+        return self.prefix_generator(modulation)
 
     def _prefix_cache(self, prefix, attention_mask, batch: int, expand: int = 1):
         """DynamicCache holding the prefix (repeated `expand` times per row) and the mask extended by P ones."""
         if expand > 1:
             prefix = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in prefix]
         cache = DynamicCache(prefix, config=self.lm.config)
-        P = self.config.prefix_length
+        P = prefix[0][0].shape[2]
         ones = torch.ones(batch, P, dtype=attention_mask.dtype, device=attention_mask.device)
         return cache, torch.cat([ones, attention_mask], dim=1)
 

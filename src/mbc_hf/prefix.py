@@ -58,3 +58,43 @@ class PrefixGenerator(nn.Module):
         kv = torch.einsum("bgpr,grk->bgpk", h, self.up) + rearrange(self.bias, "(g p) k -> g p k", p=self.prefix_length)
         kv = rearrange(kv, "b (l two) p (h d) -> l two b h p d", two=2, h=self.num_kv_heads)
         return [(kv[i, 0], kv[i, 1]) for i in range(self.num_layers)]
+
+
+class SoftTokenPrefix(nn.Module):
+    """(B, T, d) latents -> P soft tokens in the LM's input-embedding space, whose per-layer key/values the frozen
+    LM computes itself (not in the paper; ``config.prefix_mode="soft_tokens"``).
+
+    The paper's generator writes raw key/values that the frozen LM must learn to read at every layer; soft tokens
+    are read the way the LM reads any earlier text (as in prompt tuning, ICAE and xRAG), which gives the memory
+    path a well-conditioned gradient from the first step. The result has the same form as `PrefixGenerator`'s:
+
+        s = mix @ latents                      (B, P, d)      mix: (P, T), initialised like the generator's
+        e = scale · Linear(d, d_emb)(LN(s))    (B, P, d_emb)  scale starts at the LM's embedding RMS
+        kv = LM(inputs_embeds=e).past_key_values   L × (key, value), each (B, n_kv_heads, P, head_dim)
+
+    Keys carry the rotary positions 0..P-1, so the question that follows starts at position P (as it does after
+    the generator's prefix). Parameters: P·T + 2d + (d+1)·d_emb + 1 (0.33M for SmolLM2-135M with P = T = 12).
+    Call `match_embedding_scale` once the LM's real weights are loaded.
+    """
+
+    def __init__(self, dim: int, num_tokens: int, prefix_length: int, embed_dim: int):
+        super().__init__()
+        owner = [t for t in range(num_tokens) for _ in range(prefix_length // num_tokens
+                                                              + (t < prefix_length % num_tokens))]
+        self.mix = nn.Parameter(torch.zeros(prefix_length, num_tokens))  # (P, T)
+        with torch.no_grad():
+            self.mix[torch.arange(prefix_length), torch.tensor(owner)] = 1.0
+        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
+        nn.init.normal_(self.proj[1].weight, std=dim**-0.5)  # unit-RMS outputs
+        nn.init.zeros_(self.proj[1].bias)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @torch.no_grad()
+    def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
+        """Set ``scale`` to the RMS of the LM's input embeddings (V, d_emb), so soft tokens start at their scale."""
+        self.scale.fill_(float(embeddings.float().pow(2).mean().sqrt()))
+
+    def forward(self, latents: torch.Tensor, lm: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        embeds = self.scale * self.proj(torch.einsum("pt,btd->bpd", self.mix, latents))  # (B, P, d_emb)
+        cache = lm.base_model(inputs_embeds=embeds.to(lm.dtype), use_cache=True).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
