@@ -91,3 +91,17 @@ def test_errors_exit_with_a_message_instead_of_a_traceback(trained, tmp_path):
               "3", "--output-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match=r"mbc-hf ask: error: .*absent\.safetensors"):
         main(["ask", "--model", str(out), "--bank", str(tmp_path / "absent.safetensors"), "Where?"])
+
+
+def test_held_out_documents_are_spread_over_the_file_and_disjoint_from_training(tmp_path):
+    from mbc_hf.cli import split_train_eval
+    from mbc_hf.data import load_qa_file
+
+    write_paragraphs(tmp_path / "p.jsonl", n=12)
+    dataset = load_qa_file(str(tmp_path / "p.jsonl"))
+    train, held = split_train_eval(dataset, 3)
+    order = list(dict.fromkeys(dataset["doc_id"]))
+    positions = sorted(order.index(d) for d in set(held["doc_id"]))
+    assert positions == [0, 4, 8]
+    assert not set(train["doc_id"]) & set(held["doc_id"]) and len(train) + len(held) == len(dataset)
+    assert split_train_eval(dataset, 0)[1] is None

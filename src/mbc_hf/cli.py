@@ -78,9 +78,12 @@ def stop_after_minutes(minutes: float):
 
 
 def split_train_eval(dataset, eval_docs: int):
-    """Hold out the rows of the last ``eval_docs`` documents (file order) for the memory gain."""
+    """Hold out the rows of ``eval_docs`` documents spread evenly over the file (every k-th document in file order)
+    for the memory gain: they come from the same articles as the training documents (unseen paragraphs of seen
+    topics); the dev set measures unseen topics."""
     doc_ids = list(dict.fromkeys(dataset["doc_id"]))
-    held = set(doc_ids[len(doc_ids) - eval_docs:]) if eval_docs else set()
+    step = len(doc_ids) / eval_docs if eval_docs else 0
+    held = {doc_ids[int(i * step)] for i in range(eval_docs)} if eval_docs else set()
     train = dataset.filter(lambda r: r["doc_id"] not in held)
     return train, dataset.filter(lambda r: r["doc_id"] in held) if held else None
 
@@ -262,8 +265,8 @@ def add_train_options(p):
     p.add_argument("--logging-steps", type=int, default=25)
     p.add_argument("--save-steps", type=int, default=250)
     p.add_argument("--eval-steps", type=int, default=250)
-    p.add_argument("--eval-docs", type=int, default=32, help="hold out the last N train documents for the memory "
-                                                             "gain (ignored with --eval-file)")
+    p.add_argument("--eval-docs", type=int, default=32, help="hold out N train documents (spread over the file) "
+                   "for the memory gain (ignored with --eval-file)")
     p.add_argument("--memory-gain-questions", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gpu", action="store_true", help="allow an accelerator (default: CPU only)")
