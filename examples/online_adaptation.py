@@ -24,8 +24,9 @@ from transformers import HfArgumentParser
 import mbc_hf  # noqa: F401  (registers the Auto classes)
 from mbc_hf.cli import build, load_model
 from mbc_hf.data import load_documents_file, load_qa_file
-from mbc_hf.evaluation import evaluate_online
-from mbc_hf.hub import bank_statistics, load_memory_bank, write_text_atomic
+from mbc_hf.evaluation import adapt_stream, evaluate_online
+from mbc_hf.atomic import write_text_atomic
+from mbc_hf.hub import bank_statistics, load_memory_bank
 
 
 @dataclass
@@ -62,13 +63,10 @@ def main(argv=None) -> dict:
         bank = model.new_memory_bank(model.config.use_vq)
     docs = load_documents_file(args.documents, downsample_to=args.max_documents)
     before, start = len(bank), time.perf_counter()
-    for i in range(0, len(docs), args.chunk_size):
-        chunk = docs[i:i + args.chunk_size]
-        model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[doc_id for doc_id, _ in chunk],
-                       batch_size=args.batch_size)
-        bank.save(args.memory_bank)  # atomic: a crash keeps the previous chunk's bank
-        print(f"{min(i + args.chunk_size, len(docs))}/{len(docs)} documents streamed, bank: {len(bank)} documents, "
-              f"{bank.nbytes} bytes", flush=True)
+    # the bank is saved (atomically) after every chunk of new documents: a crash keeps the last complete one
+    adapt_stream(model, docs, bank, batch_size=args.batch_size, save_every=args.chunk_size,
+                 bank_path=args.memory_bank)
+    print(f"{len(docs)} documents streamed, bank: {len(bank)} documents, {bank.nbytes} bytes", flush=True)
     seconds = time.perf_counter() - start
     report = {"memory_bank": args.memory_bank, "documents_in_file": len(docs), "added": len(bank) - before,
               "adapt_ms_per_doc": seconds * 1000 / max(len(docs), 1), "bank": bank_statistics(bank)}

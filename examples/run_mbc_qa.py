@@ -32,7 +32,7 @@ from transformers import HfArgumentParser, set_seed
 import mbc_hf  # noqa: F401  (registers the Auto classes)
 from mbc_hf.cli import build, load_model
 from mbc_hf.data import load_qa_file
-from mbc_hf.hub import write_text_atomic
+from mbc_hf.atomic import write_text_atomic
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
 logger = logging.getLogger(__name__)

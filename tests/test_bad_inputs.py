@@ -24,13 +24,14 @@ from mbc_hf.modeling_mbc import document_id
 from mbc_hf.testing import tiny_mbc_model
 
 MEMORY_BANK_PY = Path(__file__).resolve().parents[1] / "src" / "mbc_hf" / "memory_bank.py"
-# memory_bank.py is self-contained (stdlib, torch, safetensors): loading it by path keeps the child processes below
-# from importing transformers (seconds on a busy machine).
+# memory_bank.py needs only the stdlib, torch, safetensors and .atomic: loading those files by path keeps the
+# child processes below from importing transformers (seconds on a busy machine).
 LOAD_MEMORY_BANK = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("memory_bank", {str(MEMORY_BANK_PY)!r})
-mb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mb)
+import importlib, sys, types
+package = types.ModuleType("mbc_hf_files")  # the package's files without its __init__ (no transformers import)
+package.__path__ = [{str(MEMORY_BANK_PY.parent)!r}]
+sys.modules["mbc_hf_files"] = package
+mb = importlib.import_module("mbc_hf_files.memory_bank")
 """
 DOCS = ["The red door is in Rome.", "The blue door is in Oslo.", "The green door is in Lima.",
         "The black door is in Cairo.", "The white door is in Quito.", "The grey door is in Perth.",
@@ -106,6 +107,15 @@ def test_codes_beyond_the_models_codebook_are_refused_at_use(model, tmp_path):
         with pytest.raises(ValueError, match=rf"K={2 * K}.*this model's codebook has .*K={K}"):
             use()
     assert loaded.doc_ids == ["x"]
+
+
+def test_codes_modified_in_place_after_counting_are_refused_by_the_dense_path(model):
+    """code_counts() caches; the dense path recounts (check_codes), so an edit after a first use is still caught."""
+    bank = model.memorize(DOCS[:3])
+    model.answer(["Where is the red door?"], memory_bank=bank)  # counts cached
+    bank.codes[0, 0] = model.config.codebook_size + 2
+    with pytest.raises(ValueError, match=r"code 130 at row 0 .*modified in place"):
+        model.answer(["Where is the red door?"], memory_bank=bank, aggregation="dense")
 
 
 def test_codes_modified_in_place_are_refused_at_use(model):

@@ -105,3 +105,30 @@ def test_held_out_documents_are_spread_over_the_file_and_disjoint_from_training(
     assert positions == [0, 4, 8]
     assert not set(train["doc_id"]) & set(held["doc_id"]) and len(train) + len(held) == len(dataset)
     assert split_train_eval(dataset, 0)[1] is None
+
+
+@pytest.mark.parametrize("n_docs, per_doc, expected", [(2, 1, ["a1", "b1"]), (2, 0, ["a1", "a2", "b1"]),
+                                                        (3, 2, ["a1", "a2", "b1", "c1", "c2"])])
+def test_first_questions_keeps_the_first_documents_in_file_order(n_docs, per_doc, expected):
+    import datasets
+
+    from mbc_hf.cli import first_questions
+
+    ids = ["a1", "a2", "b1", "c1", "c2", "c3", "d1"]
+    rows = datasets.Dataset.from_dict({"doc_id": [i[0] for i in ids], "question_id": ids})
+    assert first_questions(rows, n_docs, per_doc)["question_id"] == expected
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """`mbc-hf demo` (the README's main job) on given files: trains, adapts the first dev documents, answers one
+    question per document, prints the table and writes demo_metrics.json."""
+    write_paragraphs(tmp_path / "train.jsonl", n=8)
+    write_paragraphs(tmp_path / "dev.jsonl", n=5)
+    main(["demo", "--train-file", str(tmp_path / "train.jsonl"), "--dev-file", str(tmp_path / "dev.jsonl"),
+          "--dev-docs", "3", "--base-model", "tiny", "--encoder", "tiny-bert", "--max-steps", "2", "--batch-size", "2",
+          "--eval-docs", "2", "--memory-gain-questions", "2", "--output-dir", str(tmp_path / "demo")])
+    printed = capsys.readouterr().out
+    assert "closed-book base LM" in printed and "MBC, compressed bank" in printed and "bytes/doc" in printed
+    rows = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())["rows"]
+    assert [r["n_questions"] for r in rows] == [3, 3, 3]
+    assert rows[2]["n_docs"] == 3

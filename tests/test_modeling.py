@@ -376,6 +376,9 @@ def test_dense_bank(base, encoder):
         model.answer(QUESTIONS, memory_bank=bank, aggregation="histogram")
     answers = model.answer(QUESTIONS, memory_bank=bank, aggregation="dense", max_new_tokens=4)
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) for a in answers)
+    more = generated_docs(15)[12:]
+    model.memorize(more, memory_bank=bank)  # extending a dense bank keeps it dense (compress follows the bank)
+    assert len(bank) == 15 and isinstance(bank, DenseMemoryBank)
 
 
 # ============================================================================= generation

@@ -33,7 +33,7 @@ EVAL = [dict(doc_id=f"e{i}", context=f"Note {i}: locker {i} opens with key {i * 
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import datasets, torch
-    from mbc_hf.hub import write_text_atomic
+    from mbc_hf.atomic import write_text_atomic
     from mbc_hf.testing import tiny_mbc_model
     from mbc_hf.trainer import MBCDataCollator, MBCTrainer, MBCTrainingArguments
 

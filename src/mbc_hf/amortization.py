@@ -41,11 +41,11 @@ def segment_pool(hidden: torch.Tensor, mask: torch.Tensor, num_segments: int) ->
     hidden (B, S, d) float, mask (B, S) 0/1 -> (B, num_segments, d); token i of a text with n real tokens belongs to
     segment ``floor(i·num_segments/n)``. Segments of texts shorter than ``num_segments`` tokens may be empty (zeros).
     """
-    mask = mask.to(hidden.dtype)
+    mask = mask.long()  # integer arithmetic: exact for any length and hidden dtype
     position = mask.cumsum(1) - 1  # (B, S): index among the real tokens
     length = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
-    segment = (position * num_segments / length).floor().long().clamp(0, num_segments - 1)  # (B, S)
-    weights = F.one_hot(segment, num_segments).to(hidden.dtype) * mask[..., None]  # (B, S, T)
+    segment = torch.div(position * num_segments, length, rounding_mode="floor").clamp(0, num_segments - 1)
+    weights = F.one_hot(segment, num_segments).to(hidden.dtype) * mask[..., None].to(hidden.dtype)  # (B, S, T)
     weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
     return torch.einsum("bst,bsd->btd", weights, hidden)
 

@@ -2,24 +2,17 @@
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 SHARED_DATA_ENV = "MBC_SHARED_DATA"
 SQUAD_TRAIN = "squad/train-part.first44articles.paragraphs.jsonl"
 SQUAD_DEV = "squad/dev.minus-holdout.paragraphs.jsonl"
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so a reader never sees half of it."""
-    from .kv_lora import _atomic_write
-
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    _atomic_write(str(path), write)
 
 
 def shared_data_dir() -> Path | None:
@@ -132,10 +125,10 @@ def cmd_train(a) -> dict:
 def cmd_adapt(a) -> None:
     from .data import load_documents_file
     from .evaluation import adapt_stream
-    from .memory_bank import CompressedMemoryBank
+    from .memory_bank import load_bank
 
     docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
-    bank = CompressedMemoryBank.load(a.bank) if Path(a.bank).exists() else None
+    bank = load_bank(a.bank) if Path(a.bank).exists() else None
     model = load_model(a.model)
     before = len(bank) if bank is not None else 0
     start = time.perf_counter()
@@ -146,10 +139,10 @@ def cmd_adapt(a) -> None:
 
 
 def cmd_ask(a) -> None:
-    from .memory_bank import CompressedMemoryBank
+    from .memory_bank import load_bank
 
     model = load_model(a.model)
-    bank = CompressedMemoryBank.load(a.bank)
+    bank = load_bank(a.bank)
     for question, answer in zip(a.question, model.answer(a.question, memory_bank=bank,
                                                          max_new_tokens=a.max_new_tokens)):
         print(f"Q: {question}\nA: {answer}")
@@ -199,7 +192,8 @@ def cmd_eval_retention(a) -> list[dict]:
                            aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     csv_path, png_path = write_retention(rows, a.output_dir)
     if a.output:
-        write_text_atomic(a.output, json.dumps({"retention": rows}, indent=2))
+        finite = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        write_text_atomic(a.output, json.dumps({"retention": finite}, indent=2, allow_nan=False))  # NaN -> null
     print(markdown_table(rows, list(RETENTION_COLUMNS)))
     print(f"wrote {csv_path} and {png_path}")
     return rows
@@ -220,7 +214,19 @@ def cmd_demo(a) -> None:
         train, dev = _hub_rows(squad["train"].select(range(12000))), _hub_rows(squad["validation"])
     else:
         train, dev = load_qa_file(train_file), load_qa_file(dev_file, downsample_to=a.dev_docs)
-    run_demo(train, dev, a)
+    run_demo(train, first_questions(dev, a.dev_docs, a.questions_per_doc), a)
+
+
+def first_questions(dataset, n_docs: int, per_doc: int):
+    """Rows of the first ``n_docs`` unique documents (file order), at most ``per_doc`` questions each (0 = all)."""
+    kept, count = [], {}
+    for i, doc_id in enumerate(dataset["doc_id"]):
+        if doc_id not in count and len(count) == n_docs:
+            break
+        count[doc_id] = count.get(doc_id, 0) + 1
+        if not per_doc or count[doc_id] <= per_doc:
+            kept.append(i)
+    return dataset.select(kept)
 
 
 def _hub_rows(split):
@@ -330,7 +336,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded default: short meta-training, adapt, answer")
     p.add_argument("--train-file")
     p.add_argument("--dev-file")
-    p.add_argument("--dev-docs", type=int, default=20, help="dev documents streamed into the bank")
+    p.add_argument("--dev-docs", type=int, default=200, help="dev documents streamed into the bank")
+    p.add_argument("--questions-per-doc", type=int, default=1, help="questions answered per dev document (0 = all)")
     p.add_argument("--output-dir", default="outputs/demo")
     add_model_options(p)
     add_train_options(p)

@@ -134,10 +134,12 @@ class VectorQuantizer(nn.Module):
         """(..., c) vectors in the lookup space -> (...) int64 nearest code."""
         return self._distances(x).argmin(dim=1).view(x.shape[:-1])
 
-    def entropy_loss(self, x: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    def entropy_loss(self, x: torch.Tensor, temperature: float = 0.1, distances: torch.Tensor | None = None):
         """Scalar ``mean_i H(p_i) - H(mean_i p_i)`` of soft assignments ``p_i = softmax(-dist_i / temperature)`` of
-        the vectors x (..., c) in the lookup space (see ``entropy_weight``); in nats, in [-log K, log K]."""
-        p = torch.softmax(-self._distances(x) / temperature, dim=-1)  # (n, K)
+        the vectors x (..., c) in the lookup space (see ``entropy_weight``); in nats, in [-log K, log K].
+        ``distances``: their (n, K) `_distances` if already computed."""
+        distances = self._distances(x) if distances is None else distances
+        p = torch.softmax(-distances / temperature, dim=-1)  # (n, K)
         per_vector = -(p * torch.log(p + 1e-10)).sum(-1).mean()
         mean = p.mean(0)
         return per_vector + (mean * torch.log(mean + 1e-10)).sum()
@@ -154,11 +156,12 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> VQOutput:
         """Quantize z of shape (B, T, d); in training (and not frozen) also update usage and reset dead codes."""
         x = self._lookup_space(z)  # (B, T, c)
-        codes = self._nearest(x)
+        distances = self._distances(x)  # (B·T, K)
+        codes = distances.argmin(dim=1).view(x.shape[:-1])
         q = F.embedding(codes, self._codes())
         loss = F.mse_loss(q, x.detach()) + self.commitment_cost * F.mse_loss(q.detach(), x)
         if self.entropy_weight > 0 and self.training and not bool(self.frozen):
-            loss = loss + self.entropy_weight * self.entropy_loss(x)
+            loss = loss + self.entropy_weight * self.entropy_loss(x, distances=distances)
         quantized = self.project_out(x + (q - x).detach()).to(z.dtype)  # straight-through estimator
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
         probs = counts / counts.sum()

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .atomic import atomic_write
 from .data import EmptyDocumentWarning, document_id, documents
 
 #: Columns of the rows returned by `retention_curve`, in the order they are written to ``retention.csv``.
@@ -75,23 +76,13 @@ def evaluate_online(model, dataset, memory_bank=None, aggregation: str | None = 
     adapt_ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
     questions = list(dataset["question"])
     start = time.perf_counter()
-    predictions = _answer_all(model, questions, bank, aggregation, max_new_tokens, batch_size, show_progress)
+    predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, show_progress=show_progress)
     query_ms = (time.perf_counter() - start) * 1000 / max(len(questions), 1)
     n_docs, nbytes = (len(bank), bank.nbytes) if bank is not None else (0, 0)
     return {**score(predictions, dataset), "n_docs": n_docs, "n_questions": len(questions), "bank_bytes": nbytes,
             "bytes_per_doc": nbytes / max(n_docs, 1), "adapt_ms_per_doc": adapt_ms, "query_ms": query_ms,
             "peak_rss_mb": peak_rss_mb(), "predictions": predictions, "memory_bank": bank}
-
-
-def _answer_all(model, questions: list[str], bank, aggregation, max_new_tokens: int, batch_size: int,
-                show_progress: bool, desc: str = "answer") -> list[str]:
-    from tqdm.auto import tqdm
-
-    predictions = []
-    for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not show_progress):
-        predictions += model.answer(questions[i:i + batch_size], memory_bank=bank, aggregation=aggregation,
-                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return predictions
 
 
 def _check_count(value, name: str, allow_none: bool = False) -> None:
@@ -174,8 +165,8 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
         bank = model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[i for i, _ in chunk],
                               batch_size=batch_size, compress=compress, show_progress=False)
         done = n
-        predictions = _answer_all(model, questions, bank, aggregation, max_new_tokens, batch_size, show_progress,
-                                  desc=f"answer ({n} docs)")
+        predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
         scores = score(predictions, subset)
         base = rows[0]["f1"] if rows else scores["f1"]
         rows.append({"n_docs": n, "n_questions": len(questions), "em": scores["em"], "f1": scores["f1"],
@@ -197,7 +188,6 @@ def write_retention(rows: list[dict], output_dir, title: str | None = None) -> t
     Raises:
         ValueError: no rows, or a row lacks one of `RETENTION_COLUMNS`. ImportError: matplotlib is missing.
     """
-    from .kv_lora import _atomic_write
 
     if not rows:
         raise ValueError("no retention rows to write")
@@ -217,7 +207,7 @@ def write_retention(rows: list[dict], output_dir, title: str | None = None) -> t
     writer = csv.DictWriter(buffer, fieldnames=RETENTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(str(csv_path), lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+    atomic_write(str(csv_path), lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")  # Agg canvas by default; no pyplot, no global backend
     ax = fig.subplots()
@@ -233,7 +223,7 @@ def write_retention(rows: list[dict], output_dir, title: str | None = None) -> t
     ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(title or f"Retention on the questions of the first {rows[0]['n_docs']} documents "
                           f"({rows[0]['n_questions']} questions)", fontsize=10)
-    _atomic_write(str(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(str(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return csv_path, png_path
 
 

@@ -30,7 +30,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .memory_bank import CompressedMemoryBank, DenseMemoryBank
+from .atomic import write_text_atomic
+from .memory_bank import DenseMemoryBank, load_bank
 
 #: File name of the memory bank inside a saved folder / Hub repo.
 MEMORY_BANK_FILE = "memory_bank.safetensors"
@@ -43,37 +44,6 @@ _CARD_DATA_KEYS = ("metrics", "training_note", "license", "training_data", "data
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def write_text_atomic(path, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``, so a
-    reader never sees a half-written file. Raises ``FileNotFoundError`` if the directory does not exist."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _bank_class(path: str):
-    """`CompressedMemoryBank` or `DenseMemoryBank`, from the ``format`` tag in a bank file's safetensors header."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-    except Exception as exc:  # the bank's own loader gives the detailed error
-        raise ValueError(f"{path}: not a readable memory bank file: {exc}") from exc
-    return DenseMemoryBank if fmt == DenseMemoryBank._FORMAT else CompressedMemoryBank
-
-
 def check_bank_for_model(memory_bank, model) -> None:
     """Raise if ``memory_bank`` cannot be read by ``model``.
 
@@ -148,7 +118,7 @@ def load_memory_bank(path_or_repo_id, model=None, filename: str = MEMORY_BANK_FI
         except EntryNotFoundError as exc:
             raise FileNotFoundError(f"Hub repo {path_or_repo_id} has no {filename}: it was pushed without a memory "
                                     "bank.") from exc
-    bank = _bank_class(path).load(path)
+    bank = load_bank(path)
     if model is not None:
         check_bank_for_model(bank, model)
     return bank
@@ -314,4 +284,4 @@ def folder_files(folder) -> dict[str, bytes]:
 
 __all__ = ["MEMORY_BANK_FILE", "MODEL_CARD_DATA_FILE", "MODEL_CARD_FILE", "bank_markdown", "bank_statistics",
            "check_bank_for_model", "folder_files", "load_memory_bank", "load_model_card_data", "push_to_hub",
-           "save_hub_files", "save_memory_bank", "write_model_card", "write_text_atomic"]
+           "save_hub_files", "save_memory_bank", "write_model_card"]

@@ -37,9 +37,7 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -52,6 +50,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .atomic import atomic_write
 
 __all__ = [
     "KVLORA_PEFT_TYPE",
@@ -410,19 +410,6 @@ def kv_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {f"base_model.model.{key}": value for key, value in state.items()}
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file in the target directory, then `os.replace` it onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_kv_lora_adapter(
     model: nn.Module, config: KVLoraConfig, directory: str | os.PathLike, adapter_name: str = "default"
 ) -> None:
@@ -436,7 +423,7 @@ def save_kv_lora_adapter(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     state = {key: value.detach().contiguous() for key, value in kv_lora_state_dict(model, adapter_name).items()}
-    _atomic_write(
+    atomic_write(
         os.path.join(directory, "adapter_model.safetensors"),
         lambda path: save_file(state, path, metadata={"format": "pt"}),
     )
@@ -453,4 +440,4 @@ def save_kv_lora_adapter(
         with open(path, "w") as f:
             f.write(json.dumps(output, indent=2, sort_keys=True))
 
-    _atomic_write(os.path.join(directory, "adapter_config.json"), write_json)
+    atomic_write(os.path.join(directory, "adapter_config.json"), write_json)

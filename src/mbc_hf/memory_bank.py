@@ -34,21 +34,21 @@ Not thread-safe: guard a bank with a lock if several threads mutate it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import json
 import math
 import os
 import struct
-import tempfile
 from typing import Any, Sequence
 
 import safetensors
 import safetensors.torch
 import torch
 
-__all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES"]
+from .atomic import atomic_write
+
+__all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES", "load_bank"]
 
 #: Accepted values of ``on_duplicate`` (Haystack ``DuplicatePolicy`` names).
 DUPLICATE_POLICIES = ("skip", "overwrite", "fail")
@@ -63,30 +63,6 @@ _COUNT_CHUNK_ELEMENTS = 1 << 22
 # The metadata of every row without metadata: one shared dict, never mutated (rows are replaced, and readers get
 # deep copies), instead of one empty dict (64 bytes) per row.
 _NO_METADATA: dict = {}
-
-
-def _default_file_mode() -> int:
-    """Permission bits a plainly created file would get (0o666 minus umask)."""
-    umask = 0o022
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-                    break
-    return 0o666 & ~umask
-
-
-def _fsync_dir(directory: str) -> None:
-    """Best-effort fsync of a directory so a rename inside it is durable."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -366,22 +342,7 @@ class _DocRowBank:
                 "(shorten doc ids / metadata or split the bank)"
             )
         tensors = {self._TENSOR_NAME: self._rows().contiguous()}
-        mode = _default_file_mode()
-        with contextlib.suppress(OSError):
-            mode = os.stat(path).st_mode & 0o7777
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            os.close(fd)
-            safetensors.torch.save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike):
@@ -422,6 +383,8 @@ class _DocRowBank:
         if not header:
             raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
         fmt = header.get("format")
+        if cls is _DocRowBank:  # load_bank(): the class the file names
+            cls = next((c for c in _DocRowBank.__subclasses__() if c._FORMAT == fmt), cls)
         if fmt != cls._FORMAT:
             hint = ""
             for other in _DocRowBank.__subclasses__():
@@ -717,6 +680,11 @@ class CompressedMemoryBank(_DocRowBank):
             self._counts = self._bincount(self._rows())
         return self._counts.clone()
 
+    def check_codes(self) -> None:
+        """Recount every stored code (not the cache) and raise ``ValueError`` naming the row if one is ``>= K``
+        (possible only if :attr:`codes` was modified in place). O(N·T); `code_counts` trusts its cache."""
+        self._bincount(self._rows())
+
     def check_codebook(self, fingerprint: str) -> None:
         """Raise ``ValueError`` if ``fingerprint`` differs from the bank's codebook fingerprint."""
         if fingerprint != self._fingerprint:
@@ -840,3 +808,8 @@ class DenseMemoryBank(_DocRowBank):
             f"DenseMemoryBank(N={n}, T={self._num_tokens}, d={self._hidden_size}, "
             f"dtype={str(self._dtype).replace('torch.', '')}, bytes/doc={per_doc:.1f})"
         )
+
+
+def load_bank(path: str | os.PathLike) -> CompressedMemoryBank | DenseMemoryBank:
+    """Load whichever bank a file holds (by its ``format`` tag), read once; errors as in `_DocRowBank.load`."""
+    return _DocRowBank.load(path)

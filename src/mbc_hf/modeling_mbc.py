@@ -215,7 +215,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if path.is_dir():
             from .hub import load_model_card_data
 
-            model.eval_metrics = load_model_card_data(path).get("metrics")  # shown again in a re-saved card
+            try:  # shown again in a re-saved card; a broken card file must not stop loading
+                model.eval_metrics = load_model_card_data(path).get("metrics")
+            except ValueError as e:
+                warnings.warn(f"ignoring the model card data of {path}: {e}", stacklevel=2)
             # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
             if (path / "tokenizer_config.json").exists():
                 model.tokenizer = AutoTokenizer.from_pretrained(path, config=model.config.text_config)
@@ -382,7 +385,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if len(doc_ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
             raise ValueError(f"got {len(texts)} texts, {len(doc_ids)} doc_ids and "
                              f"{len(metadata) if metadata is not None else 'no'} metadata entries; lengths must match.")
-        compress = self.config.use_vq if compress is None else compress
+        if compress is None:  # follow the bank being extended, else the model's setting
+            compress = self.config.use_vq if memory_bank is None else isinstance(memory_bank, CompressedMemoryBank)
         if memory_bank is None:
             memory_bank = self.new_memory_bank(compress)
         self._check_bank(memory_bank)
@@ -442,7 +446,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             return Memory(memory_bank.vectors.to(self.device, self.codebook.codebook.dtype).reshape(1, -1, d))
         if aggregation == "histogram":
             return Memory.from_codebook(self.codebook.codebook, memory_bank.code_counts())
-        memory_bank.code_counts()  # validates the codes (raises a clear error for codes >= K)
+        memory_bank.check_codes()  # codes >= K (edited in place) would index past the codebook
         return Memory(self.codebook.decode(memory_bank.codes.to(self.device).long()).reshape(1, -1, d))
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
@@ -582,7 +586,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def answer(self, questions: list[str], memory_bank=None, max_new_tokens: int = 16, aggregation: str | None = None,
-               batch_size: int = 16, **generate_kwargs) -> list[str]:
+               batch_size: int = 16, show_progress: bool = False, **generate_kwargs) -> list[str]:
         """Answer questions from a memory bank (greedy by default), one string per question.
 
         The memory is prepared once for all questions (O(K) with histogram aggregation). The answer is the
@@ -601,7 +605,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self.eval()
         answers = []
         try:
-            for start in range(0, len(questions), batch_size):
+            from tqdm.auto import tqdm
+
+            for start in tqdm(range(0, len(questions), batch_size), desc="answer", disable=not show_progress):
                 batch = self.encode_questions(questions[start:start + batch_size])
                 out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, **generate_kwargs)
                 new = out[:, batch["input_ids"].shape[1]:]

@@ -20,6 +20,13 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 
+def repeat_latents(slots: int, num_tokens: int) -> torch.Tensor:
+    """(slots, T) 0/1 mixing matrix of the reference expansion: latent t fills consecutive slots, ``slots // T`` each
+    and the first ``slots % T`` latents one more."""
+    owner = [t for t in range(num_tokens) for _ in range(slots // num_tokens + (t < slots % num_tokens))]
+    return torch.nn.functional.one_hot(torch.tensor(owner), num_tokens).float()
+
+
 def kv_shape(config: PreTrainedConfig) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a causal LM config (GQA aware: Llama/Qwen/Mistral, GPT-2 MHA)."""
     config = config.get_text_config()
@@ -43,11 +50,7 @@ class PrefixGenerator(nn.Module):
         self.num_layers, self.prefix_length = num_layers, prefix_length
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         slots, kv_dim = num_layers * 2 * prefix_length, num_kv_heads * head_dim
-        # reference expansion: latent t is repeated to consecutive slots (A // T each, the first A % T once more)
-        owner = [t for t in range(num_tokens) for _ in range(slots // num_tokens + (t < slots % num_tokens))]
-        self.mix = nn.Parameter(torch.zeros(slots, num_tokens))  # (A, T)
-        with torch.no_grad():
-            self.mix[torch.arange(slots), torch.tensor(owner)] = 1.0
+        self.mix = nn.Parameter(repeat_latents(slots, num_tokens))  # (A, T), the reference's repetition at init
         self.down = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, rank), nn.GELU())
         self.up = nn.Parameter(torch.randn(num_layers * 2, rank, kv_dim) * rank**-0.5)
         self.bias = nn.Parameter(torch.zeros(slots, kv_dim))
@@ -79,11 +82,7 @@ class SoftTokenPrefix(nn.Module):
 
     def __init__(self, dim: int, num_tokens: int, prefix_length: int, embed_dim: int):
         super().__init__()
-        owner = [t for t in range(num_tokens) for _ in range(prefix_length // num_tokens
-                                                              + (t < prefix_length % num_tokens))]
-        self.mix = nn.Parameter(torch.zeros(prefix_length, num_tokens))  # (P, T)
-        with torch.no_grad():
-            self.mix[torch.arange(prefix_length), torch.tensor(owner)] = 1.0
+        self.mix = nn.Parameter(repeat_latents(prefix_length, num_tokens))  # (P, T)
         self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
         nn.init.normal_(self.proj[1].weight, std=dim**-0.5)  # unit-RMS outputs
         nn.init.zeros_(self.proj[1].bias)
