@@ -219,6 +219,10 @@ def write_retention(rows: list[dict], output_dir, title: str | None = None) -> t
     f1_axis = ax.twinx()
     f1_axis.plot(n_docs, [r["f1"] for r in rows], marker="s", color="tab:orange", label="F1")
     f1_axis.set_ylabel("F1 (%)", color="tab:orange")
+    # axes from 0, so that a flat curve looks flat (auto-scaling blows a 0.1-point wobble up to the full height)
+    finite = [r["retention"] for r in rows if r["retention"] == r["retention"]]
+    ax.set_ylim(0, max([110.0, *finite]) * 1.05)
+    f1_axis.set_ylim(0, max(1.0, *(r["f1"] for r in rows)) * 1.2)
     handles = ax.get_lines()[:1] + f1_axis.get_lines()
     ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(title or f"Retention on the questions of the first {rows[0]['n_docs']} documents "
