@@ -369,8 +369,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             texts: documents (non-empty str). doc_ids: their ids (default: `document_id` of the text).
             memory_bank: a bank to extend in place; default: a new one.
             metadata: optional JSON-serialisable dict per document (e.g. timestamp, title).
-            compress: ``True`` -> `CompressedMemoryBank` of codes (default when ``config.use_vq``); ``False`` -> a
-                `DenseMemoryBank` of float vectors (VQ bypassed, MAC-style).
+            compress: ``True`` -> `CompressedMemoryBank` of codes; ``False`` -> a `DenseMemoryBank` of float vectors
+                (VQ bypassed, MAC-style). Default: the kind of ``memory_bank`` when given, else ``config.use_vq``.
             on_duplicate: "skip" (default), "overwrite" or "fail" for ids already in the bank.
 
         Returns:
@@ -590,7 +590,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """Answer questions from a memory bank (greedy by default), one string per question.
 
         The memory is prepared once for all questions (O(K) with histogram aggregation). The answer is the
-        generated text up to the first newline, stripped.
+        generated text up to the first newline, stripped. Questions run ``batch_size`` at a time (a tqdm progress
+        bar with ``show_progress``).
 
         Raises:
             ValueError: a bank built with another codebook, an unknown aggregation, empty questions.
