@@ -112,11 +112,12 @@ def test_held_out_documents_are_spread_over_the_file_and_disjoint_from_training(
 def test_first_questions_keeps_the_first_documents_in_file_order(n_docs, per_doc, expected):
     import datasets
 
-    from mbc_hf.cli import first_questions
+    from mbc_hf.data import first_questions
 
     ids = ["a1", "a2", "b1", "c1", "c2", "c3", "d1"]
-    rows = datasets.Dataset.from_dict({"doc_id": [i[0] for i in ids], "question_id": ids})
-    assert first_questions(rows, n_docs, per_doc)["question_id"] == expected
+    rows = datasets.Dataset.from_dict({"doc_id": [i[0] for i in ids], "context": [f"text {i[0]}" for i in ids],
+                                       "question_id": ids})
+    assert rows.select(first_questions(rows, n_docs, per_doc or None))["question_id"] == expected
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):

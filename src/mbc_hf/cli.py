@@ -200,7 +200,7 @@ def cmd_eval_retention(a) -> list[dict]:
 
 
 def cmd_demo(a) -> None:
-    from .data import load_qa_file
+    from .data import first_questions, load_qa_file
     from .demo import run_demo
 
     shared = shared_data_dir()
@@ -214,19 +214,7 @@ def cmd_demo(a) -> None:
         train, dev = _hub_rows(squad["train"].select(range(12000))), _hub_rows(squad["validation"])
     else:
         train, dev = load_qa_file(train_file), load_qa_file(dev_file, downsample_to=a.dev_docs)
-    run_demo(train, first_questions(dev, a.dev_docs, a.questions_per_doc), a)
-
-
-def first_questions(dataset, n_docs: int, per_doc: int):
-    """Rows of the first ``n_docs`` unique documents (file order), at most ``per_doc`` questions each (0 = all)."""
-    kept, count = [], {}
-    for i, doc_id in enumerate(dataset["doc_id"]):
-        if doc_id not in count and len(count) == n_docs:
-            break
-        count[doc_id] = count.get(doc_id, 0) + 1
-        if not per_doc or count[doc_id] <= per_doc:
-            kept.append(i)
-    return dataset.select(kept)
+    run_demo(train, dev.select(first_questions(dev, a.dev_docs, a.questions_per_doc or None)), a)
 
 
 def _hub_rows(split):

@@ -726,6 +726,20 @@ def documents(ds) -> list[tuple[str, str]]:
     return out
 
 
+def first_questions(ds, n_docs: int, per_doc: int | None = None) -> list[int]:
+    """Row indices of the questions of the first ``n_docs`` unique documents (`documents` order, by text), at most
+    ``per_doc`` per document (the first ones in file order; ``None`` = all), in file order. ``ds`` as in
+    `documents`."""
+    measured = {text for _, text in documents(ds)[:n_docs]}
+    count: dict[str, int] = {}
+    indices = []
+    for i, text in enumerate(ds["context"]):
+        if text in measured and (per_doc is None or count.get(text, 0) < per_doc):
+            count[text] = count.get(text, 0) + 1
+            indices.append(i)
+    return indices
+
+
 def _plain_documents(path: Path, src: _Source) -> list[tuple[str, str | None, str]]:
     """(where, source id, text) of a documents JSONL / JSON array / CSV."""
     out = []

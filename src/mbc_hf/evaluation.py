@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .atomic import atomic_write
-from .data import EmptyDocumentWarning, document_id, documents
+from .data import EmptyDocumentWarning, document_id, documents, first_questions
 
 #: Columns of the rows returned by `retention_curve`, in the order they are written to ``retention.csv``.
 RETENTION_COLUMNS = ("n_docs", "n_questions", "em", "f1", "prefix_em", "retention", "bank_docs", "bank_bytes")
@@ -148,14 +148,7 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
     if points[-1] != end:
         points.append(end)
 
-    measured = {text for _, text in docs[:first]}
-    per_doc: dict[str, int] = {}
-    indices = []
-    for i, text in enumerate(dataset["context"]):
-        if text in measured and (max_questions_per_doc is None or per_doc.get(text, 0) < max_questions_per_doc):
-            per_doc[text] = per_doc.get(text, 0) + 1
-            indices.append(i)
-    subset = _select(dataset, indices)
+    subset = _select(dataset, first_questions(dataset, first, max_questions_per_doc))
     questions = list(subset["question"])
 
     rows: list[dict] = []
