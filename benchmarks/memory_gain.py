@@ -1,17 +1,21 @@
 """Memory gain of a trained MBC model: does the answer (and the document itself) get likelier with the gold document
-in memory than with an empty memory or an unrelated document? Prints a markdown table, writes JSON.
+in memory than with an empty memory or an unrelated document? Prints a markdown table (mean over batches of
+``--batch-size`` documents, with the standard error over batches), writes JSON.
 
     python benchmarks/memory_gain.py --model runs/mbc-smollm2 \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 --output benchmarks/results/memory_gain.json
 """
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
 import mbc_hf  # noqa: F401
 from transformers import AutoModelForCausalLM
 
+from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import markdown_table
 from mbc_hf.trainer import MBCDataCollator, memory_gain
@@ -22,6 +26,9 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="QA file; one question per document is used")
     p.add_argument("--docs", type=int, default=64)
+    p.add_argument("--spread", action="store_true", help="take the documents evenly spaced over the whole file "
+                   "(different articles, so the unrelated memory is another topic) instead of the first N in order "
+                   "(consecutive paragraphs of one article, so the unrelated memory is a paragraph of the same topic)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per batch (the unrelated memory is the "
                                                                  "next document of the batch)")
     p.add_argument("--output")
@@ -29,8 +36,12 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
     if model.config.reconstruction_loss_weight <= 0:
         model.config.reconstruction_loss_weight = 1.0  # only so the collator adds the reconstruction targets
+    if a.spread:
+        source = split_train_eval(load_qa_file(a.data), a.docs)[1]
+    else:
+        source = load_qa_file(a.data, downsample_to=a.docs)
     rows, seen = [], set()
-    for row in load_qa_file(a.data, downsample_to=a.docs):
+    for row in source:
         if row["doc_id"] not in seen:
             seen.add(row["doc_id"])
             rows.append(row)
@@ -38,12 +49,19 @@ def main(argv=None):
     for i in range(0, len(rows), a.batch_size):
         parts.append(memory_gain(model, collate(rows[i:i + a.batch_size])))
     mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
-    table = markdown_table([{"quantity": k, "nats/token": v} for k, v in mean.items()], ["quantity", "nats/token"])
-    print(f"{len(rows)} documents, one question each, from {a.data}\n\n{table}")
+    # standard error over the batches (each batch mean is an independent draw of documents)
+    stderr = {k: statistics.stdev(d[k] for d in parts) / math.sqrt(len(parts)) if len(parts) > 1 else None
+              for k in mean}
+    table = markdown_table([{"quantity": k, "nats/token": f"{v:+.4f}",
+                             "standard error": "—" if stderr[k] is None else f"{stderr[k]:.4f}"}
+                            for k, v in mean.items()], ["quantity", "nats/token", "standard error"])
+    print(f"{len(rows)} documents ({'spread over the file' if a.spread else 'first in file order'}), one question "
+          f"each, from {a.data}\n\n{table}")
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "n_docs": len(rows), **mean,
-                                              "command": " ".join(sys.argv)}, indent=2))
+        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "n_docs": len(rows),
+                                              "spread": a.spread, "doc_ids": [r["doc_id"] for r in rows], **mean,
+                                              "standard_error": stderr, "command": " ".join(sys.argv)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,27 @@ def test_rows_in_spawned_children(tmp_path):
     check_row(results["rows"][0])
     assert results["n_docs"] == 2 and results["n_questions"] == 4
     assert "MBC, compressed bank" in proc.stdout
+
+
+def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path):
+    from mbc_hf.testing import tiny_mbc_model
+
+    spec = importlib.util.spec_from_file_location("memory_gain", BENCH.parent / "memory_gain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    tiny_mbc_model(reconstruction_loss_weight=0.5).save_pretrained(tmp_path / "model")
+    for spread, expected in ((False, ["Lakes#0", "Lakes#1"]), (True, ["Lakes#0", "Music#0"])):
+        out = tmp_path / f"gain-{spread}.json"
+        module.main(["--model", str(tmp_path / "model"), "--data", str(data), "--docs", "2", "--batch-size", "2",
+                     "--output", str(out)] + (["--spread"] if spread else []))
+        result = json.loads(out.read_text())
+        assert result["doc_ids"] == expected and result["spread"] is spread
+        assert result["memory_gain_unrelated"] == pytest.approx(result["nll_unrelated"] - result["nll_gold"])
+        assert math.isfinite(result["reconstruction_gain"])
+        assert result["standard_error"]["memory_gain"] is None  # one batch: no spread to estimate
+    module.main(["--model", str(tmp_path / "model"), "--data", str(data), "--docs", "4", "--batch-size", "2",
+                 "--output", str(tmp_path / "gain4.json")])
+    result = json.loads((tmp_path / "gain4.json").read_text())
+    assert result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
+    assert 0 <= result["standard_error"]["memory_gain"] < float("inf")

@@ -318,3 +318,43 @@ def test_entropy_loss_gradient_spreads_collapsed_vectors_over_more_codes():
         vq.entropy_loss(vq._lookup_space(z)).backward()
         opt.step()
     assert before <= 3 and vq.nearest_codes(z).unique().numel() >= before + 8
+
+
+# ----------------------------------------------------------------------------- k-means initialisation
+
+
+def clustered(k: int, d: int, per: int, seed: int = 0, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """k well-separated unit centres and ``per`` noisy points around each: (k·per, d) points, (k, d) centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, d, generator=g), dim=-1)
+    return (centres.repeat_interleave(per, 0) + noise * torch.randn(k * per, d, generator=g)), centres
+
+
+def test_kmeans_init_puts_a_code_on_each_cluster_and_counts_its_members():
+    torch.manual_seed(0)
+    points, centres = clustered(8, 16, 20)
+    vq = VectorQuantizer(8, 16)
+    counts = vq.kmeans_init(points, iters=20)
+    assert counts.sum() == len(points) and counts.shape == (8,)
+    nearest = torch.cdist(centres, vq.codebook.detach()).min(1).values
+    assert nearest.max() < 0.1  # every true centre has a code next to it
+    assert vq.nearest_codes(points).unique().numel() == 8
+    assert torch.equal(vq.ema_cluster_size, counts.float())
+
+
+def test_kmeans_init_factorized_gives_unit_codes_and_sets_the_centring_mean():
+    torch.manual_seed(0)
+    points, _ = clustered(16, 24, 10)
+    points = points + 3.0  # a large shared component, as context vectors have
+    vq = VectorQuantizer(16, 24, codebook_dim=8)
+    vq.kmeans_init(points)
+    assert torch.allclose(vq.running_mean, vq.project_in(points).mean(0), atol=1e-5)
+    assert torch.allclose(vq._codes().norm(dim=-1), torch.ones(16), atol=1e-5)
+    vq.eval()
+    assert vq.nearest_codes(points).unique().numel() >= 12  # the shared offset no longer sends all to one code
+
+
+def test_kmeans_init_with_too_few_vectors_names_the_fix():
+    vq = VectorQuantizer(64, 8)
+    with pytest.raises(ValueError, match="at least 64 context vectors"):
+        vq.kmeans_init(torch.randn(5, 4, 8))  # 5 documents × T=4 = 20 vectors

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mbc_hf.testing import tiny_mbc_model
-from mbc_hf.trainer import MBCDataCollator, MBCTrainer, MBCTrainingArguments, memory_gain
+from mbc_hf.trainer import (MBCDataCollator, MBCTrainer, MBCTrainingArguments, kmeans_init_codebook,
+                            memory_gain)
 
 ROWS = [dict(doc_id=f"d{i}", context=f"Fact {i}: the code of room {i} is {i * 7}.",
              question=f"What is the code of room {i}?", answers=[str(i * 7), f"code {i * 7}"], question_id=f"q{i}")
@@ -95,3 +96,26 @@ def test_saved_output_has_json_training_args_and_no_pickle(tmp_path):
     assert (tmp_path / "out" / "training_args.json").exists()
     assert json.loads((tmp_path / "out" / "training_args.json").read_text())["max_steps"] == 1
     assert not (tmp_path / "out" / "training_args.bin").exists()
+
+
+def test_kmeans_codebook_and_frozen_document_side_keep_every_documents_codes_fixed(tmp_path):
+    model = tiny_mbc_model(seed=0, freeze_amortization=True, codebook_size=16)
+    assert not any(p.requires_grad for p in model.amortization.parameters())
+    ds = datasets.Dataset.from_list(ROWS * 2)
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4, codebook_kmeans_docs=8,
+                                                freeze_codebook=True), train_dataset=ds)
+    enc = model.encode_documents([r["context"] for r in ROWS])
+    codes = lambda: model.codebook.nearest_codes(model.amortization(enc["input_ids"], enc["attention_mask"]))
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        after = codes()
+    assert bool(model.codebook.frozen) and model.codebook.ema_cluster_size.sum() == 8 * model.config.num_context_tokens
+    assert after.unique().numel() > 4  # k-means spread the 8 documents' vectors over the codes
+    fresh = tiny_mbc_model(seed=0, freeze_amortization=True, codebook_size=16)
+    kmeans_init_codebook(fresh, ds, 8, seed=trainer.args.seed)  # same documents, same seed -> same codebook
+    assert torch.equal(fresh.codebook.embedding.weight, model.codebook.embedding.weight)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.codebook.nearest_codes(fresh.amortization(enc["input_ids"], enc["attention_mask"])),
+                           after)

@@ -51,7 +51,7 @@ def build_from_args(a):
                  reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
                  kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
-                 code_entropy_weight=a.code_entropy_weight)
+                 code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None)
 
 
 def stop_after_minutes(minutes: float):
@@ -90,6 +90,7 @@ def make_trainer(a, model, train, evaluation, **overrides):
         gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
         encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
         lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
+        codebook_kmeans_docs=a.codebook_kmeans_docs, freeze_codebook=a.freeze_codebook,
         num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
         max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
         eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions, report_to="none",
@@ -253,6 +254,11 @@ def add_train_options(p):
     p.add_argument("--prefix-mode", choices=["generator", "soft_tokens"], help="prefix key/values from the paper's "
                    "generator or from soft tokens run through the LM (default: the model config's, generator)")
     p.add_argument("--code-entropy-weight", type=float, help="codebook entropy loss weight (default: the config's, 0)")
+    p.add_argument("--codebook-kmeans-docs", type=int, default=0, help="initialise the codebook by k-means on "
+                   "the context vectors of the first N training documents (0 = the paper's uniform init)")
+    p.add_argument("--freeze-codebook", action="store_true", help="no codebook training or dead-code reset")
+    p.add_argument("--freeze-amortization", action="store_true", help="keep the amortization network (document "
+                   "side) fixed; with --codebook-kmeans-docs and --freeze-codebook every document's codes are fixed")
     p.add_argument("--prefix-length", type=int, help="prefix key/values per layer (default: the config's, 2)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-grad-norm", type=float, default=1.0)

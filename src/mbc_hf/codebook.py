@@ -16,6 +16,7 @@ codes per batch of 96 vectors (usage perplexity 3.3), so all documents looked al
 """
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,21 @@ class VQOutput:
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-means++ seeds (as scikit-learn's): k rows of x (n, c); each step draws 2 + ln k candidates with
+    probability ∝ squared distance to the nearest seed so far and keeps the one that lowers the total most."""
+    trials = 2 + int(math.log(k))
+    seeds = [int(torch.randint(x.shape[0], ()))]
+    dist = (x - x[seeds[0]]).pow(2).sum(1)  # (n,)
+    for _ in range(k - 1):
+        candidates = torch.multinomial(dist + 1e-12, trials, replacement=True)  # (trials,)
+        new = torch.minimum(dist[None], torch.cdist(x[candidates], x).pow(2))  # (trials, n)
+        best = int(new.sum(1).argmin())
+        seeds.append(int(candidates[best]))
+        dist = new[best]
+    return x[seeds].clone()
 
 
 class VectorQuantizer(nn.Module):
@@ -111,6 +127,44 @@ class VectorQuantizer(nn.Module):
         self.frozen.fill_(True)
         self.requires_grad_(False)
         return self
+
+    @torch.no_grad()
+    def kmeans_init(self, z: torch.Tensor, iters: int = 10) -> torch.Tensor:
+        """Initialise the codebook by k-means on context vectors z (..., d) instead of uniform noise (lucidrains'
+        ``kmeans_init``; not in MBC, whose codes start uniform and are re-seeded by online resetting).
+
+        Factorized codes: the centring mean becomes the mean of z's projections and the k-means is spherical
+        (cosine, unit centroids); otherwise L2. Seeds are drawn by greedy k-means++ (Arthur & Vassilvitskii 2007) from the
+        global torch RNG; clusters that end empty keep their seed vector. The usage EMA
+        starts at each code's cluster size, so a code nobody picked is dead (and re-seeded if the codebook trains).
+
+        Returns:
+            (K,) int64 cluster sizes.
+
+        Raises:
+            ValueError: fewer vectors than codes (encode more documents).
+        """
+        x = self.project_in(z.reshape(-1, z.shape[-1]).to(self.embedding.weight.dtype))  # (n, c)
+        n, K = x.shape[0], self.codebook_size
+        if n < K:
+            raise ValueError(f"k-means initialisation of {K} codes needs at least {K} context vectors, got {n}; "
+                             f"encode at least {-(-K // z.shape[-2]) if z.dim() > 2 else K} documents.")
+        if self.factorized:
+            self.running_mean.copy_(x.mean(0))
+            x = l2norm(x - self.running_mean)
+        centroids = kmeans_plus_plus(x, K)  # (K, c)
+        for _ in range(iters):
+            if self.factorized:
+                assign = (x @ centroids.t()).argmax(1)
+            else:
+                assign = torch.cdist(x, centroids).argmin(1)
+            counts = torch.bincount(assign, minlength=K)
+            means = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp(min=1)[:, None]
+            means = l2norm(means) if self.factorized else means
+            centroids = torch.where(counts[:, None] > 0, means, centroids)
+        self.embedding.weight.copy_(centroids)
+        self.ema_cluster_size.copy_(counts.to(self.ema_cluster_size.dtype))
+        return counts
 
     def fingerprint(self) -> str:
         """16 hex chars of SHA-256 over the parameters that decide codes and their vectors (fp32 bytes); a bank

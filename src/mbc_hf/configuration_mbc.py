@@ -60,6 +60,10 @@ class MBCConfig(PreTrainedConfig):
         freeze_encoders (`bool`, defaults to False): keep the pretrained encoder backbones frozen (the paper trains
             its T5 amortization network fully; freezing makes a CPU step several times cheaper, and only the learned
             queries, readouts and MLPs of the amortization network and question encoder train).
+        freeze_amortization (`bool`, defaults to False): keep the whole amortization network (the document side:
+            backbone, learned queries, readout, MLP) fixed, so a document's context vectors, and with a frozen
+            codebook its codes, never change during training (not in the paper; with ``MBCTrainingArguments``'
+            ``codebook_kmeans_docs`` and ``freeze_codebook`` it stops the code collapse seen on CPU runs, README).
         reconstruction_loss_weight (`float`, defaults to 0.0): weight of an auxiliary loss (not in the paper; an
             ICAE-style autoencoding term): from its own memory alone, through a learned query, the LM must predict
             the first ``reconstruction_length`` tokens of each training document. It forces the codes to carry the
@@ -108,6 +112,7 @@ class MBCConfig(PreTrainedConfig):
     max_question_length: int = 128
     prompt_template: str = "Question: {question}\nAnswer:"
     freeze_encoders: bool = False
+    freeze_amortization: bool = False
     reconstruction_loss_weight: float = 0.0
     reconstruction_length: int = 64
 

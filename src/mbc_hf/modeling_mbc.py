@@ -124,6 +124,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if config.freeze_encoders:
             self.amortization.freeze_backbone()
             self.question_encoder.freeze_backbone()
+        if config.freeze_amortization:
+            self.amortization.freeze_backbone()
+            self.amortization.requires_grad_(False)
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():

@@ -34,6 +34,11 @@ class MBCTrainingArguments(TrainingArguments):
                                                                                  "(default: learning_rate)."})
     lora_learning_rate: float | None = field(default=None, metadata={"help": "LR of KV-LoRA (default: learning_rate)."})
     lora_start_step: int = field(default=0, metadata={"help": "KV-LoRA stays frozen before this optimizer step."})
+    codebook_kmeans_docs: int = field(default=0, metadata={"help": "If > 0, before the first step initialise the "
+                                                                    "codebook by k-means on the context vectors of "
+                                                                    "the first N training documents."})
+    freeze_codebook: bool = field(default=False, metadata={"help": "Freeze the codebook (after any k-means "
+                                                                    "initialisation): no gradient, no dead-code reset."})
     memory_gain_questions: int = field(default=32, metadata={"help": "Held-out questions for the memory gain."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
@@ -107,6 +112,40 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, seed: int = 0) -> torch.Tensor:
+    """K-means initialisation of ``model.codebook`` (`VectorQuantizer.kmeans_init`) on the context vectors of the
+    first ``num_docs`` unique documents of ``dataset`` (rows with ``doc_id`` and ``context``), in order, with a
+    seeded generator: every process of a multi-process run computes the same codebook.
+
+    Returns:
+        (K,) int64 cluster sizes.
+
+    Raises:
+        ValueError: the documents give fewer context vectors than codes.
+    """
+    texts, seen = [], set()
+    for row in dataset:
+        if row["doc_id"] not in seen:
+            seen.add(row["doc_id"])
+            texts.append(row["context"])
+        if len(texts) == num_docs:
+            break
+    was_training = model.training
+    model.eval()
+    z = []
+    for i in range(0, len(texts), batch_size):
+        enc = model.encode_documents(texts[i:i + batch_size])
+        z.append(model.amortization(enc["input_ids"], enc["attention_mask"]))  # (b, T, d)
+    model.train(was_training)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return model.codebook.kmeans_init(torch.cat(z))
+    finally:
+        torch.random.set_rng_state(state)
+
+
 class LoraWarmStartCallback(TrainerCallback):
     """Keeps KV-LoRA's learning rate at 0 until ``lora_start_step`` (the memory path trains first)."""
 
@@ -133,6 +172,16 @@ class MBCTrainer(Trainer):
         self.add_callback(LoraWarmStartCallback())
         self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
         self._parts = {}
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, after the codebook set-up of ``codebook_kmeans_docs`` / ``freeze_codebook`` (a fresh run
+        only: a resumed run loads its codebook from the checkpoint)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint:
+            kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
+        if self.args.freeze_codebook:
+            model.codebook.freeze()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """Trainer's save, with the training arguments as JSON instead of the pickled ``training_args.bin``."""
