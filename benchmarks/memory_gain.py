@@ -13,12 +13,26 @@ import sys
 from pathlib import Path
 
 import mbc_hf  # noqa: F401
+import torch
 from transformers import AutoModelForCausalLM
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import markdown_table
 from mbc_hf.trainer import MBCDataCollator, memory_gain
+
+
+@torch.no_grad()
+def code_statistics(model, batch) -> dict[str, float]:
+    """Distinct codes per document (of T) and the Jaccard overlap of a document's code set with that of its
+    unrelated document (the next one of the batch, as in `memory_gain`); empty for a model without VQ."""
+    if not model.config.use_vq:
+        return {}
+    z = model.amortization(batch["context_input_ids"], batch["context_attention_mask"])
+    sets = [set(row.tolist()) for row in model.codebook.nearest_codes(z)]
+    n = len(sets)
+    overlap = [len(sets[i] & sets[(i + 1) % n]) / len(sets[i] | sets[(i + 1) % n]) for i in range(n)]
+    return {"distinct_codes_per_doc": sum(map(len, sets)) / n, "code_overlap_with_unrelated": sum(overlap) / n}
 
 
 def main(argv=None):
@@ -47,7 +61,8 @@ def main(argv=None):
             rows.append(row)
     collate, parts = MBCDataCollator(model), []
     for i in range(0, len(rows), a.batch_size):
-        parts.append(memory_gain(model, collate(rows[i:i + a.batch_size])))
+        batch = collate(rows[i:i + a.batch_size])
+        parts.append({**memory_gain(model, batch), **code_statistics(model, batch)})
     mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     # standard error over the batches (each batch mean is an independent draw of documents)
     stderr = {k: statistics.stdev(d[k] for d in parts) / math.sqrt(len(parts)) if len(parts) > 1 else None

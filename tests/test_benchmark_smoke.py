@@ -122,3 +122,4 @@ def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path)
     result = json.loads((tmp_path / "gain4.json").read_text())
     assert result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
     assert 0 <= result["standard_error"]["memory_gain"] < float("inf")
+    assert 1 <= result["distinct_codes_per_doc"] <= 4 and 0 <= result["code_overlap_with_unrelated"] <= 1
