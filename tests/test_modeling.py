@@ -573,3 +573,21 @@ def test_gold_only_memory_shows_each_question_its_own_document():
     torch.testing.assert_close(out2[:2], out[:2], atol=0, rtol=0)  # questions 0, 1 never see document 3
     assert not torch.allclose(out2[2], out[2], atol=1e-4)  # question 2 does
     assert not torch.allclose(all_docs2[0], all_docs[0], atol=1e-5)  # without the mask everyone sees it
+
+
+def test_loading_a_referencing_checkpoint_does_not_call_it_corrupted(tmp_path):
+    import logging
+
+    model, _ = referenced_model("gpt2", "bert", tmp_path)  # GPT-2 ties its input and output embeddings
+    model.save_pretrained(tmp_path / "mbc")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        MBCModelForCausalLM.from_pretrained(tmp_path / "mbc")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "corrupted" in r.getMessage()]
+    assert not logger.filters  # the filter is removed again

@@ -13,6 +13,7 @@ Only KV-LoRA and the MBC modules train; the base LM stays frozen. By default a c
 """
 
 import hashlib
+import logging
 import os
 import re
 import warnings
@@ -202,11 +203,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Raises:
             ValueError: if the checkpoint neither stores nor references the base LM weights.
         """
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        referenced = not _checkpoint_has_base_weights(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        with _quiet_about_referenced_base_weights(referenced):
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         info = None
         if isinstance(model, tuple):
             model, info = model
-        if not _checkpoint_has_base_weights(pretrained_model_name_or_path, kwargs.get("subfolder", "")):
+        if referenced:
             ref = model.config.base_model_name_or_path
             if ref is None:
                 raise ValueError(f"{pretrained_model_name_or_path} stores no base LM weights and its config names no "
@@ -657,6 +660,26 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
 def _first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip()
+
+
+@contextmanager
+def _quiet_about_referenced_base_weights(active: bool):
+    """Drop transformers' "This checkpoint seem corrupted ... tie lm.… to lm.…" warning while loading a checkpoint
+    that references its base LM: the tied embeddings are absent on purpose and are loaded right after."""
+    if not active:
+        yield
+        return
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("This checkpoint seem corrupted") and " lm." in message)
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _checkpoint_has_base_weights(name_or_path, subfolder: str = "") -> bool:
