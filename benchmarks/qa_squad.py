@@ -7,6 +7,8 @@ order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row run
     closed_book  closed-book base LM: KV-LoRA off, no prefix, question only   (model.answer_with_base_lm)
     empty        MBC reading an empty memory (memory ablation)                 (evaluate_online(adapt=False))
     mbc          MBC, compressed bank, histogram aggregation                  (evaluate_online(aggregation="histogram"))
+    unrelated    MBC reading a compressed bank of as many other documents (the file's last ones, none asked about):
+                 is it the right documents that help, or any memory?
     dense        the same model with the VQ bypassed: uncompressed MAC-style DenseMemoryBank, dense aggregation
     bm25         BM25 top-1 passage (rank_bm25.BM25Okapi over the stream's unique documents) in the base LM's prompt
     gold         gold passage in the base LM's prompt (upper bound)
@@ -49,6 +51,7 @@ ROWS = {
     "closed_book": "closed-book base LM (no memory)",
     "empty": "MBC, empty memory (ablation)",
     "mbc": "MBC, compressed bank (histogram)",
+    "unrelated": "MBC, compressed bank of unrelated documents (ablation)",
     "dense": "MBC, VQ bypassed (dense MAC-style bank)",
     "bm25": "BM25 top-1 passage in context",
     "gold": "gold passage in context (upper bound)",
@@ -218,10 +221,25 @@ def _mbc_row(model, ds, opts: dict, name: str) -> dict:
         r = evaluate_online(model, ds, adapt=False, **common)
     elif name == "mbc":
         r = evaluate_online(model, ds, aggregation="histogram", **common)
+    elif name == "unrelated":  # as many documents, from the end of the file (other articles), none of them asked about
+        from mbc_hf.data import documents, load_qa_file
+
+        n, asked = len(documents(ds)), {text for _, text in documents(ds)}
+        others = [d for d in documents(load_qa_file(opts["data"])) if d[1] not in asked][-n:]
+        if not others:
+            raise ValueError(f"row 'unrelated' needs documents beyond the first {n} of {opts['data']}; lower "
+                             "--downsample-to or leave the row out with --rows.")
+        start = time.perf_counter()
+        bank = model.memorize([t for _, t in others], doc_ids=[i for i, _ in others], batch_size=opts["batch_size"],
+                              show_progress=opts["progress"])
+        adapt_ms = (time.perf_counter() - start) * 1000 / max(len(others), 1)
+        r = {**evaluate_online(model, ds, memory_bank=bank, adapt=False, aggregation="histogram", **common),
+             "adapt_ms_per_doc": adapt_ms, "bank_doc_ids": bank.doc_ids}
     else:
         r = evaluate_online(model, ds, compress=False, aggregation="dense", **common)
     bank = r.pop("memory_bank")
-    out = {k: r[k] for k in ("em", "f1", "prefix_em", "adapt_ms_per_doc", "query_ms", "predictions")}
+    out = {k: r[k] for k in ("em", "f1", "prefix_em", "adapt_ms_per_doc", "query_ms", "predictions", "bank_doc_ids")
+           if k in r}
     out["bytes_per_doc"] = bank.nbytes / len(bank) if bank is not None and len(bank) else 0.0
     out["bank_bytes"] = bank.nbytes if bank is not None else 0
     out["bank_type"] = type(bank).__name__ if bank is not None else None

@@ -63,7 +63,8 @@ def test_all_rows_in_process(tmp_path):
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
     out = tmp_path / "results"
     bench.main(["--model", "tiny", "--data", str(data), "--downsample-to", "4", "--output-dir", str(out),
-                "--in-process", "--threads", "1", "--max-new-tokens", "4"])
+                "--in-process", "--threads", "1", "--max-new-tokens", "4",
+                "--rows", "closed_book,empty,mbc,dense,bm25,gold"])  # all documents asked: no unrelated ones
     results = json.loads((out / "results.json").read_text())
     rows = {r["row"]: r for r in results["rows"]}
     assert list(rows) == ["closed_book", "empty", "mbc", "dense", "bm25", "gold"]
@@ -84,6 +85,21 @@ def test_all_rows_in_process(tmp_path):
     assert "gold passage in context" in md and "--model tiny" in md
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 8 and set(rows) <= set(preds[0])
+
+
+def test_unrelated_bank_row_holds_as_many_documents_none_of_them_asked_about(tmp_path):
+    bench = load_bench()
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    bench.main(["--model", "tiny", "--data", str(data), "--downsample-to", "2", "--output-dir", str(tmp_path / "r"),
+                "--in-process", "--threads", "1", "--max-new-tokens", "4", "--rows", "mbc,unrelated"])
+    rows = {r["row"]: r for r in json.loads((tmp_path / "r" / "results.json").read_text())["rows"]}
+    assert rows["unrelated"]["bank_type"] == "CompressedMemoryBank"
+    assert sorted(rows["unrelated"]["bank_doc_ids"]) == ["Music#0", "Music#1"]  # the file's last two documents
+    assert rows["unrelated"]["bytes_per_doc"] > 0 and rows["unrelated"]["n_questions"] == 4
+    check_row(rows["unrelated"])
+    with pytest.raises(ValueError, match="lower --downsample-to"):
+        bench.main(["--model", "tiny", "--data", str(data), "--downsample-to", "4", "--output-dir",
+                    str(tmp_path / "r4"), "--in-process", "--max-new-tokens", "4", "--rows", "unrelated"])
 
 
 def test_rows_in_spawned_children(tmp_path):
