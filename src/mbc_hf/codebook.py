@@ -134,9 +134,10 @@ class VectorQuantizer(nn.Module):
         ``kmeans_init``; not in MBC, whose codes start uniform and are re-seeded by online resetting).
 
         Factorized codes: the centring mean becomes the mean of z's projections and the k-means is spherical
-        (cosine, unit centroids); otherwise L2. Seeds are drawn by greedy k-means++ (Arthur & Vassilvitskii 2007) from the
-        global torch RNG; clusters that end empty keep their seed vector. The usage EMA
-        starts at each code's cluster size, so a code nobody picked is dead (and re-seeded if the codebook trains).
+        (cosine, unit centroids); otherwise L2. Seeds are drawn by greedy k-means++ (Arthur & Vassilvitskii 2007)
+        from the global torch RNG, then ``iters`` Lloyd steps; clusters that end empty keep their seed vector. The
+        usage EMA starts at each code's cluster size, so a code nobody picked is dead (and re-seeded if the codebook
+        trains). Source of the need: code collapse on CPU runs (README, "Making the memory learnable").
 
         Returns:
             (K,) int64 cluster sizes.

@@ -115,8 +115,9 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
 @torch.no_grad()
 def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, seed: int = 0) -> torch.Tensor:
     """K-means initialisation of ``model.codebook`` (`VectorQuantizer.kmeans_init`) on the context vectors of the
-    first ``num_docs`` unique documents of ``dataset`` (rows with ``doc_id`` and ``context``), in order, with a
-    seeded generator: every process of a multi-process run computes the same codebook.
+    first ``num_docs`` unique documents of ``dataset`` (rows with ``doc_id`` and ``context``), in order, with the
+    global torch RNG seeded with ``seed`` for the k-means and restored afterwards: every process of a multi-process
+    run computes the same codebook.
 
     Returns:
         (K,) int64 cluster sizes.
