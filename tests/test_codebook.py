@@ -356,5 +356,7 @@ def test_kmeans_init_factorized_gives_unit_codes_and_sets_the_centring_mean():
 
 def test_kmeans_init_with_too_few_vectors_names_the_fix():
     vq = VectorQuantizer(64, 8)
-    with pytest.raises(ValueError, match="at least 64 context vectors"):
+    before = state(vq)
+    with pytest.raises(ValueError, match="at least 64 context vectors, got 20; encode at least 16 documents"):
         vq.kmeans_init(torch.randn(5, 4, 8))  # 5 documents × T=4 = 20 vectors
+    assert all(torch.equal(a, b) for a, b in zip(before, state(vq)))  # the codebook is unchanged
