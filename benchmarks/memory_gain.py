@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import markdown_table
-from mbc_hf.trainer import MBCDataCollator, memory_gain
+from mbc_hf.trainer import MBCDataCollator, first_row_per_document, memory_gain
 
 
 @torch.no_grad()
@@ -54,11 +54,7 @@ def main(argv=None):
         source = split_train_eval(load_qa_file(a.data), a.docs)[1]
     else:
         source = load_qa_file(a.data, downsample_to=a.docs)
-    rows, seen = [], set()
-    for row in source:
-        if row["doc_id"] not in seen:
-            seen.add(row["doc_id"])
-            rows.append(row)
+    rows = first_row_per_document(source)
     collate, parts = MBCDataCollator(model), []
     for i in range(0, len(rows), a.batch_size):
         batch = collate(rows[i:i + a.batch_size])

@@ -22,16 +22,11 @@ import torch
 
 from mbc_hf.cli import SQUAD_TRAIN, build, shared_data_dir, split_train_eval
 from mbc_hf.data import load_qa_file
-from mbc_hf.trainer import kmeans_init_codebook
+from mbc_hf.trainer import first_row_per_document, kmeans_init_codebook
 
 
-def unique_contexts(rows) -> list[str]:
-    out, seen = [], set()
-    for r in rows:
-        if r["doc_id"] not in seen:
-            seen.add(r["doc_id"])
-            out.append(r["context"])
-    return out
+def unique_contexts(rows, n: int | None = None) -> list[str]:
+    return [row["context"] for row in first_row_per_document(rows, n)]
 
 
 def main(argv=None):
@@ -54,7 +49,7 @@ def main(argv=None):
         if a.memory == "vq":
             kmeans_init_codebook(model, rows, 256, seed=0)
             model.codebook.freeze()
-        docs = unique_contexts(rows.select(range(0, len(rows), 23)))[:16]
+        docs = unique_contexts(rows.select(range(0, len(rows), 23)), 16)
         batches, evaluated, every = [docs[:8], docs[8:]], [docs[:8], docs[8:]], 10
         next_batch = lambda s: batches[s % 2]  # noqa: E731
     else:

@@ -224,7 +224,8 @@ def _mbc_row(model, ds, opts: dict, name: str) -> dict:
     elif name == "unrelated":  # as many documents, from the end of the file (other articles), none of them asked about
         from mbc_hf.data import documents, load_qa_file
 
-        n, asked = len(documents(ds)), {text for _, text in documents(ds)}
+        asked = {text for _, text in documents(ds)}
+        n = len(asked)
         others = [d for d in documents(load_qa_file(opts["data"])) if d[1] not in asked][-n:]
         if not others:
             raise ValueError(f"row 'unrelated' needs documents beyond the first {n} of {opts['data']}; lower "

@@ -112,6 +112,19 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def first_row_per_document(rows, n: int | None = None) -> list[dict]:
+    """The first row of each of the first ``n`` documents (by ``doc_id``; ``None`` = all) of any iterable of rows
+    (a `datasets.Dataset`, an `IterableDataset`, a list of dicts), in order; stops reading after the n-th."""
+    out, seen = [], set()
+    for row in rows:
+        if len(out) == n:
+            break
+        if row["doc_id"] not in seen:
+            seen.add(row["doc_id"])
+            out.append(row)
+    return out
+
+
 @torch.no_grad()
 def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, seed: int = 0) -> torch.Tensor:
     """K-means initialisation of ``model.codebook`` (`VectorQuantizer.kmeans_init`) on the context vectors of the
@@ -125,13 +138,7 @@ def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, se
     Raises:
         ValueError: the documents give fewer context vectors than codes.
     """
-    texts, seen = [], set()
-    for row in dataset:
-        if row["doc_id"] not in seen:
-            seen.add(row["doc_id"])
-            texts.append(row["context"])
-        if len(texts) == num_docs:
-            break
+    texts = [row["context"] for row in first_row_per_document(dataset, num_docs)]
     was_training = model.training
     model.eval()
     z = []
@@ -246,13 +253,7 @@ class MBCTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         sync_codebook(model)
         start = time.time()
-        rows, seen = [], set()
-        for row in dataset:
-            if row["doc_id"] not in seen:
-                seen.add(row["doc_id"])
-                rows.append(row)
-            if len(rows) == self.args.memory_gain_questions:
-                break
+        rows = first_row_per_document(dataset, self.args.memory_gain_questions or None)
         metrics = {}
         for i in range(0, len(rows), self.args.per_device_eval_batch_size):
             part = memory_gain(model, self.data_collator(rows[i:i + self.args.per_device_eval_batch_size]))
