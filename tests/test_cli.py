@@ -1,6 +1,7 @@
 """`mbc-hf` command line on a tiny model and files the tests write (train -> adapt -> ask -> eval)."""
 import csv
 import json
+import time
 
 import pytest
 
@@ -49,6 +50,35 @@ def test_adapt_appends_and_ask_answers(trained, capsys):
     main(["ask", "--model", str(out), "--bank", str(bank), "--max-new-tokens", "3", "Where is the red door?"])
     printed = capsys.readouterr().out
     assert "Q: Where is the red door?" in printed and "A:" in printed
+
+
+def test_two_adapt_runs_on_one_bank_keep_both_writers_documents(trained, capsys):
+    """adapt holds <bank>.lock from load to save: a run that starts while another writer holds the lock waits,
+    then appends to what that writer saved (without the lock the last save would drop the other's documents)."""
+    import threading
+
+    from filelock import FileLock
+
+    from mbc_hf.cli import load_model
+
+    tmp, out = trained
+    docs, bank = tmp / "lock_docs.txt", tmp / "locked.safetensors"
+    docs.write_text("The red door is in Rome.\n")
+    lock = FileLock(f"{bank}.lock")
+    lock.acquire()
+    run = threading.Thread(target=main, args=(["adapt", "--model", str(out), "--documents", str(docs),
+                                               "--bank", str(bank)],))
+    run.start()
+    deadline = time.time() + 60
+    while "waiting for another writer" not in capsys.readouterr().err and time.time() < deadline:
+        time.sleep(0.1)  # the run is now blocked on the lock
+    other = load_model(str(out)).memorize(["The blue door is in Oslo."], doc_ids=["other-writer"])
+    other.save(bank)  # the other writer saves while holding the lock
+    lock.release()
+    run.join(timeout=120)
+    assert not run.is_alive()
+    stored = CompressedMemoryBank.load(bank)
+    assert len(stored) == 2 and "other-writer" in stored.doc_ids
 
 
 def test_eval_writes_metrics_with_the_documented_keys(trained):

@@ -122,6 +122,49 @@ def test_loss_with_reconstruction_term_and_without_vq():
     assert out.vq_loss.item() == 0.0 and torch.equal(out.loss, out.qa_loss)
 
 
+@pytest.mark.parametrize("gold_only", [False, True], ids=["distractors", "gold-only"])
+def test_contrastive_term_scores_answers_from_a_memory_without_the_gold_document(gold_only):
+    margin = 100.0  # larger than any gap here, so the hinge is active for every question: margin - mean gap
+    model = nontrivial_model("llama", "bert", contrastive_loss_weight=0.4, contrastive_margin=margin, vq_loss_weight=0.7)
+    inputs = training_inputs(model)
+    gold = torch.tensor([0, 1, 3])  # question i asks about document gold[i] (ANSWERS vs DOCS)
+    if gold_only:
+        inputs["question_doc_index"] = gold
+    out = model(**inputs, contrastive_doc_index=gold)
+    torch.testing.assert_close(out.loss, out.qa_loss + 0.7 * out.vq_loss + 0.4 * out.contrastive_loss)
+
+    # recompute by hand: the same quantized vectors, each question sees every document but its own (or the next one)
+    memory, _, _ = model.memory_from_documents(inputs["context_input_ids"], inputs["context_attention_mask"])
+    owner = torch.arange(len(DOCS)).repeat_interleave(model.config.num_context_tokens)
+    without = owner[None] != gold[:, None] if not gold_only else owner[None] == ((gold + 1) % len(DOCS))[:, None]
+    qa = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels", "question_input_ids",
+                                 "question_attention_mask")}
+    per_row = []
+    for mask in (None if not gold_only else owner[None] == gold[:, None], without):
+        logits = model(**qa, memory=Memory(memory.vectors, mask=mask)).logits
+        per_row.append(mbc_hf.modeling_mbc.answer_nll_per_row(logits, inputs["labels"]))
+    gap = per_row[1] - per_row[0]
+    assert gap.abs().max() > 1e-4  # the two memories really differ for this model
+    torch.testing.assert_close(out.contrastive_loss, margin - gap.mean(), atol=1e-4, rtol=1e-5)
+
+    model.config.contrastive_margin = 0.0  # hinge: only questions the gold document does not already help count
+    out = model(**inputs, contrastive_doc_index=gold)
+    torch.testing.assert_close(out.contrastive_loss, torch.relu(-gap).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_term_is_skipped_without_weight_index_or_a_second_document():
+    model = nontrivial_model("llama", "bert")
+    inputs = training_inputs(model)
+    gold = torch.tensor([0, 1, 3])
+    assert model(**inputs, contrastive_doc_index=gold).contrastive_loss is None  # weight 0 (default)
+    model.config.contrastive_loss_weight = 1.0
+    assert model(**inputs).contrastive_loss is None  # no gold index
+    one = model.encode_documents(DOCS[:1])
+    single = dict(inputs, context_input_ids=one["input_ids"], context_attention_mask=one["attention_mask"])
+    out = model(**single, contrastive_doc_index=torch.zeros(3, dtype=torch.long))
+    assert out.contrastive_loss is None and torch.isfinite(out.loss)
+
+
 # ============================================================================= what trains
 
 

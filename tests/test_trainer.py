@@ -1,5 +1,6 @@
 """MBCTrainer / MBCDataCollator / memory gain on tiny models (issue: main job)."""
 import json
+import math
 
 import datasets
 import pytest
@@ -119,3 +120,18 @@ def test_kmeans_codebook_and_frozen_document_side_keep_every_documents_codes_fix
     with torch.no_grad():
         assert torch.equal(fresh.codebook.nearest_codes(fresh.amortization(enc["input_ids"], enc["attention_mask"])),
                            after)
+
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_trainer_hands_the_gold_documents_to_the_contrastive_term(tmp_path, weight):
+    """The collator's question_doc_index reaches the model as contrastive_doc_index (also after the gold-only
+    steps, when the memory is the whole batch), so the term is logged exactly when its weight is > 0."""
+    torch.manual_seed(0)
+    model = tiny_mbc_model(seed=0, contrastive_loss_weight=weight)
+    ds = datasets.Dataset.from_list(ROWS[:4] * 4)
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4, gold_only_steps=2), train_dataset=ds)
+    trainer.train()
+    logged = [h["contrastive_loss"] for h in trainer.state.log_history if "contrastive_loss" in h]
+    assert len(logged) == (2 if weight > 0 else 0)  # logging_steps=2: one log in gold-only mode, one after
+    assert all(math.isfinite(v) and v >= 0.0 for v in logged)  # a hinge

@@ -51,7 +51,8 @@ def build_from_args(a):
                  reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
                  kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
-                 code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None)
+                 code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
+                 contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin)
 
 
 def stop_after_minutes(minutes: float):
@@ -124,17 +125,31 @@ def cmd_train(a) -> dict:
 
 
 def cmd_adapt(a) -> None:
+    """Append documents to a bank file. The load-memorize-save runs under ``<bank>.lock`` (`filelock`), so two
+    ``mbc-hf adapt`` runs on one bank take turns and the second appends to what the first saved, instead of both
+    starting from the same file and the last save dropping the other's documents."""
+    from filelock import FileLock, Timeout
+
     from .data import load_documents_file
     from .evaluation import adapt_stream
     from .memory_bank import load_bank
 
     docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
-    bank = load_bank(a.bank) if Path(a.bank).exists() else None
     model = load_model(a.model)
-    before = len(bank) if bank is not None else 0
-    start = time.perf_counter()
-    bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every, bank_path=a.bank)
-    ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+    lock = FileLock(f"{a.bank}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another writer of {a.bank} (lock {lock.lock_file}) ...", file=sys.stderr)
+        lock.acquire()
+    try:
+        bank = load_bank(a.bank) if Path(a.bank).exists() else None
+        before = len(bank) if bank is not None else 0
+        start = time.perf_counter()
+        bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every, bank_path=a.bank)
+        ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+    finally:
+        lock.release()
     print(f"bank {a.bank}: {len(bank)} documents (+{len(bank) - before}), {bank.nbytes} bytes "
           f"({bank.nbytes / max(len(bank), 1):.1f} bytes/doc), {ms:.1f} ms/doc")
 
@@ -251,6 +266,9 @@ def add_train_options(p):
     p.add_argument("--codebook-dim", type=int, default=32, help="factorized l2-normalised codes of this size "
                    "(0 = the paper's direct d-dim codebook)")
     p.add_argument("--reconstruction-length", type=int, default=32, help="document tokens of the auxiliary loss")
+    p.add_argument("--contrastive-weight", type=float, default=0.0, help="weight of the memory-contrastive hinge "
+                   "(answer NLL without the gold document minus with it, up to a margin; not in the paper)")
+    p.add_argument("--contrastive-margin", type=float, default=0.5, help="its margin (nats per answer token)")
     p.add_argument("--prefix-mode", choices=["generator", "soft_tokens"], help="prefix key/values from the paper's "
                    "generator or from soft tokens run through the LM (default: the model config's, generator)")
     p.add_argument("--code-entropy-weight", type=float, help="codebook entropy loss weight (default: the config's, 0)")

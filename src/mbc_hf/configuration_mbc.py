@@ -69,6 +69,13 @@ class MBCConfig(PreTrainedConfig):
             the first ``reconstruction_length`` tokens of each training document. It forces the codes to carry the
             document, which the QA loss alone does not (see README, "Making the memory learnable").
         reconstruction_length (`int`, defaults to 64): LM tokens per document for that loss.
+        contrastive_loss_weight (`float`, defaults to 0.0): weight of a memory-contrastive hinge (not in the paper;
+            in the spirit of CMT's memory-aware objective): per question, ``max(0, margin - (NLL with a memory
+            without its document - NLL with it))``. Its gradient is the *difference* of two QA gradients, so what
+            both memories share (the answer format, learned by the QA loss) cancels and what is left is the
+            document-specific signal the QA loss alone drowns (README, "Making the memory learnable").
+        contrastive_margin (`float`, defaults to 0.5): the margin, in nats per answer token; beyond it the term
+            stops pushing (so it cannot run away by ruining answers from the wrong memory).
 
     Example:
         >>> from mbc_hf import MBCConfig
@@ -115,6 +122,8 @@ class MBCConfig(PreTrainedConfig):
     freeze_amortization: bool = False
     reconstruction_loss_weight: float = 0.0
     reconstruction_length: int = 64
+    contrastive_loss_weight: float = 0.0
+    contrastive_margin: float = 0.5
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

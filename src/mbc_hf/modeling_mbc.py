@@ -49,6 +49,7 @@ class MBCOutput(ModelOutput):
         vq_loss: scalar, codebook + β·commitment loss of the documents encoded in this call (0 when none).
         perplexity: scalar, codebook usage perplexity of those documents.
         reconstruction_loss: scalar, NLL of each document's first tokens from its own memory (auxiliary, optional).
+        contrastive_loss: scalar, the memory-contrastive hinge (``config.contrastive_loss_weight``; optional).
     """
 
     loss: torch.Tensor | None = None
@@ -57,6 +58,15 @@ class MBCOutput(ModelOutput):
     vq_loss: torch.Tensor | None = None
     perplexity: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
+    contrastive_loss: torch.Tensor | None = None
+
+
+def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL (nats/token) of each row's labelled tokens: logits (B, L, V) float, labels (B, L) int64 with -100 =
+    ignored -> (B,) float (next-token shift as in the LM's own loss; a row without labels gives 0)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, L-1)
+    return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
 def document_id(text: str) -> str:
@@ -522,7 +532,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 context_input_ids: torch.LongTensor | None = None, context_attention_mask: torch.Tensor | None = None,
                 question_doc_index: torch.LongTensor | None = None, aggregation: str | None = None,
                 memory: Memory | None = None, reconstruction_input_ids: torch.LongTensor | None = None,
-                reconstruction_attention_mask: torch.Tensor | None = None, **kwargs) -> MBCOutput:
+                reconstruction_attention_mask: torch.Tensor | None = None,
+                contrastive_doc_index: torch.LongTensor | None = None, **kwargs) -> MBCOutput:
         """One MBC forward.
 
         Args:
@@ -535,10 +546,15 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             aggregation: "histogram" | "dense" for ``memory_bank``.
             reconstruction_input_ids / reconstruction_attention_mask: (N, R) LM tokens of the N context documents
                 for the auxiliary reconstruction loss (training, with context ids; see `reconstruction_loss`).
+            contrastive_doc_index: (B,) int64, the gold document of each question (training, with context ids and
+                labels): with ``config.contrastive_loss_weight`` > 0 and N >= 2 the answers are scored once more
+                with a memory that lacks the gold document (the batch's other documents; in gold-only mode the next
+                document) for the contrastive hinge (see `MBCConfig`).
 
         Returns:
             `MBCOutput` with ``loss = qa_loss + vq_loss_weight·vq_loss + reconstruction_loss_weight·
-            reconstruction_loss`` (terms that were not computed are left out) when labels are given.
+            reconstruction_loss + contrastive_loss_weight·contrastive_loss`` (terms that were not computed are left
+            out) when labels are given.
         """
         vq_loss = perplexity = None
         if memory is None:
@@ -555,6 +571,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         rec_loss = None
         if reconstruction_input_ids is not None:
             rec_loss = self.reconstruction_loss(memory, reconstruction_input_ids, reconstruction_attention_mask)
+        con_loss = None
+        if (contrastive_doc_index is not None and labels is not None and context_input_ids is not None
+                and self.config.contrastive_loss_weight > 0 and context_input_ids.shape[0] > 1):
+            con_loss = self.contrastive_loss(out.logits, labels, input_ids, attention_mask, question_input_ids,
+                                             question_attention_mask, memory, contrastive_doc_index)
         loss = None
         if labels is not None:
             loss = out.loss
@@ -562,8 +583,29 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.vq_loss_weight * vq_loss
             if rec_loss is not None:
                 loss = loss + self.config.reconstruction_loss_weight * rec_loss
+            if con_loss is not None:
+                loss = loss + self.config.contrastive_loss_weight * con_loss
         return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity,
-                         reconstruction_loss=rec_loss)
+                         reconstruction_loss=rec_loss, contrastive_loss=con_loss)
+
+    def contrastive_loss(self, gold_logits, labels, input_ids, attention_mask, question_input_ids,
+                         question_attention_mask, memory: Memory, gold_index) -> torch.Tensor:
+        """Memory-contrastive hinge: mean over questions of ``max(0, margin - (nll_without - nll_with))``, where
+        ``nll_with`` is each question's answer NLL (nats/token) from ``gold_logits`` (B, L, V) and ``nll_without``
+        is the same answer read from ``memory`` (N·T vectors of N >= 2 documents) minus the gold document
+        ``gold_index`` (B,): every other document when ``memory.mask`` is None (the batch as distractors), else the
+        next document (gold-only mode). See ``config.contrastive_loss_weight``."""
+        n = memory.size // self.config.num_context_tokens
+        owner = torch.arange(n, device=gold_index.device).repeat_interleave(self.config.num_context_tokens)  # (N·T,)
+        if memory.mask is None:
+            mask = owner[None, :] != gold_index[:, None]  # (B, N·T)
+        else:
+            mask = owner[None, :] == ((gold_index + 1) % n)[:, None]
+        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, Memory(memory.vectors, mask=mask))
+        cache, full_mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
+        without = self.lm(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache).logits
+        gap = answer_nll_per_row(without, labels) - answer_nll_per_row(gold_logits, labels)  # (B,)
+        return torch.relu(self.config.contrastive_margin - gap).mean()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

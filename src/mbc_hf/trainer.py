@@ -220,11 +220,14 @@ class MBCTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        if model.training and "question_doc_index" in inputs:
+            inputs["contrastive_doc_index"] = inputs["question_doc_index"]  # used when contrastive_loss_weight > 0
         if self.state.global_step >= self.args.gold_only_steps or not model.training:
-            inputs = {k: v for k, v in inputs.items() if k != "question_doc_index"}
+            inputs.pop("question_doc_index", None)
         outputs = model(**inputs)
         if model.training:
-            for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss"):
+            for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss"):
                 value = getattr(outputs, key)
                 if value is not None:
                     total, count = self._parts.get(key, (0.0, 0))
