@@ -139,3 +139,34 @@ def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path)
     assert result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
     assert 0 <= result["standard_error"]["memory_gain"] < float("inf")
     assert 1 <= result["distinct_codes_per_doc"] <= 4 and 0 <= result["code_overlap_with_unrelated"] <= 1
+
+
+def test_memory_signal_script_locates_where_the_document_stops_mattering(tmp_path):
+    """With the aggregator's attention output zeroed, the documents still differ up to the memory vectors, and
+    every later stage (modulation, prefix, answer) is identical for gold and unrelated memory."""
+    import torch
+
+    from mbc_hf.testing import tiny_mbc_model
+
+    spec = importlib.util.spec_from_file_location("memory_signal", BENCH.parent / "memory_signal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    model = tiny_mbc_model(use_vq=False)
+    model.save_pretrained(tmp_path / "model")
+    for block in model.aggregator.blocks:
+        torch.nn.init.zeros_(block.to_out.weight)
+        torch.nn.init.zeros_(block.to_out.bias)
+    model.save_pretrained(tmp_path / "cut")
+    results = {}
+    for name in ("model", "cut"):
+        out = tmp_path / f"signal-{name}.json"
+        module.main(["--model", str(tmp_path / name), "--data", str(data), "--docs", "4", "--batch-size", "2",
+                     "--output", str(out)])
+        results[name] = json.loads(out.read_text())
+    for r in results.values():
+        assert r["context vectors"] > 0.01 and r["memory vectors"] > 0.01  # four different documents
+        assert 0 < r["prefix attention share"] < 1
+    assert results["model"]["modulation"] > 1e-4 and results["model"]["answer log-probs"] > 1e-6
+    for stage in ("modulation", "prefix keys", "prefix values", "answer log-probs"):
+        assert results["cut"][stage] < 1e-6, stage
