@@ -7,8 +7,6 @@ in memory than with an empty memory or an unrelated document? Prints a markdown 
 """
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
-from mbc_hf.demo import markdown_table
+from mbc_hf.demo import batch_mean_table
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document, memory_gain
 
 
@@ -59,13 +57,7 @@ def main(argv=None):
     for i in range(0, len(rows), a.batch_size):
         batch = collate(rows[i:i + a.batch_size])
         parts.append({**memory_gain(model, batch), **code_statistics(model, batch)})
-    mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
-    # standard error over the batches (each batch mean is an independent draw of documents)
-    stderr = {k: statistics.stdev(d[k] for d in parts) / math.sqrt(len(parts)) if len(parts) > 1 else None
-              for k in mean}
-    table = markdown_table([{"quantity": k, "nats/token": f"{v:+.4f}",
-                             "standard error": "—" if stderr[k] is None else f"{stderr[k]:.4f}"}
-                            for k, v in mean.items()], ["quantity", "nats/token", "standard error"])
+    mean, stderr, table = batch_mean_table(parts, "quantity", "nats/token", "+.4f")
     print(f"{len(rows)} documents ({'spread over the file' if a.spread else 'first in file order'}), one question "
           f"each, from {a.data}\n\n{table}")
     if a.output:

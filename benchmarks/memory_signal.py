@@ -14,8 +14,6 @@ share of attention (mean over layers, heads and answer positions) on the P prefi
 """
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
-from mbc_hf.demo import markdown_table
+from mbc_hf.modeling_mbc import slot_documents
+from mbc_hf.demo import batch_mean_table
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document
 
 
@@ -43,7 +42,7 @@ def signal(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     memory, _, _ = model.memory_from_documents(ids, mask)  # (1, N·T, d), no mask
     vectors = memory.vectors.reshape(n, -1, memory.vectors.shape[-1])  # (N, T, d)
     latents = model.question_encoder(batch["question_input_ids"], batch["question_attention_mask"])  # (B, T, d)
-    owner = torch.arange(n).repeat_interleave(model.config.num_context_tokens)
+    owner = slot_documents(n, model.config.num_context_tokens)
 
     def read(index):  # -> modulation (B, T, d), prefix L × (k, v), answer log-probs, prefix attention share
         mem = model.memory_from_bank(None) if index is None else \
@@ -86,12 +85,7 @@ def main(argv=None):
     rows = first_row_per_document(source)
     collate = MBCDataCollator(model)
     parts = [signal(model, collate(rows[i:i + a.batch_size])) for i in range(0, len(rows), a.batch_size)]
-    mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
-    stderr = {k: statistics.stdev(d[k] for d in parts) / math.sqrt(len(parts)) if len(parts) > 1 else None
-              for k in mean}
-    table = markdown_table([{"stage": k, "value": f"{v:.4f}",
-                             "standard error": "—" if stderr[k] is None else f"{stderr[k]:.4f}"}
-                            for k, v in mean.items()], ["stage", "value", "standard error"])
+    mean, stderr, table = batch_mean_table(parts, "stage", "value")
     print(f"{len(rows)} documents, one question each, from {a.data}; relative difference ||gold - other|| / "
           f"||gold|| with other = the unrelated document (rows marked 'gold vs empty': the empty memory); last row: "
           f"a share of attention, not a difference\n\n"

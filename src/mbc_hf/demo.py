@@ -3,6 +3,8 @@ rows, then online adaptation on dev documents and QA against the bank, compared 
 with the same model reading an empty memory; bank size compared with an uncompressed (MAC-style) bank."""
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 CLOSED_BOOK = "Question: {question}\nAnswer:"
@@ -14,6 +16,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def batch_mean_table(parts: list[dict[str, float]], label: str, value: str, spec: str = ".4f"):
+    """Per-batch results (one dict per batch, same keys) -> (mean, standard error over batches or None for a single
+    batch, a markdown table of both with columns ``label``, ``value``, "standard error"; numbers as ``spec``)."""
+    mean = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
+    # each batch is an independent draw of documents, so the spread of the batch means gives the standard error
+    stderr = {k: statistics.stdev(d[k] for d in parts) / math.sqrt(len(parts)) if len(parts) > 1 else None
+              for k in mean}
+    table = markdown_table([{label: k, value: format(v, spec),
+                             "standard error": "—" if stderr[k] is None else f"{stderr[k]:.4f}"}
+                            for k, v in mean.items()], [label, value, "standard error"])
+    return mean, stderr, table
 
 
 def run_demo(train, dev, a) -> list[dict]:

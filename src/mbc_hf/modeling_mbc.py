@@ -69,6 +69,12 @@ def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
+def slot_documents(n_docs: int, num_tokens: int, device=None) -> torch.Tensor:
+    """(N·T,) int64: the document of each memory slot when N documents' T vectors lie one document after another
+    (the layout of `MBCModelForCausalLM.memory_from_documents`)."""
+    return torch.arange(n_docs, device=device).repeat_interleave(num_tokens)
+
+
 def document_id(text: str) -> str:
     """Stable id of a document: the first 16 hex chars of SHA-1 of its UTF-8 text."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
@@ -486,15 +492,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             vectors, vq_loss, perplexity = z, z.new_zeros(()), z.new_zeros(())
         mask = None
         if question_doc_index is not None:
-            owner = torch.arange(n, device=z.device).repeat_interleave(T)  # (N·T,)
-            mask = owner[None, :] == question_doc_index[:, None]  # (B, N·T)
+            mask = slot_documents(n, T, z.device)[None, :] == question_doc_index[:, None]  # (B, N·T)
         return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         """Auxiliary loss: NLL of each document's tokens (N, R) given only that document's T memory vectors, read
         through the aggregator by ``reconstruction_query`` latents (see ``config.reconstruction_loss_weight``)."""
         n, T = input_ids.shape[0], self.config.num_context_tokens
-        owner = torch.arange(n, device=input_ids.device).repeat_interleave(T)  # (N·T,)
+        owner = slot_documents(n, T, input_ids.device)  # (N·T,)
         own = Memory(memory.vectors, mask=owner[None, :] == torch.arange(n, device=input_ids.device)[:, None])
         latents = self.reconstruction_query[None].expand(n, -1, -1)  # (N, T, d)
         prefix = self.prefix_from_latents(self.aggregator(latents, own))
@@ -525,6 +530,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         P = prefix[0][0].shape[2]
         ones = torch.ones(batch, P, dtype=attention_mask.dtype, device=attention_mask.device)
         return cache, torch.cat([ones, attention_mask], dim=1)
+
+    def _lm_reading(self, memory: Memory, input_ids, attention_mask, question_input_ids, question_attention_mask,
+                    labels=None):
+        """The LM's output on (B, L) tokens after the prefix key/values of ``memory`` read for these questions."""
+        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
+        cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
+        return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, question_input_ids: torch.LongTensor | None = None,
@@ -565,9 +577,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 memory = self.memory_from_bank(memory_bank, aggregation)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
-        cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
-        out = self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
+        out = self._lm_reading(memory, input_ids, attention_mask, question_input_ids, question_attention_mask, labels)
         rec_loss = None
         if reconstruction_input_ids is not None:
             rec_loss = self.reconstruction_loss(memory, reconstruction_input_ids, reconstruction_attention_mask)
@@ -596,14 +606,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         ``gold_index`` (B,): every other document when ``memory.mask`` is None (the batch as distractors), else the
         next document (gold-only mode). See ``config.contrastive_loss_weight``."""
         n = memory.size // self.config.num_context_tokens
-        owner = torch.arange(n, device=gold_index.device).repeat_interleave(self.config.num_context_tokens)  # (N·T,)
+        owner = slot_documents(n, self.config.num_context_tokens, gold_index.device)  # (N·T,)
         if memory.mask is None:
             mask = owner[None, :] != gold_index[:, None]  # (B, N·T)
         else:
             mask = owner[None, :] == ((gold_index + 1) % n)[:, None]
-        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, Memory(memory.vectors, mask=mask))
-        cache, full_mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
-        without = self.lm(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache).logits
+        without = self._lm_reading(Memory(memory.vectors, mask=mask), input_ids, attention_mask, question_input_ids,
+                                   question_attention_mask).logits
         gap = answer_nll_per_row(without, labels) - answer_nll_per_row(gold_logits, labels)  # (B,)
         return torch.relu(self.config.contrastive_margin - gap).mean()
 
