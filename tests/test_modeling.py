@@ -165,6 +165,71 @@ def test_contrastive_term_is_skipped_without_weight_index_or_a_second_document()
     assert out.contrastive_loss is None and torch.isfinite(out.loss)
 
 
+GOLD_DOCS = [DOCS[0], DOCS[1], DOCS[3]]  # the document each of QUESTIONS asks about
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_in_context_teacher_input_is_the_gold_document_then_the_same_prompt_and_answer(base):
+    model = tiny_mbc_model(base, "bert")
+    student = model.encode_questions(QUESTIONS, ANSWERS)
+    teacher = model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS)
+    for i, doc in enumerate(GOLD_DOCS):
+        # the distilled tokens are the same tokens, in the same order, in both batches
+        assert torch.equal(student["input_ids"][i][teacher["target_mask"][i]],
+                           teacher["teacher_input_ids"][i][teacher["teacher_target_mask"][i]])
+        row = teacher["teacher_input_ids"][i][teacher["teacher_attention_mask"][i].bool()].tolist()
+        doc_ids = model.tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"]
+        n_bos = len(row) - len(doc_ids) - int(student["attention_mask"][i].sum())
+        assert n_bos in (0, 1) and row[n_bos:n_bos + len(doc_ids)] == doc_ids  # [bos] + document + prompt + answer
+        answer = student["input_ids"][i][student["labels"][i] != -100]
+        assert row[-len(answer):] == answer.tolist()
+    with pytest.raises(ValueError, match="one document per question"):
+        model.encode_in_context(GOLD_DOCS[:2], QUESTIONS, ANSWERS)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_distillation_term_is_kl_from_the_base_lm_reading_the_document_in_context(base):
+    model = nontrivial_model(base, "bert", distillation_loss_weight=0.3, vq_loss_weight=0.7)
+    inputs = dict(training_inputs(model), **model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS))
+    out = model(**inputs)
+    torch.testing.assert_close(out.loss, out.qa_loss + 0.7 * out.vq_loss + 0.3 * out.distillation_loss)
+
+    # by hand: teacher = base LM without KV-LoRA on [bos] + document + prompt + answer; next-token KL per token
+    def next_token_logprobs(logits, mask):
+        return logits[:, :-1][mask[:, 1:]].log_softmax(-1)
+
+    with torch.no_grad():
+        with model.kv_lora_disabled():
+            teacher = model.lm(input_ids=inputs["teacher_input_ids"],
+                               attention_mask=inputs["teacher_attention_mask"]).logits
+        with_lora = model.lm(input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"]).logits
+    t = next_token_logprobs(teacher, inputs["teacher_target_mask"])
+    s = next_token_logprobs(out.logits, inputs["target_mask"])
+    n_bos = len(mbc_hf.modeling_mbc._bos(model.tokenizer))  # all prompt and answer tokens but the first prompt token
+    assert t.shape[0] == int(inputs["target_mask"].sum()) == int(inputs["attention_mask"].sum()) - 3 * (n_bos + 1)
+    expected = (t.exp() * (t - s)).sum(-1).mean()
+    torch.testing.assert_close(out.distillation_loss, expected, atol=1e-5, rtol=1e-5)
+    lora_t = next_token_logprobs(with_lora, inputs["teacher_target_mask"])
+    assert not torch.allclose((lora_t.exp() * (lora_t - s)).sum(-1).mean(), expected)  # the teacher has no KV-LoRA
+
+    # only the memory path and KV-LoRA learn from it; the base LM stays frozen
+    model.zero_grad()
+    out.distillation_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("aggregator."))
+    assert all(p.grad is None for n, p in model.named_parameters() if n in base_lm_names(model))
+
+
+def test_distillation_term_needs_matching_batches_and_is_skipped_at_weight_zero():
+    model = nontrivial_model("llama", "bert")
+    inputs = dict(training_inputs(model), **model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS))
+    assert model(**inputs).distillation_loss is None  # weight 0 (default)
+    model.config.distillation_loss_weight = 1.0
+    other = model.encode_in_context(GOLD_DOCS, QUESTIONS, ["a much longer answer than before"] * 3)
+    with pytest.raises(ValueError, match="same questions and answers"):
+        model(**dict(inputs, **{k: v for k, v in other.items() if k != "target_mask"}))
+
+
 # ============================================================================= what trains
 
 

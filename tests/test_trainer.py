@@ -135,3 +135,20 @@ def test_trainer_hands_the_gold_documents_to_the_contrastive_term(tmp_path, weig
     logged = [h["contrastive_loss"] for h in trainer.state.log_history if "contrastive_loss" in h]
     assert len(logged) == (2 if weight > 0 else 0)  # logging_steps=2: one log in gold-only mode, one after
     assert all(math.isfinite(v) and v >= 0.0 for v in logged)  # a hinge
+
+
+def test_trainer_feeds_the_distillation_teacher_and_logs_the_term(tmp_path):
+    """With distillation_loss_weight > 0 the collator adds each question's gold document in context (the teacher's
+    input) and the trainer logs the term; at weight 0 the collator adds nothing."""
+    rows = ROWS[:4]
+    plain = MBCDataCollator(tiny_mbc_model(seed=0))(rows)
+    assert "teacher_input_ids" not in plain
+    torch.manual_seed(0)
+    model = tiny_mbc_model(seed=0, distillation_loss_weight=1.0)
+    batch = MBCDataCollator(model)(rows)
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    assert batch["teacher_input_ids"].shape[1] > batch["input_ids"].shape[1]  # the documents are in the context
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=datasets.Dataset.from_list(rows * 4))
+    trainer.train()
+    logged = [h["distillation_loss"] for h in trainer.state.log_history if "distillation_loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(v) and v >= 0.0 for v in logged)  # a KL, logged every 2 steps

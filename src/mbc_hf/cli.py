@@ -52,7 +52,8 @@ def build_from_args(a):
                  kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
-                 contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin)
+                 contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
+                 distillation_loss_weight=a.distillation_weight)
 
 
 def stop_after_minutes(minutes: float):
@@ -269,6 +270,8 @@ def add_train_options(p):
     p.add_argument("--contrastive-weight", type=float, default=0.0, help="weight of the memory-contrastive hinge "
                    "(answer NLL without the gold document minus with it, up to a margin; not in the paper)")
     p.add_argument("--contrastive-margin", type=float, default=0.5, help="its margin (nats per answer token)")
+    p.add_argument("--distillation-weight", type=float, default=0.0, help="weight of the context-distillation term "
+                   "(KL from the base LM with the gold document in context to the LM reading the memory)")
     p.add_argument("--prefix-mode", choices=["generator", "soft_tokens"], help="prefix key/values from the paper's "
                    "generator or from soft tokens run through the LM (default: the model config's, generator)")
     p.add_argument("--code-entropy-weight", type=float, help="codebook entropy loss weight (default: the config's, 0)")

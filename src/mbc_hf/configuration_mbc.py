@@ -76,6 +76,9 @@ class MBCConfig(PreTrainedConfig):
             document-specific signal the QA loss alone drowns (README, "Making the memory learnable").
         contrastive_margin (`float`, defaults to 0.5): the margin, in nats per answer token; beyond it the term
             stops pushing (so it cannot run away by ruining answers from the wrong memory).
+        distillation_loss_weight (`float`, defaults to 0.0): weight of a context-distillation term (not in the
+            paper; gisting / context distillation): KL from the base LM reading the gold document *in context* to
+            the LM reading the memory, at every prompt and answer token (`MBCModelForCausalLM.distillation_loss`).
 
     Example:
         >>> from mbc_hf import MBCConfig
@@ -124,6 +127,7 @@ class MBCConfig(PreTrainedConfig):
     reconstruction_length: int = 64
     contrastive_loss_weight: float = 0.0
     contrastive_margin: float = 0.5
+    distillation_loss_weight: float = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

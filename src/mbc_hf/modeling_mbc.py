@@ -50,6 +50,8 @@ class MBCOutput(ModelOutput):
         perplexity: scalar, codebook usage perplexity of those documents.
         reconstruction_loss: scalar, NLL of each document's first tokens from its own memory (auxiliary, optional).
         contrastive_loss: scalar, the memory-contrastive hinge (``config.contrastive_loss_weight``; optional).
+        distillation_loss: scalar, KL from the base LM reading the gold document in context to the LM reading the
+            memory (``config.distillation_loss_weight``; optional).
     """
 
     loss: torch.Tensor | None = None
@@ -59,6 +61,7 @@ class MBCOutput(ModelOutput):
     perplexity: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
+    distillation_loss: torch.Tensor | None = None
 
 
 def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -345,7 +348,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         tok, n = self.tokenizer, self.config.max_question_length
         prompts = [self.config.prompt_template.format(question=q) for q in questions]
         prompt_ids = [ids[-n:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+        bos = _bos(tok)
         if answers is None:
             seqs, labels = [bos + p for p in prompt_ids], None
         else:
@@ -369,6 +372,44 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         out["question_input_ids"] = q["input_ids"].to(device)
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
+
+    def encode_in_context(self, documents: list[str], questions: list[str], answers: list[str],
+                          device=None) -> dict[str, torch.Tensor]:
+        """The distillation teacher's input: each question's gold document in the LM's context window, then the same
+        prompt and `` answer<eos>`` as `encode_questions` (documents keep their first ``config.max_document_length``
+        LM tokens).
+
+        Returns ``teacher_input_ids``/``teacher_attention_mask`` (B, L') int64, right padded,
+        ``teacher_target_mask`` (B, L') bool: the tokens whose prediction is distilled (the prompt without its
+        first token, and the answer), and ``target_mask`` (B, L) bool: the same tokens in the batch
+        `encode_questions(questions, answers)` builds (see `distillation_loss`).
+
+        Raises:
+            ValueError: the three lists differ in length."""
+        self._require_tokenizers()
+        if not len(documents) == len(questions) == len(answers):
+            raise ValueError(f"encode_in_context needs one document per question: got {len(documents)} documents, "
+                             f"{len(questions)} questions and {len(answers)} answers.")
+        student = self.encode_questions(questions, answers, device="cpu")
+        tok = self.tokenizer
+        doc_ids = tok([d + "\n\n" for d in documents], add_special_tokens=False, truncation=True,
+                      max_length=self.config.max_document_length)["input_ids"]
+        n_bos = len(_bos(tok))
+        student_mask = student["attention_mask"].bool()  # (B, L)
+        student_mask[:, :n_bos + 1] = False
+        seqs, targets = [], []
+        for ids, mask, doc in zip(student["input_ids"].tolist(), student["attention_mask"].tolist(), doc_ids):
+            ids = ids[:sum(mask)]  # bos + prompt + answer<eos>
+            seqs.append(ids[:n_bos] + doc + ids[n_bos:])
+            targets.append([False] * (n_bos + len(doc) + 1) + [True] * (len(ids) - n_bos - 1))
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = device or self.device
+        return {"teacher_input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device),
+                "teacher_attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs],
+                                                       device=device),
+                "teacher_target_mask": torch.tensor([t + [False] * (width - len(t)) for t in targets], device=device),
+                "target_mask": student_mask.to(device)}
 
     def encode_reconstruction_targets(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
         """LM tokens of each document's start for the auxiliary reconstruction loss: ``reconstruction_input_ids`` /
@@ -545,7 +586,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 question_doc_index: torch.LongTensor | None = None, aggregation: str | None = None,
                 memory: Memory | None = None, reconstruction_input_ids: torch.LongTensor | None = None,
                 reconstruction_attention_mask: torch.Tensor | None = None,
-                contrastive_doc_index: torch.LongTensor | None = None, **kwargs) -> MBCOutput:
+                contrastive_doc_index: torch.LongTensor | None = None,
+                teacher_input_ids: torch.LongTensor | None = None, teacher_attention_mask: torch.Tensor | None = None,
+                teacher_target_mask: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
+                **kwargs) -> MBCOutput:
         """One MBC forward.
 
         Args:
@@ -562,11 +606,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 labels): with ``config.contrastive_loss_weight`` > 0 and N >= 2 the answers are scored once more
                 with a memory that lacks the gold document (the batch's other documents; in gold-only mode the next
                 document) for the contrastive hinge (see `MBCConfig`).
+            teacher_input_ids / teacher_attention_mask / teacher_target_mask / target_mask: the distillation
+                teacher's input and the distilled tokens (from `encode_in_context`; training, with
+                ``config.distillation_loss_weight`` > 0; see `distillation_loss`).
 
         Returns:
             `MBCOutput` with ``loss = qa_loss + vq_loss_weight·vq_loss + reconstruction_loss_weight·
-            reconstruction_loss + contrastive_loss_weight·contrastive_loss`` (terms that were not computed are left
-            out) when labels are given.
+            reconstruction_loss + contrastive_loss_weight·contrastive_loss + distillation_loss_weight·
+            distillation_loss`` (terms that were not computed are left out) when labels are given.
         """
         vq_loss = perplexity = None
         if memory is None:
@@ -586,6 +633,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 and self.config.contrastive_loss_weight > 0 and context_input_ids.shape[0] > 1):
             con_loss = self.contrastive_loss(out.logits, labels, input_ids, attention_mask, question_input_ids,
                                              question_attention_mask, memory, contrastive_doc_index)
+        dist_loss = None
+        if teacher_input_ids is not None and self.config.distillation_loss_weight > 0:
+            dist_loss = self.distillation_loss(out.logits, target_mask, teacher_input_ids, teacher_attention_mask,
+                                               teacher_target_mask)
         loss = None
         if labels is not None:
             loss = out.loss
@@ -595,8 +646,45 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.reconstruction_loss_weight * rec_loss
             if con_loss is not None:
                 loss = loss + self.config.contrastive_loss_weight * con_loss
+            if dist_loss is not None:
+                loss = loss + self.config.distillation_loss_weight * dist_loss
         return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity,
-                         reconstruction_loss=rec_loss, contrastive_loss=con_loss)
+                         reconstruction_loss=rec_loss, contrastive_loss=con_loss, distillation_loss=dist_loss)
+
+    def distillation_loss(self, logits, target_mask, teacher_input_ids, teacher_attention_mask,
+                          teacher_target_mask) -> torch.Tensor:
+        """Context distillation (not in the paper; gisting / context distillation, Snell et al. 2022): the mean over
+        distilled tokens of KL(teacher ‖ student) of the next-token distributions, where the teacher is the base
+        LM (KV-LoRA off, no gradient) reading each question's gold document in its context window and the student
+        is the LM reading the memory (``logits``, (B, L, V)). Unlike the QA loss it scores the whole vocabulary at
+        every prompt and answer token, and what the teacher predicts differs from document to document, so only
+        the memory can lower it (see ``config.distillation_loss_weight``).
+
+        Args:
+            logits: (B, L, V) float, the student's logits over the `encode_questions` tokens.
+            target_mask: (B, L) bool, the distilled tokens there; teacher_input_ids / teacher_attention_mask:
+                (B, L') int64; teacher_target_mask: (B, L') bool: as built by `encode_in_context`.
+
+        Returns:
+            scalar float, nats per distilled token.
+
+        Raises:
+            ValueError: the two masks select a different number of tokens (the batches do not match).
+        """
+        if target_mask is None or teacher_target_mask is None:
+            raise ValueError("distillation needs target_mask and teacher_target_mask; build them with "
+                             "model.encode_in_context(documents, questions, answers).")
+        student = logits[:, :-1][target_mask[:, 1:].bool()]  # (M, V): logits at t-1 predict token t
+        with torch.no_grad(), self.kv_lora_disabled():
+            hidden = self.lm.get_decoder()(input_ids=teacher_input_ids,
+                                           attention_mask=teacher_attention_mask).last_hidden_state  # (B, L', d)
+            teacher = self.lm.get_output_embeddings()(hidden[:, :-1][teacher_target_mask[:, 1:].bool()])  # (M, V)
+        if student.shape != teacher.shape:
+            raise ValueError(f"distillation: the student selects {student.shape[0]} tokens and the teacher "
+                             f"{teacher.shape[0]}; build both batches from the same questions and answers "
+                             "(encode_questions and encode_in_context).")
+        return nn.functional.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
+                                    log_target=True, reduction="batchmean")
 
     def contrastive_loss(self, gold_logits, labels, input_ids, attention_mask, question_input_ids,
                          question_attention_mask, memory: Memory, gold_index) -> torch.Tensor:
@@ -707,6 +795,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 answers += [_first_line(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                      skip_special_tokens=True)]
         return answers
+
+
+def _bos(tok) -> list[int]:
+    """[bos id] when the tokenizer starts sequences with it, else [] (how `encode_questions` starts a prompt)."""
+    return [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
 
 
 def _first_line(text: str) -> str:

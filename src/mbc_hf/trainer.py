@@ -53,7 +53,8 @@ class MBCDataCollator:
     only on the answer; the gold answer is the shortest reference, as in the reference code),
     ``question_input_ids``/``question_attention_mask`` (B, S), ``context_input_ids``/``context_attention_mask``
     (N, S') of the N unique documents, ``question_doc_index`` (B,) int64, and, when the model's
-    ``reconstruction_loss_weight`` > 0, ``reconstruction_input_ids``/``reconstruction_attention_mask`` (N, R).
+    ``reconstruction_loss_weight`` > 0, ``reconstruction_input_ids``/``reconstruction_attention_mask`` (N, R), and
+    when its ``distillation_loss_weight`` > 0 the teacher's input of `MBCModelForCausalLM.encode_in_context`.
     """
 
     model: object
@@ -71,6 +72,9 @@ class MBCDataCollator:
         batch["question_doc_index"] = torch.tensor([doc_index[row["doc_id"]] for row in rows])
         if self.model.config.reconstruction_loss_weight > 0:
             batch.update(self.model.encode_reconstruction_targets(docs, device="cpu"))
+        if self.model.config.distillation_loss_weight > 0:
+            batch.update(self.model.encode_in_context([row["context"] for row in rows],
+                                                      [row["question"] for row in rows], answers, device="cpu"))
         return batch
 
 
@@ -227,7 +231,8 @@ class MBCTrainer(Trainer):
             inputs.pop("question_doc_index", None)
         outputs = model(**inputs)
         if model.training:
-            for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss"):
+            for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
+                        "distillation_loss"):
                 value = getattr(outputs, key)
                 if value is not None:
                     total, count = self._parts.get(key, (0.0, 0))
