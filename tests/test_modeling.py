@@ -172,7 +172,7 @@ GOLD_DOCS = [DOCS[0], DOCS[1], DOCS[3]]  # the document each of QUESTIONS asks a
 def test_in_context_teacher_input_is_the_gold_document_then_the_same_prompt_and_answer(base):
     model = tiny_mbc_model(base, "bert")
     student = model.encode_questions(QUESTIONS, ANSWERS)
-    teacher = model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS)
+    teacher = model.encode_in_context(GOLD_DOCS, student)
     for i, doc in enumerate(GOLD_DOCS):
         # the distilled tokens are the same tokens, in the same order, in both batches
         assert torch.equal(student["input_ids"][i][teacher["target_mask"][i]],
@@ -184,13 +184,14 @@ def test_in_context_teacher_input_is_the_gold_document_then_the_same_prompt_and_
         answer = student["input_ids"][i][student["labels"][i] != -100]
         assert row[-len(answer):] == answer.tolist()
     with pytest.raises(ValueError, match="one document per question"):
-        model.encode_in_context(GOLD_DOCS[:2], QUESTIONS, ANSWERS)
+        model.encode_in_context(GOLD_DOCS[:2], student)
 
 
 @pytest.mark.parametrize("base", BASES)
 def test_distillation_term_is_kl_from_the_base_lm_reading_the_document_in_context(base):
     model = nontrivial_model(base, "bert", distillation_loss_weight=0.3, vq_loss_weight=0.7)
-    inputs = dict(training_inputs(model), **model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS))
+    inputs = training_inputs(model)
+    inputs.update(model.encode_in_context(GOLD_DOCS, inputs))
     out = model(**inputs)
     torch.testing.assert_close(out.loss, out.qa_loss + 0.7 * out.vq_loss + 0.3 * out.distillation_loss)
 
@@ -222,11 +223,12 @@ def test_distillation_term_is_kl_from_the_base_lm_reading_the_document_in_contex
 
 def test_distillation_term_needs_matching_batches_and_is_skipped_at_weight_zero():
     model = nontrivial_model("llama", "bert")
-    inputs = dict(training_inputs(model), **model.encode_in_context(GOLD_DOCS, QUESTIONS, ANSWERS))
+    inputs = training_inputs(model)
+    inputs.update(model.encode_in_context(GOLD_DOCS, inputs))
     assert model(**inputs).distillation_loss is None  # weight 0 (default)
     model.config.distillation_loss_weight = 1.0
-    other = model.encode_in_context(GOLD_DOCS, QUESTIONS, ["a much longer answer than before"] * 3)
-    with pytest.raises(ValueError, match="same questions and answers"):
+    other = model.encode_in_context(GOLD_DOCS, model.encode_questions(QUESTIONS, ["a much longer answer"] * 3))
+    with pytest.raises(ValueError, match="from the question batch given"):
         model(**dict(inputs, **{k: v for k, v in other.items() if k != "target_mask"}))
 
 

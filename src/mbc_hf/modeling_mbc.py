@@ -357,7 +357,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             seqs = [bos + p + a for p, a in zip(prompt_ids, answer_ids)]
             labels = [[-100] * (len(s) - len(a)) + a for s, a in zip(seqs, answer_ids)]
         width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = _pad_id(tok)
         left = answers is None  # generation appends on the right, so prompts are left padded
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for i, s in enumerate(seqs):
@@ -373,37 +373,40 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
 
-    def encode_in_context(self, documents: list[str], questions: list[str], answers: list[str],
+    def encode_in_context(self, documents: list[str], batch: dict[str, torch.Tensor],
                           device=None) -> dict[str, torch.Tensor]:
-        """The distillation teacher's input: each question's gold document in the LM's context window, then the same
-        prompt and `` answer<eos>`` as `encode_questions` (documents keep their first ``config.max_document_length``
-        LM tokens).
+        """The distillation teacher's input: each question's gold document in the LM's context window, then the
+        question batch's own prompt and `` answer<eos>`` tokens (documents keep their first
+        ``config.max_document_length`` LM tokens).
+
+        Args:
+            documents: B texts, the gold document of each row of ``batch``.
+            batch: `encode_questions(questions, answers)` (right padded; its ``input_ids``/``attention_mask`` are
+                used, so the teacher sees exactly the student's tokens).
 
         Returns ``teacher_input_ids``/``teacher_attention_mask`` (B, L') int64, right padded,
         ``teacher_target_mask`` (B, L') bool: the tokens whose prediction is distilled (the prompt without its
-        first token, and the answer), and ``target_mask`` (B, L) bool: the same tokens in the batch
-        `encode_questions(questions, answers)` builds (see `distillation_loss`).
+        first token, and the answer), and ``target_mask`` (B, L) bool: the same tokens in ``batch`` (see
+        `distillation_loss`).
 
         Raises:
-            ValueError: the three lists differ in length."""
+            ValueError: not one document per row of ``batch``."""
         self._require_tokenizers()
-        if not len(documents) == len(questions) == len(answers):
-            raise ValueError(f"encode_in_context needs one document per question: got {len(documents)} documents, "
-                             f"{len(questions)} questions and {len(answers)} answers.")
-        student = self.encode_questions(questions, answers, device="cpu")
+        if len(documents) != batch["input_ids"].shape[0]:
+            raise ValueError(f"encode_in_context needs one document per question: got {len(documents)} documents "
+                             f"for {batch['input_ids'].shape[0]} questions.")
         tok = self.tokenizer
         doc_ids = tok([d + "\n\n" for d in documents], add_special_tokens=False, truncation=True,
                       max_length=self.config.max_document_length)["input_ids"]
         n_bos = len(_bos(tok))
-        student_mask = student["attention_mask"].bool()  # (B, L)
+        student_mask = batch["attention_mask"].bool().clone()  # (B, L)
         student_mask[:, :n_bos + 1] = False
         seqs, targets = [], []
-        for ids, mask, doc in zip(student["input_ids"].tolist(), student["attention_mask"].tolist(), doc_ids):
+        for ids, mask, doc in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), doc_ids):
             ids = ids[:sum(mask)]  # bos + prompt + answer<eos>
             seqs.append(ids[:n_bos] + doc + ids[n_bos:])
             targets.append([False] * (n_bos + len(doc) + 1) + [True] * (len(ids) - n_bos - 1))
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width, pad = max(len(s) for s in seqs), _pad_id(tok)
         device = device or self.device
         return {"teacher_input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device),
                 "teacher_attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs],
@@ -673,7 +676,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """
         if target_mask is None or teacher_target_mask is None:
             raise ValueError("distillation needs target_mask and teacher_target_mask; build them with "
-                             "model.encode_in_context(documents, questions, answers).")
+                             "model.encode_in_context(documents, model.encode_questions(questions, answers)).")
         student = logits[:, :-1][target_mask[:, 1:].bool()]  # (M, V): logits at t-1 predict token t
         with torch.no_grad(), self.kv_lora_disabled():
             hidden = self.lm.get_decoder()(input_ids=teacher_input_ids,
@@ -681,8 +684,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             teacher = self.lm.get_output_embeddings()(hidden[:, :-1][teacher_target_mask[:, 1:].bool()])  # (M, V)
         if student.shape != teacher.shape:
             raise ValueError(f"distillation: the student selects {student.shape[0]} tokens and the teacher "
-                             f"{teacher.shape[0]}; build both batches from the same questions and answers "
-                             "(encode_questions and encode_in_context).")
+                             f"{teacher.shape[0]}; build the teacher's batch from the question batch given "
+                             "(encode_in_context(documents, batch)).")
         return nn.functional.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
                                     log_target=True, reduction="batchmean")
 
@@ -745,8 +748,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         memory = self.memory_from_bank(memory_bank, aggregation)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id
-                                   is not None else self.tokenizer.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", _pad_id(self.tokenizer))
         was_training = self.training
         self.eval()
         answers = []
@@ -783,8 +785,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self._require_tokenizers()
         tok = self.tokenizer
         generate_kwargs.setdefault("do_sample", False)
-        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None
-                                   else tok.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", _pad_id(tok))
         answers = []
         with self.kv_lora_disabled():
             for start in range(0, len(prompts), batch_size):
@@ -800,6 +801,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 def _bos(tok) -> list[int]:
     """[bos id] when the tokenizer starts sequences with it, else [] (how `encode_questions` starts a prompt)."""
     return [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+
+
+def _pad_id(tok) -> int:
+    """The tokenizer's pad id, or its eos id when it has none (as generation does)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _first_line(text: str) -> str:

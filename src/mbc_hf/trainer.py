@@ -73,8 +73,7 @@ class MBCDataCollator:
         if self.model.config.reconstruction_loss_weight > 0:
             batch.update(self.model.encode_reconstruction_targets(docs, device="cpu"))
         if self.model.config.distillation_loss_weight > 0:
-            batch.update(self.model.encode_in_context([row["context"] for row in rows],
-                                                      [row["question"] for row in rows], answers, device="cpu"))
+            batch.update(self.model.encode_in_context([row["context"] for row in rows], batch, device="cpu"))
         return batch
 
 
