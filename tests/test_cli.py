@@ -6,7 +6,7 @@ import time
 import pytest
 
 from mbc_hf.cli import main
-from mbc_hf.memory_bank import CompressedMemoryBank
+from mbc_hf.memory_bank import CompressedMemoryBank, DenseMemoryBank, load_bank
 
 
 def write_paragraphs(path, n=6):
@@ -109,6 +109,37 @@ def test_eval_retention_writes_the_curve(trained, capsys):
     assert (report / "retention.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [r["n_docs"] for r in json.loads((tmp / "retention.json").read_text())["retention"]] == [2, 3, 4]
     assert "| n_docs | n_questions | em | f1 |" in capsys.readouterr().out
+
+
+def test_model_trained_without_vq_keeps_float_memory_everywhere(trained, tmp_path):
+    """--no-vq trains a MAC-style model; its codebook is untrained, so adapt/eval default to an uncompressed bank and
+    a compressed one is refused (codes from an untrained codebook would silently lose every document)."""
+    from mbc_hf.cli import load_model
+
+    tmp, compressed = trained
+    out = tmp_path / "no-vq"
+    main(["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
+          "--encoder", "tiny-bert", "--max-steps", "2", "--batch-size", "2", "--eval-docs", "2", "--no-vq",
+          "--memory-gain-questions", "2", "--eval-steps", "2", "--save-steps", "2"])
+    model = load_model(str(out))
+    assert model.config.use_vq is False
+    with pytest.raises(ValueError, match="trained with the VQ bypassed.*compress=False"):
+        model.new_memory_bank(compress=True)
+
+    main(["adapt", "--model", str(out), "--documents", str(tmp / "train.jsonl"), "--bank", str(tmp_path / "b.safetensors")])
+    assert isinstance(load_bank(tmp_path / "b.safetensors"), DenseMemoryBank)
+
+    data = tmp_path / "dev.jsonl"
+    write_paragraphs(data, n=3)
+    sizes = {}
+    for name, model_dir, flags in [("no-vq", out, []), ("no-vq --no-compress", out, ["--no-compress"]),
+                                   ("vq", compressed, [])]:
+        main(["eval", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "m.json"),
+              "--max-new-tokens", "2", *flags])
+        sizes[name] = json.loads((tmp_path / "m.json").read_text())["bytes_per_doc"]
+    T, d = model.config.num_context_tokens, model.config.text_config.hidden_size
+    assert sizes["no-vq"] == sizes["no-vq --no-compress"]
+    assert sizes["no-vq"] >= T * d * 4 > 10 * sizes["vq"]  # fp32 vectors vs integer codes
 
 
 def test_errors_exit_with_a_message_instead_of_a_traceback(trained, tmp_path):

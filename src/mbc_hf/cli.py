@@ -53,7 +53,7 @@ def build_from_args(a):
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
-                 distillation_loss_weight=a.distillation_weight)
+                 distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None)
 
 
 def stop_after_minutes(minutes: float):
@@ -173,7 +173,7 @@ def cmd_eval(a) -> dict:
         return cmd_eval_retention(a)
     model = load_model(a.model)
     dataset = load_qa_file(a.data, downsample_to=a.downsample_to)
-    metrics = evaluate_online(model, dataset, aggregation=a.aggregation, compress=not a.no_compress,
+    metrics = evaluate_online(model, dataset, aggregation=a.aggregation, compress=False if a.no_compress else None,
                               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     predictions, _ = metrics.pop("predictions"), metrics.pop("memory_bank")
     if a.output:
@@ -205,7 +205,7 @@ def cmd_eval_retention(a) -> list[dict]:
     dataset = load_qa_file(a.data, downsample_to=min(limits) if limits else None)
     model = load_model(a.model)
     rows = retention_curve(model, dataset, first=a.retention_first, step=a.retention_step, until=until,
-                           max_questions_per_doc=a.max_questions_per_doc, compress=not a.no_compress,
+                           max_questions_per_doc=a.max_questions_per_doc, compress=False if a.no_compress else None,
                            aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     csv_path, png_path = write_retention(rows, a.output_dir)
     if a.output:
@@ -278,6 +278,8 @@ def add_train_options(p):
     p.add_argument("--codebook-kmeans-docs", type=int, default=0, help="initialise the codebook by k-means on "
                    "the context vectors of the first N training documents (0 = the paper's uniform init)")
     p.add_argument("--freeze-codebook", action="store_true", help="no codebook training or dead-code reset")
+    p.add_argument("--no-vq", action="store_true", help="train with the VQ bypassed (MAC-style float memory, an "
+                   "ablation: the model's banks are then uncompressed)")
     p.add_argument("--freeze-amortization", action="store_true", help="keep the amortization network (document "
                    "side) fixed; with --codebook-kmeans-docs and --freeze-codebook every document's codes are fixed")
     p.add_argument("--prefix-length", type=int, help="prefix key/values per layer (default: the config's, 2)")
@@ -332,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="metrics.json")
     p.add_argument("--predictions", help="predictions .jsonl (with --output)")
     p.add_argument("--aggregation", choices=["histogram", "dense"])
-    p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed)")
+    p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed; the default for a model trained with --no-vq)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--retention", action="store_true", help="MAC's forgetting curve instead of one score: F1 on the "

@@ -476,15 +476,29 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             self.train(was_training)
         return memory_bank
 
-    def new_memory_bank(self, compress: bool = True):
-        """An empty `CompressedMemoryBank` for this model's codebook, or a `DenseMemoryBank` with compress=False."""
+    def new_memory_bank(self, compress: bool | None = None):
+        """An empty `CompressedMemoryBank` for this model's codebook, or a `DenseMemoryBank` with compress=False
+        (default: ``config.use_vq``).
+
+        Raises:
+            ValueError: a compressed bank asked of a model trained with the VQ bypassed (its codebook is untrained).
+        """
+        compress = self.config.use_vq if compress is None else compress
         if compress:
+            self._check_trained_codebook()
             return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
                                         self.codebook.fingerprint())
         return DenseMemoryBank(self.config.num_context_tokens, self.config.text_config.get_text_config().hidden_size)
 
+    def _check_trained_codebook(self) -> None:
+        if not self.config.use_vq:
+            raise ValueError("this model was trained with the VQ bypassed (config.use_vq=False), so its codebook is "
+                             "untrained and codes would lose the document: use an uncompressed bank (compress=False; "
+                             "CLI: --no-compress).")
+
     def _check_bank(self, bank) -> None:
         if isinstance(bank, CompressedMemoryBank):
+            self._check_trained_codebook()
             bank.check_codebook(self.codebook.fingerprint())
             if bank.num_tokens != self.config.num_context_tokens or bank.codebook_size != self.config.codebook_size:
                 raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
