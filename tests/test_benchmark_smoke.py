@@ -170,3 +170,23 @@ def test_memory_signal_script_locates_where_the_document_stops_mattering(tmp_pat
     assert results["model"]["modulation"] > 1e-4 and results["model"]["answer log-probs"] > 1e-6
     for stage in ("modulation", "prefix keys", "prefix values", "answer log-probs"):
         assert results["cut"][stage] < 1e-6, stage
+
+
+@pytest.mark.parametrize("distill", [0.0, 1.0], ids=["qa-only", "distillation"])
+def test_train_step_script_splits_a_step_into_its_phases(tmp_path, distill):
+    spec = importlib.util.spec_from_file_location("train_step", BENCH.parent / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = write_fixture(tmp_path / "train.paragraphs.jsonl")
+    out = tmp_path / "step.json"
+    median = module.main(["--model", "tiny", "--data", str(data), "--batch-size", "4", "--steps", "2",
+                          "--distillation-weight", str(distill), "--output", str(out)])
+    assert json.loads(out.read_text())["median_ms"] == median and json.loads(out.read_text())["batch_size"] == 4
+    teacher = median.get("LM decoder reading the document (teacher, no grad)", 0.0)
+    assert (teacher > 0) == (distill > 0)  # the teacher runs only when distilling, and without grad
+    assert median["LM reading the prefix (student, grad)"] > 0
+    assert 0 < median["document encoder backbone"] <= median["amortization network (incl. backbone)"]
+    modules = median["forward, total"] - median["forward, rest (losses, masks)"]
+    assert 0 < modules <= median["forward, total"]
+    parts = median["collate"] + median["forward, total"] + median["backward"] + median["optimizer step"]
+    assert parts == pytest.approx(median["step, total"], rel=0.05)
