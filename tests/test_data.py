@@ -18,6 +18,7 @@ from mbc_hf.data import (
     documents,
     load_documents_file,
     load_qa_file,
+    load_qa_files,
 )
 
 COLUMNS = ["doc_id", "context", "question", "answers", "question_id"]
@@ -190,6 +191,30 @@ def test_archivalqa_subset_jsonl_label_filter(tmp_path):
     all_rows = load_qa_file(p, filter_label=None)
     assert all_rows["question_id"] == ["total_1", "total_2", "total_3"]
     assert load_qa_file(p, filter_label="X")["question_id"] == ["total_1"]
+
+
+def test_several_files_concatenate_in_order_and_downsample_over_the_whole(tmp_path):
+    squad = load_qa_file(write(tmp_path / "dev.json", json.dumps(SQUAD)))
+    csv_path = write_csv(tmp_path / "more.csv", ["doc_id", "text", "question", "answers"],
+                         [["x1", "Doc X.", "Qx?", "x"], ["y1", "Doc Y.", "Qy?", "y"]])
+    both = load_qa_files([tmp_path / "dev.json", csv_path])
+    assert list(both["question_id"]) == list(squad["question_id"]) + ["x1:0", "y1:0"]
+    assert [d for d, _ in documents(both)] == [d for d, _ in documents(squad)] + ["x1", "y1"]
+    n = len(documents(squad))
+    first = load_qa_files([tmp_path / "dev.json", csv_path], downsample_to=n + 1)
+    assert [d for d, _ in documents(first)] == [d for d, _ in documents(squad)] + ["x1"]
+    assert load_qa_files(tmp_path / "dev.json").to_dict() == squad.to_dict()  # one path alone
+
+
+def test_several_files_keep_one_id_per_document(tmp_path):
+    a = write_csv(tmp_path / "a.csv", ["doc_id", "text", "question", "answers"], [["d1", "Same text.", "Q1?", "a"]])
+    b = write_csv(tmp_path / "b.csv", ["doc_id", "text", "question", "answers"], [["d9", "Same text.", "Q2?", "b"]])
+    assert list(load_qa_files([a, b])["doc_id"]) == ["d1", "d1"]  # one document, the first file's id
+    clash = write_csv(tmp_path / "c.csv", ["doc_id", "text", "question", "answers"], [["d1", "Other text.", "Q3?", "c"]])
+    with pytest.raises(ValueError, match=r"doc_id 'd1' names different documents in .*a\.csv and .*c\.csv; rename"):
+        load_qa_files([a, clash])
+    with pytest.raises(ValueError, match="no files"):
+        load_qa_files([])
 
 
 def test_flat_jsonl_roundtrip_of_to_json(tmp_path):

@@ -105,9 +105,9 @@ def make_trainer(a, model, train, evaluation, **overrides):
 
 
 def cmd_train(a) -> dict:
-    from .data import load_qa_file
+    from .data import load_qa_file, load_qa_files
 
-    dataset = load_qa_file(a.train_file, downsample_to=a.downsample_to)
+    dataset = load_qa_files(a.train_file, downsample_to=a.downsample_to)
     train, held = split_train_eval(dataset, a.eval_docs)
     evaluation = load_qa_file(a.eval_file, downsample_to=a.eval_docs or None) if a.eval_file else held
     if a.resume and Path(a.output_dir, "config.json").exists():
@@ -301,7 +301,8 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="meta-train an MBC model on a QA file")
-    p.add_argument("--train-file", required=True)
+    p.add_argument("--train-file", required=True, nargs="+", help="QA file(s) in any supported layout; several "
+                   "are concatenated in the order given (e.g. SQuAD train paragraphs plus the ArchivalQA subset)")
     p.add_argument("--eval-file")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--downsample-to", type=int)

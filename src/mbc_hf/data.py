@@ -709,6 +709,43 @@ def load_qa_file(
     return _to_dataset(path, rows, downsample_to)
 
 
+def load_qa_files(paths, *, downsample_to: int | None = None) -> datasets.Dataset:
+    """Several QA files (any layouts of `load_qa_file`) as one dataset, in the order given: e.g. SQuAD train
+    paragraphs plus the ArchivalQA subset, for meta-training on more topics.
+
+    A document found in two files under different ids keeps the first id (documents are deduplicated by text, as
+    within one file).
+
+    Args:
+        paths: the files (one path alone is accepted too).
+        downsample_to: keep only the rows of the first N unique documents of the concatenation.
+
+    Raises:
+        ValueError: no files, a bad ``downsample_to``, or one doc_id naming different texts in two files (rename
+            the ids in one of them); and every error of `load_qa_file`.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("load_qa_files: no files given")
+    _check_downsample(downsample_to)
+    parts, owner, id_of = [], {}, {}  # doc_id -> (file, text); text -> first doc_id
+    for path in paths:
+        ds = load_qa_file(path)
+        for doc_id, text in documents(ds):
+            first = owner.setdefault(doc_id, (path, text))
+            if first[1] != text:
+                raise ValueError(f"doc_id {doc_id!r} names different documents in {first[0]} and {path}; "
+                                 "rename the ids in one of the files so that every document keeps its own id")
+            id_of.setdefault(text, doc_id)
+        if any(id_of[text] != doc_id for doc_id, text in documents(ds)):  # a text seen before under another id
+            ds = ds.map(lambda row: {"doc_id": id_of[row["context"]]})
+        parts.append(ds)
+    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if downsample_to is not None:
+        merged = merged.select(_first_k_documents(merged["context"], downsample_to))
+    return merged
+
+
 def documents(ds) -> list[tuple[str, str]]:
     """Unique documents of a QA dataset: ``[(doc_id, context), ...]`` in first-appearance order.
 
