@@ -7,7 +7,8 @@ memory), and prints the median over the steps after the first (warm-up) of:
 * collate: tokenizing the batch (`MBCDataCollator`: questions, answers, documents, teacher input);
 * forward, split by module with forward hooks: document encoder backbone (frozen unless trained), the rest of the
   amortization network, codebook, question encoder, aggregator, prefix generator, the LM reading the prefix
-  (student, with grad), the LM reading the document in context (distillation teacher, no grad), and the rest
+  (calls with grad: the QA pass and the reconstruction and contrastive passes when weighted), the LM reading the
+  document in context (distillation teacher, no grad), and the rest
   (losses, masks, reshapes);
 * backward, and the AdamW step over the trainable parameters.
 
@@ -32,6 +33,10 @@ import mbc_hf  # noqa: F401  (registers the Auto classes)
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import markdown_table
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document
+
+
+STUDENT = "LM reading the prefix (calls with grad: QA, reconstruction)"
+TEACHER = "LM decoder reading the document (teacher, no grad)"
 
 
 def load(model: str, **config):
@@ -102,8 +107,8 @@ def main(argv=None):
     timer.add("question encoder", model.question_encoder)
     timer.add("aggregator", model.aggregator)
     timer.add("prefix generator", model.prefix_generator)
-    timer.add("LM reading the prefix (student, grad)", model.lm, grad=True)
-    timer.add("LM decoder reading the document (teacher, no grad)", model.lm.get_decoder(), grad=False)
+    timer.add(STUDENT, model.lm, grad=True)
+    timer.add(TEACHER, model.lm.get_decoder(), grad=False)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
 
     steps = []
@@ -126,11 +131,11 @@ def main(argv=None):
     median = {k: statistics.median(s.get(k, 0.0) for s in counted) for k in steps[0]}
     rest = median["forward, total"] - sum(median.get(k, 0.0) for k in (
         "amortization network (incl. backbone)", "codebook (VQ)", "question encoder", "aggregator", "prefix generator",
-        "LM reading the prefix (student, grad)", "LM decoder reading the document (teacher, no grad)"))
+        STUDENT, TEACHER))
     median["forward, rest (losses, masks)"] = rest
     order = ["collate", "document encoder backbone", "amortization network (incl. backbone)", "codebook (VQ)",
-             "question encoder", "aggregator", "prefix generator", "LM reading the prefix (student, grad)",
-             "LM decoder reading the document (teacher, no grad)", "forward, rest (losses, masks)", "forward, total",
+             "question encoder", "aggregator", "prefix generator", STUDENT,
+             TEACHER, "forward, rest (losses, masks)", "forward, total",
              "backward", "optimizer step", "step, total"]
     table = markdown_table([{"phase": k, "ms": median[k], "% of step": 100 * median[k] / median["step, total"]}
                             for k in order if k in median], ["phase", "ms", "% of step"])

@@ -184,7 +184,7 @@ def test_train_step_script_splits_a_step_into_its_phases(tmp_path, distill):
     assert json.loads(out.read_text())["median_ms"] == median and json.loads(out.read_text())["batch_size"] == 4
     teacher = median.get("LM decoder reading the document (teacher, no grad)", 0.0)
     assert (teacher > 0) == (distill > 0)  # the teacher runs only when distilling, and without grad
-    assert median["LM reading the prefix (student, grad)"] > 0
+    assert median["LM reading the prefix (calls with grad: QA, reconstruction)"] > 0
     assert 0 < median["document encoder backbone"] <= median["amortization network (incl. backbone)"]
     modules = median["forward, total"] - median["forward, rest (losses, masks)"]
     assert 0 < modules <= median["forward, total"]
