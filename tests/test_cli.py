@@ -126,7 +126,8 @@ def test_model_trained_without_vq_keeps_float_memory_everywhere(trained, tmp_pat
     with pytest.raises(ValueError, match="trained with the VQ bypassed.*compress=False"):
         model.new_memory_bank(compress=True)
 
-    main(["adapt", "--model", str(out), "--documents", str(tmp / "train.jsonl"), "--bank", str(tmp_path / "b.safetensors")])
+    main(["adapt", "--model", str(out), "--documents", str(tmp / "train.jsonl"),
+          "--bank", str(tmp_path / "b.safetensors")])
     assert isinstance(load_bank(tmp_path / "b.safetensors"), DenseMemoryBank)
 
     data = tmp_path / "dev.jsonl"

@@ -210,7 +210,8 @@ def test_several_files_keep_one_id_per_document(tmp_path):
     a = write_csv(tmp_path / "a.csv", ["doc_id", "text", "question", "answers"], [["d1", "Same text.", "Q1?", "a"]])
     b = write_csv(tmp_path / "b.csv", ["doc_id", "text", "question", "answers"], [["d9", "Same text.", "Q2?", "b"]])
     assert list(load_qa_files([a, b])["doc_id"]) == ["d1", "d1"]  # one document, the first file's id
-    clash = write_csv(tmp_path / "c.csv", ["doc_id", "text", "question", "answers"], [["d1", "Other text.", "Q3?", "c"]])
+    clash = write_csv(tmp_path / "c.csv", ["doc_id", "text", "question", "answers"],
+                      [["d1", "Other text.", "Q3?", "c"]])
     with pytest.raises(ValueError, match=r"doc_id 'd1' names different documents in .*a\.csv and .*c\.csv; rename"):
         load_qa_files([a, clash])
     with pytest.raises(ValueError, match="no files"):

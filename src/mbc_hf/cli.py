@@ -335,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="metrics.json")
     p.add_argument("--predictions", help="predictions .jsonl (with --output)")
     p.add_argument("--aggregation", choices=["histogram", "dense"])
-    p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed; the default for a model trained with --no-vq)")
+    p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed; the "
+                   "default for a model trained with --no-vq)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--retention", action="store_true", help="MAC's forgetting curve instead of one score: F1 on the "
