@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import mbc_hf  # noqa: F401  (registers the Auto classes)
+from mbc_hf.cli import build, load_model
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import markdown_table
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document
@@ -40,17 +40,13 @@ TEACHER = "LM decoder reading the document (teacher, no grad)"
 
 
 def load(model: str, **config):
-    if model == "tiny":
-        from mbc_hf.testing import tiny_mbc_model
-
-        return tiny_mbc_model(**config)
-    if model == "embedded-untrained":
-        from mbc_hf.embedded import build_model
-
-        return build_model("embedded", "embedded", freeze_encoders=True, **config)
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model)
+    """``tiny`` / ``embedded-untrained`` (frozen backbones, as `mbc-hf train` builds them) or a checkpoint, with
+    ``config`` overriding the loss weights."""
+    if model in ("tiny", "embedded-untrained"):
+        tiny = model == "tiny"
+        return build("tiny" if tiny else "embedded", "tiny-bert" if tiny else "embedded", freeze_encoders=True,
+                     **config)
+    m = load_model(model)
     for key, value in config.items():
         setattr(m.config, key, value)
     return m

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     elif args.start_from_shipped_bank:
         bank = model.load_memory_bank(args.model_name_or_path)
     else:
-        bank = model.new_memory_bank(model.config.use_vq)
+        bank = model.new_memory_bank()
     docs = load_documents_file(args.documents, downsample_to=args.max_documents)
     before, start = len(bank), time.perf_counter()
     # the bank is saved (atomically) after every chunk of new documents: a crash keeps the last complete one

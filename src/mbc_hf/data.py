@@ -731,13 +731,14 @@ def load_qa_files(paths, *, downsample_to: int | None = None) -> datasets.Datase
     parts, owner, id_of = [], {}, {}  # doc_id -> (file, text); text -> first doc_id
     for path in paths:
         ds = load_qa_file(path)
-        for doc_id, text in documents(ds):
+        docs = documents(ds)
+        for doc_id, text in docs:
             first = owner.setdefault(doc_id, (path, text))
             if first[1] != text:
                 raise ValueError(f"doc_id {doc_id!r} names different documents in {first[0]} and {path}; "
                                  "rename the ids in one of the files so that every document keeps its own id")
             id_of.setdefault(text, doc_id)
-        if any(id_of[text] != doc_id for doc_id, text in documents(ds)):  # a text seen before under another id
+        if any(id_of[text] != doc_id for doc_id, text in docs):  # a text seen before under another id
             ds = ds.map(lambda row: {"doc_id": id_of[row["context"]]})
         parts.append(ds)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -303,7 +303,7 @@ def adapt_stream(model, stream: Iterable, memory_bank=None, *, batch_size: int =
     if save_every is not None and bank_path is None:
         raise ValueError("save_every needs bank_path (where to write the checkpoints)")
     if memory_bank is None:
-        memory_bank = model.new_memory_bank(model.config.use_vq if compress is None else compress)
+        memory_bank = model.new_memory_bank(compress)
     model.memorize([], memory_bank=memory_bank)  # validates the bank against this model's codebook, stores nothing
     if total is None:
         try:
