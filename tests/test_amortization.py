@@ -1,9 +1,9 @@
-"""Tests for the amortization network's segment pooling (mbc_hf.amortization.segment_pool)."""
+"""Tests for the amortization network: segment pooling and the frozen encoder's state cache (mbc_hf.amortization)."""
 
 import pytest
 import torch
 
-from mbc_hf.amortization import segment_pool
+from mbc_hf.amortization import EncoderStateCache, segment_pool
 from mbc_hf.testing import tiny_mbc_model
 
 
@@ -41,3 +41,60 @@ def test_slot_depends_on_its_own_segment(position):
     z = model.amortization(**model.encode_documents([" ".join(words), " ".join(changed)]))
     delta = (z[0] - z[1]).norm(dim=-1)  # (T,)
     assert delta[position] > delta[-1 - position]
+
+
+# ----------------------------------------------------------------------------------- encoder state cache
+DOCS = ["The cat sat on the mat.", "Paris is the capital of France and a large city on the Seine.",
+        "Water boils at 100 degrees.", "A short one."]
+
+
+@pytest.mark.parametrize("encoder", ["bert", "t5"])
+def test_state_cache_gives_the_same_context_vectors_and_skips_known_documents(encoder):
+    model = tiny_mbc_model("llama", encoder, seed=0, freeze_encoders=True).eval()
+    net = model.amortization
+    first, second = model.encode_documents(DOCS[:3]), model.encode_documents([DOCS[3], DOCS[1], DOCS[0]])
+    with torch.no_grad():
+        want = [net(**first), net(**second)]
+    calls = []
+    hook = net.encoder.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    with net.cache_encoder_states(2**20) as cache, torch.no_grad():
+        got = [net(**first), net(**second)]  # the second batch is padded to another width: same key, same states
+        assert (cache.hits, cache.misses, len(cache)) == (2, 4, 4)
+    hook.remove()
+    assert calls == [3, 1]  # only the one new document of the second batch was encoded
+    assert net.state_cache is None  # dropped on exit
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_state_cache_evicts_least_recently_used_within_its_byte_budget():
+    model = tiny_mbc_model(seed=0, freeze_encoders=True).eval()
+    net = model.amortization
+    enc = [model.encode_documents([d]) for d in DOCS]
+    with torch.no_grad():
+        want = [net(**e) for e in enc]
+    sizes = [int(e["attention_mask"].sum()) * 32 * 4 for e in enc]  # (n_real, 32) fp32 states per document
+    with net.cache_encoder_states(sizes[0] + sizes[1]) as cache, torch.no_grad():
+        net(**enc[0]), net(**enc[1]), net(**enc[0])  # document 0 becomes the most recently used
+        net(**enc[2])  # over budget: document 1 (least recently used) goes
+        assert cache.bytes <= cache.max_bytes
+        assert cache.get(EncoderStateCache.keys(**enc[0])[0]) is not None
+        assert cache.get(EncoderStateCache.keys(**enc[1])[0]) is None
+        torch.testing.assert_close(net(**enc[1]), want[1], atol=1e-5, rtol=1e-4)  # recomputed, still right
+
+
+def test_state_cache_is_not_used_for_a_trained_encoder():
+    model = tiny_mbc_model(seed=0).train()  # encoders train: their states change with every step
+    net = model.amortization
+    enc = model.encode_documents(DOCS[:2])
+    with net.cache_encoder_states(2**20) as cache:
+        net(**enc).sum().backward()
+        net(**enc)
+        assert cache.hits + cache.misses == 0
+    assert any(p.grad is not None for p in net.encoder.parameters())
+
+
+def test_state_cache_rejects_an_empty_budget():
+    with pytest.raises(ValueError, match="max_bytes > 0"):
+        EncoderStateCache(0)

@@ -190,3 +190,14 @@ def test_train_step_script_splits_a_step_into_its_phases(tmp_path, distill):
     assert 0 < modules <= median["forward, total"]
     parts = median["collate"] + median["forward, total"] + median["backward"] + median["optimizer step"]
     assert parts == pytest.approx(median["step, total"], rel=0.05)
+
+
+def test_train_step_script_with_the_encoder_state_cache_skips_the_document_encoder(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_step", BENCH.parent / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = write_fixture(tmp_path / "train.paragraphs.jsonl")
+    median = module.main(["--model", "tiny", "--data", str(data), "--batch-size", "4", "--steps", "2",
+                          "--encoder-state-cache"])
+    assert median["document encoder backbone"] == 0  # the warm-up step stored every document's states
+    assert median["amortization network (incl. backbone)"] > 0  # the readout still runs, with gradients

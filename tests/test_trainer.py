@@ -152,3 +152,22 @@ def test_trainer_feeds_the_distillation_teacher_and_logs_the_term(tmp_path):
     trainer.train()
     logged = [h["distillation_loss"] for h in trainer.state.log_history if "distillation_loss" in h]
     assert len(logged) == 2 and all(math.isfinite(v) and v >= 0.0 for v in logged)  # a KL, logged every 2 steps
+
+
+def test_encoder_state_cache_leaves_training_unchanged_and_serves_repeated_documents(tmp_path):
+    """A frozen document encoder's states are reused by train() (encoder_state_cache_mb) with the same losses."""
+    ds = datasets.Dataset.from_list(ROWS[:4] * 4)  # every document comes back
+    runs = {}
+    for mb in (0, 64):
+        model = tiny_mbc_model(seed=0, freeze_encoders=True)
+        trainer = MBCTrainer(model=model, args=args(tmp_path / str(mb), max_steps=8, encoder_state_cache_mb=mb,
+                                                    seed=0, logging_steps=1),
+                             train_dataset=ds)
+        trainer.train()
+        runs[mb] = [h for h in trainer.state.log_history if "loss" in h]
+        assert model.amortization.state_cache is None  # dropped after training
+    assert [h["qa_loss"] for h in runs[64]] == pytest.approx([h["qa_loss"] for h in runs[0]], rel=1e-4, abs=1e-5)
+    assert "encoder_cache_hit_rate" not in runs[0][-1]
+    # hit rate = hits / rows with rows = misses + hits: each of the 4 distinct documents was encoded exactly once
+    rows = 4 / (1 - runs[64][-1]["encoder_cache_hit_rate"])
+    assert rows == pytest.approx(round(rows), abs=1e-2) and 8 < round(rows) <= 32

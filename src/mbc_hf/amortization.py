@@ -13,12 +13,20 @@ Two kinds of backbone are supported:
 A shared MLP then maps each of the T states to the LM width:
 ``MLP(x) = skip(x) + Linear(d_lm, d_lm)(tanh(Linear(d_enc, d_lm)(LN(x))))`` (the reference keeps T separate MLPs;
 the learned queries already tell the T slots apart, so one MLP is shared).
+
+With a frozen backbone the encoder's states of a text never change, so `EncoderStateCache` can keep them between
+calls (`AmortizationNetwork.cache_encoder_states`): in meta-training a document comes back once per question about
+it, and its encoder forward is then skipped (not in the paper; the issue's "measure a step and remove waste").
 """
+
+from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
+from transformers.modeling_outputs import BaseModelOutput
 
 from .aggregator import CrossAttentionBlock, Memory
 
@@ -50,6 +58,68 @@ def segment_pool(hidden: torch.Tensor, mask: torch.Tensor, num_segments: int) ->
     return torch.einsum("bst,bsd->btd", weights, hidden)
 
 
+class EncoderStateCache:
+    """Least-recently-used store of a frozen encoder's last hidden states, one entry per text.
+
+    The key is the text's real token ids and the position of its first one (so left- and right-padded rows of the
+    same text never share an entry); the value is its (n_real, d) states. Entries are evicted, oldest use first,
+    once the stored states exceed ``max_bytes``; ``hits`` / ``misses`` count rows served / encoded.
+
+    Raises:
+        ValueError: ``max_bytes`` <= 0.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError(f"EncoderStateCache needs max_bytes > 0, got {max_bytes}; to cache nothing, do not "
+                             "create a cache.")
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @staticmethod
+    def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
+        real = attention_mask.bool().cpu()
+        ids = input_ids.cpu()
+        first = real.int().argmax(1)
+        return [int(f).to_bytes(4, "little") + row[m].numpy().tobytes() for row, m, f in zip(ids, real, first)]
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        states = self._store.get(key)
+        if states is not None:
+            self._store.move_to_end(key)
+        return states
+
+    def put(self, key: bytes, states: torch.Tensor) -> None:
+        old = self._store.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        self._store[key] = states
+        self.bytes += states.numel() * states.element_size()
+        while self.bytes > self.max_bytes and self._store:
+            _, old = self._store.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def encode(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``encoder(input_ids, attention_mask)`` -> (B, S, d) last hidden states, computed (in one call) only for
+        the rows not stored yet; padding positions are zeros (every reader masks them)."""
+        keys, real = self.keys(input_ids, attention_mask), attention_mask.bool()
+        rows = {i: states for i, key in enumerate(keys) if (states := self.get(key)) is not None}
+        missing = [i for i in range(len(keys)) if i not in rows]
+        if missing:
+            fresh = encoder(input_ids[missing], attention_mask[missing])  # (M, S, d)
+            for j, i in enumerate(missing):
+                rows[i] = fresh[j][real[i]].detach()  # (n_real, d)
+                self.put(keys[i], rows[i])
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        hidden = rows[0].new_zeros(*input_ids.shape, rows[0].shape[-1])  # (B, S, d)
+        for i, states in rows.items():
+            hidden[i][real[i]] = states
+        return hidden
+
+
 class AmortizationNetwork(nn.Module):
     """Text -> T context vectors.
 
@@ -73,6 +143,7 @@ class AmortizationNetwork(nn.Module):
             heads = backbone_config.num_attention_heads
             self.readout = CrossAttentionBlock(width, width, heads, width // heads, backbone_config.intermediate_size)
         self.mlp = ContextMLP(width, out_dim)
+        self.state_cache: EncoderStateCache | None = None
 
     def freeze_backbone(self) -> None:
         """Freeze the pretrained backbone: no gradients and no dropout; it then runs under no_grad, which makes a
@@ -90,15 +161,47 @@ class AmortizationNetwork(nn.Module):
             self.backbone.eval()
         return self
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The part of the backbone that reads the text (T5's encoder stack, or the whole encoder-only model)."""
+        return self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone
+
+    @contextmanager
+    def cache_encoder_states(self, max_bytes: int):
+        """Within the block, keep the encoder's states of every text read (LRU, at most ``max_bytes`` bytes of
+        states) and reuse them when the same text comes back. Only used while the encoder is frozen (otherwise its
+        states change with every step); the cache is dropped on exit. Yields the `EncoderStateCache`.
+
+        Raises:
+            ValueError: ``max_bytes`` <= 0.
+        """
+        self.state_cache = EncoderStateCache(max_bytes)
+        try:
+            yield self.state_cache
+        finally:
+            self.state_cache = None
+
+    def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) tokens -> (B, S, d_enc) the encoder's last hidden states; under no_grad and from the state cache
+        (see `cache_encoder_states`) when the encoder is frozen."""
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+
+        def encode(ids, mask):
+            return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            if frozen and self.state_cache is not None:
+                return self.state_cache.encode(encode, input_ids, attention_mask)
+            return encode(input_ids, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch = input_ids.shape[0]
         queries = self.queries[None].expand(batch, -1, -1)  # (B, T, d_enc)
+        hidden = self.encoder_states(input_ids, attention_mask)  # (B, S, d_enc)
         if self.is_encoder_decoder:  # the decoder reads the learned queries, so it always runs with gradients
-            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                   decoder_inputs_embeds=queries).last_hidden_state  # (B, T, d_enc)
+            states = self.backbone(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                                   attention_mask=attention_mask, decoder_inputs_embeds=queries).last_hidden_state
         else:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,S,d)
             queries = queries + segment_pool(hidden, attention_mask, queries.shape[1])  # (B, T, d_enc)
             states = self.readout(queries, Memory(hidden, mask=attention_mask.bool()))  # (B, T, d_enc)
         return self.mlp(states)  # (B, T, out_dim)

@@ -93,7 +93,7 @@ def make_trainer(a, model, train, evaluation, **overrides):
         encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
         lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
         codebook_kmeans_docs=a.codebook_kmeans_docs, freeze_codebook=a.freeze_codebook,
-        num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        encoder_state_cache_mb=a.encoder_state_cache_mb, num_train_epochs=a.epochs, warmup_steps=a.warmup_steps, lr_scheduler_type="constant_with_warmup",
         max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
         eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions, report_to="none",
         use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
@@ -283,6 +283,8 @@ def add_train_options(p):
     p.add_argument("--freeze-amortization", action="store_true", help="keep the amortization network (document "
                    "side) fixed; with --codebook-kmeans-docs and --freeze-codebook every document's codes are fixed")
     p.add_argument("--prefix-length", type=int, help="prefix key/values per layer (default: the config's, 2)")
+    p.add_argument("--encoder-state-cache-mb", type=float, default=2048, help="keep the frozen document encoder's "
+                   "states of up to this many MiB of documents during training (0 = off)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--logging-steps", type=int, default=25)

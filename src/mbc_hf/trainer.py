@@ -12,6 +12,7 @@ Additions that make the memory path learnable on a small CPU budget (none is in 
   answer NLL with the gold document, on fixed held-out questions. A positive gain means the memory is read.
 """
 
+import contextlib
 import math
 import os
 import time
@@ -39,6 +40,9 @@ class MBCTrainingArguments(TrainingArguments):
                                                                     "the first N training documents."})
     freeze_codebook: bool = field(default=False, metadata={"help": "Freeze the codebook (after any k-means "
                                                                     "initialisation): no gradient, no dead-code reset."})
+    encoder_state_cache_mb: float = field(default=2048, metadata={
+        "help": "During train(), keep the frozen document encoder's states of up to this many MiB of documents and "
+                "skip its forward when a document comes back (0 = off; nothing is cached for a trained encoder)."})
     memory_gain_questions: int = field(default=32, metadata={"help": "Held-out questions for the memory gain."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
@@ -186,13 +190,18 @@ class MBCTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, after the codebook set-up of ``codebook_kmeans_docs`` / ``freeze_codebook`` (a fresh run
-        only: a resumed run loads its codebook from the checkpoint)."""
+        only: a resumed run loads its codebook from the checkpoint), with the frozen document encoder's states
+        cached for ``encoder_state_cache_mb`` (`AmortizationNetwork.cache_encoder_states`)."""
         model = self.accelerator.unwrap_model(self.model)
-        if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint:
-            kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
-        if self.args.freeze_codebook:
-            model.codebook.freeze()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if self.args.encoder_state_cache_mb > 0:
+                stack.enter_context(model.amortization.cache_encoder_states(int(self.args.encoder_state_cache_mb
+                                                                                * 2**20)))
+            if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint:
+                kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
+            if self.args.freeze_codebook:
+                model.codebook.freeze()
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """Trainer's save, with the training arguments as JSON instead of the pickled ``training_args.bin``."""
@@ -243,6 +252,9 @@ class MBCTrainer(Trainer):
             logs.update({k: round(total / count, 4) for k, (total, count) in self._parts.items()})
             logs["gold_only"] = float(self.state.global_step <= self.args.gold_only_steps)
             self._parts = {}
+            cache = self.accelerator.unwrap_model(self.model).amortization.state_cache
+            if cache is not None and cache.hits + cache.misses:  # share of document rows served from the cache
+                logs["encoder_cache_hit_rate"] = round(cache.hits / (cache.hits + cache.misses), 4)
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -1,0 +1,156 @@
+"""What can the frozen base LM read zero-shot from a document-sized memory? Answer NLL (nats per answer token) of the
+base LM, untrained, with different memories placed before the question, each for the gold document, for an
+unrelated document (the next one in the list) and for no memory at all. It asks whether 12 codes of a 512-entry
+codebook, the MBC bank format, hold anything the LM can use before any meta-training, next to what it gets from
+the text itself or from 12 of the document's own tokens.
+
+Memories (T = ``--slots`` vectors in the LM's input-embedding space, between BOS and the prompt):
+
+* ``text``: the document's first ``--max-document-tokens`` LM tokens in context (the upper bound);
+* ``rare tokens``: the embeddings of the document's T tokens of highest IDF (a selection, not a compression:
+  a token id per slot, 16 bits each with this vocabulary);
+* ``segment means``: the mean token embedding of each of T equal segments, rescaled to the embeddings' RMS
+  (`mbc_hf.amortization.segment_pool`, the amortization network's query start, here in the LM's own space);
+* ``segment means, k-means codes``: the same quantized by a 512-code codebook (`VectorQuantizer.kmeans_init` on the
+  segment means of the first ``--kmeans-docs`` training documents): what a 12 × 9-bit bank can hold;
+* ``codes as typical tokens``: each code read back as the real token most typical of its cluster (highest
+  count × IDF over the training segments assigned to it), so that the LM reads real embeddings.
+
+IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
+
+    python benchmarks/readable_memory.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
+        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 128 \
+        --output benchmarks/results/readable_memory.json
+"""
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rank_bm25 import BM25Okapi
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mbc_hf.amortization import segment_pool
+from mbc_hf.cli import split_train_eval
+from mbc_hf.codebook import VectorQuantizer
+from mbc_hf.configuration_mbc import MBCConfig
+from mbc_hf.data import documents, load_qa_file
+from mbc_hf.demo import batch_mean_table
+from mbc_hf.embedded import embedded_base_model_path
+from mbc_hf.trainer import first_row_per_document
+
+
+class ReadableMemories:
+    """Builds each kind of memory for a document: (n, d_emb) float input embeddings, n = T or the text's length."""
+
+    def __init__(self, tok, embeddings: torch.Tensor, train_docs: list[str], slots: int, max_tokens: int,
+                 kmeans_docs: int, codebook_size: int):
+        self.tok, self.E, self.T, self.max_tokens = tok, embeddings, slots, max_tokens
+        self.rms = embeddings.pow(2).mean().sqrt()
+        corpus = [self.ids(d) for d in train_docs]
+        self.idf = BM25Okapi([[str(t) for t in ids] for ids in corpus]).idf  # token id (str) -> IDF
+        top = max(self.idf.values())
+        self.weight = lambda t: self.idf.get(str(t), top)  # unseen in training: as rare as the rarest
+        fit = corpus[:kmeans_docs]
+        vectors = torch.cat([self.segment_means(ids) for ids in fit])  # (kmeans_docs·T, d_emb)
+        self.vq = VectorQuantizer(codebook_size, embeddings.shape[1]).eval()
+        self.vq.kmeans_init(vectors)
+        # code -> its most typical token: count (in how many of its segments) × IDF
+        typical = defaultdict(Counter)
+        for ids, codes in zip(fit, self.vq.nearest_codes(vectors.reshape(len(fit), slots, -1))):
+            for segment, code in zip(self.segments(ids), codes.tolist()):
+                typical[code].update(set(segment))
+        self.typical = {c: max(cnt, key=lambda t: cnt[t] * self.weight(t)) for c, cnt in typical.items()}
+
+    def ids(self, doc: str) -> list[int]:
+        return self.tok(doc, add_special_tokens=False, truncation=True, max_length=self.max_tokens)["input_ids"]
+
+    def segments(self, ids: list[int]) -> list[list[int]]:
+        return [ids[len(ids) * s // self.T: len(ids) * (s + 1) // self.T] for s in range(self.T)]
+
+    def segment_means(self, ids: list[int]) -> torch.Tensor:
+        means = segment_pool(self.E[ids][None], torch.ones(1, len(ids)), self.T)[0]  # (T, d_emb)
+        return means / means.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6) * self.rms
+
+    def build(self, kind: str, doc: str) -> torch.Tensor:
+        ids = self.ids(doc)
+        if kind == "text":
+            return self.E[ids + self.tok("\n\n", add_special_tokens=False)["input_ids"]]
+        if kind == "rare tokens":
+            return self.E[sorted(set(ids), key=self.weight, reverse=True)[:self.T]]
+        means = self.segment_means(ids)
+        if kind == "segment means":
+            return means
+        codes = self.vq.nearest_codes(means[None])[0]  # (T,) int64: the bank entry
+        if kind == "segment means, k-means codes":
+            return self.vq.decode(codes)
+        return self.E[[self.typical.get(int(c), self.tok.eos_token_id) for c in codes]]  # codes as typical tokens
+
+
+KINDS = ["text", "rare tokens", "segment means", "segment means, k-means codes", "codes as typical tokens"]
+
+
+@torch.no_grad()
+def answer_nll(lm, tok, embeddings, memory, prompt: str, answer: str) -> float:
+    """Mean NLL (nats/token) of `` answer<eos>`` after BOS, ``memory`` (n, d_emb) or None, and ``prompt``."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    parts = [embeddings[bos], memory if memory is not None else embeddings[:0], embeddings[p + a]]
+    logits = lm(inputs_embeds=torch.cat(parts)[None]).logits[0].float()  # (L, V)
+    start = logits.shape[0] - len(a)
+    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-model", default="embedded", help="`embedded` (SmolLM2-135M-Instruct) or a local path")
+    p.add_argument("--train", required=True, help="QA file whose documents give the IDF and the k-means codebook")
+    p.add_argument("--data", required=True, help="QA file to score (one question per document)")
+    p.add_argument("--docs", type=int, default=128, help="documents, spread over the file")
+    p.add_argument("--slots", type=int, default=12, help="T, memory vectors per document (MBC: 12)")
+    p.add_argument("--codebook-size", type=int, default=512)
+    p.add_argument("--kmeans-docs", type=int, default=1024)
+    p.add_argument("--max-document-tokens", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=8, help="documents per standard-error batch")
+    p.add_argument("--output")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    path = embedded_base_model_path() if a.base_model == "embedded" else a.base_model
+    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    E = lm.get_input_embeddings().weight.detach()
+    train_docs = [text for _, text in documents(load_qa_file(a.train))]
+    memories = ReadableMemories(tok, E, train_docs, a.slots, a.max_document_tokens, a.kmeans_docs, a.codebook_size)
+    rows = first_row_per_document(split_train_eval(load_qa_file(a.data), a.docs)[1])
+    template = MBCConfig().prompt_template
+    parts = []
+    for start in range(0, len(rows), a.batch_size):
+        batch, sums = rows[start:start + a.batch_size], defaultdict(float)
+        for i, r in enumerate(batch):
+            other = batch[(i + 1) % len(batch)]["context"]  # the unrelated document: the next of the batch
+            prompt, answer = template.format(question=r["question"]), r["answers"][0]
+            empty = answer_nll(lm, tok, E, None, prompt, answer)
+            for kind in KINDS:
+                gold = answer_nll(lm, tok, E, memories.build(kind, r["context"]), prompt, answer)
+                unrelated = answer_nll(lm, tok, E, memories.build(kind, other), prompt, answer)
+                sums[f"{kind}: gold NLL"] += gold
+                sums[f"{kind}: unrelated − gold"] += unrelated - gold
+                sums[f"{kind}: empty − gold"] += empty - gold
+            sums["no memory: NLL"] += empty
+        parts.append({k: v / len(batch) for k, v in sums.items()})
+        print(f"{start + len(batch)}/{len(rows)} documents", file=sys.stderr)
+    mean, stderr, table = batch_mean_table(parts, "memory: quantity", "nats/token", "+.4f")
+    print(f"base LM {a.base_model}, untrained; {len(rows)} documents spread over {a.data}, one question each; "
+          f"T = {a.slots}, K = {a.codebook_size}\n\n{table}")
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps({"base_model": a.base_model, "data": a.data, "n_docs": len(rows),
+                                              **mean, "standard_error": stderr, "command": " ".join(sys.argv)},
+                                             indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
