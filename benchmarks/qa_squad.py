@@ -297,7 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="QA file (e.g. shared/data/squad/dev.minus-holdout.paragraphs.jsonl)")
     p.add_argument("--downsample-to", type=int, default=200, help="first N unique documents in file order")
     p.add_argument("--output-dir", default="benchmarks/results")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all; for a model trained "
+                   "with --no-vq all but the compressed-bank rows mbc and unrelated)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="chat-short",
                    help="prompt style of the base-LM rows (closed_book, bm25, gold)")
     p.add_argument("--passage-tokens", type=int, default=350, help="truncate in-context passages to N LM tokens")
@@ -309,12 +310,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run rows in this process (debugging; peak RSS is then cumulative, not per row)")
     p.add_argument("--progress", action="store_true", help="progress bars for the MBC rows")
     a = p.parse_args(argv)
-    a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if a.rows is None:
+        a.rows = [r for r in ROWS if r not in COMPRESSED_ROWS or _uses_vq(a.model)]
+    else:
+        a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]
     if unknown or not a.rows:
         p.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
     a.rows = [r for r in ROWS if r in a.rows]  # canonical order
     return a
+
+
+COMPRESSED_ROWS = ("mbc", "unrelated")
+
+
+def _uses_vq(model: str) -> bool:
+    """False for an MBC checkpoint trained with the VQ bypassed (``use_vq=False``): it has no trained codebook, so
+    the compressed-bank rows do not apply to it (its banks are dense; see the `dense` row)."""
+    from transformers import AutoConfig
+
+    import mbc_hf  # noqa: F401  (registers the "mbc" model type)
+
+    if not (Path(model) / "config.json").is_file():  # "tiny" or a Hub id: a VQ model as built
+        return True
+    uses = getattr(AutoConfig.from_pretrained(model), "use_vq", True)
+    if not uses:
+        print(f"[qa_squad] {model} was trained without VQ: leaving out the rows {', '.join(COMPRESSED_ROWS)}",
+              file=sys.stderr)
+    return uses
 
 
 def _version(pkg: str) -> str | None:

@@ -201,3 +201,17 @@ def test_train_step_script_with_the_encoder_state_cache_skips_the_document_encod
                           "--encoder-state-cache"])
     assert median["document encoder backbone"] == 0  # the warm-up step stored every document's states
     assert median["amortization network (incl. backbone)"] > 0  # the readout still runs, with gradients
+
+
+def test_default_rows_leave_out_the_compressed_bank_for_a_model_trained_without_vq(tmp_path):
+    from mbc_hf.testing import tiny_mbc_model
+
+    bench = load_bench()
+    tiny_mbc_model(use_vq=False).save_pretrained(tmp_path / "novq")
+    tiny_mbc_model().save_pretrained(tmp_path / "vq")
+    data = str(write_fixture(tmp_path / "dev.paragraphs.jsonl"))
+    novq = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data])
+    assert novq.rows == [r for r in bench.ROWS if r not in ("mbc", "unrelated")]
+    assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == list(bench.ROWS)
+    asked = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data, "--rows", "mbc"])
+    assert asked.rows == ["mbc"]  # asked for explicitly: kept, and the row itself raises its clear error
