@@ -195,3 +195,35 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     rows = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())["rows"]
     assert [r["n_questions"] for r in rows] == [3, 3, 3]
     assert rows[2]["n_docs"] == 3
+
+
+def test_train_resume_after_a_finished_run_continues_with_the_same_frozen_parts(trained, tmp_path):
+    """--resume on a folder that already holds the final model reloads it; the reload must freeze what the run
+    froze (the base LM, the encoder backbones), or the optimizer state no longer fits and the LM would train."""
+    import shutil
+
+    import torch
+
+    from mbc_hf.cli import load_model
+
+    tmp, _ = trained
+    out = tmp_path / "run"
+    flags = ["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
+             "--encoder", "tiny-bert", "--batch-size", "2", "--eval-docs", "2", "--memory-gain-questions", "2",
+             "--eval-steps", "100", "--save-steps", "2", "--freeze-amortization"]
+    main([*flags, "--max-steps", "2"])
+    first = load_model(str(out))
+    shutil.copytree(out, tmp_path / "first")
+    main([*flags, "--max-steps", "4", "--resume"])
+    state = json.loads(max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                       .joinpath("trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    second = load_model(str(out))
+    changed = {n for n, p in second.state_dict().items()
+               if p.is_floating_point() and not torch.equal(p, first.state_dict()[n])}
+    assert changed and all(n.startswith(("aggregator.", "prefix_generator.", "question_encoder.", "codebook.",
+                                         "reconstruction_query")) or "lora_" in n for n in changed), sorted(changed)
+    trainable = {n for n, p in second.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in first.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("lm.") and "lora_" not in n for n in trainable)
+    assert not any(n.startswith("amortization.") or ".backbone." in n for n in trainable)

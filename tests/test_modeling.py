@@ -701,3 +701,18 @@ def test_loading_a_referencing_checkpoint_does_not_call_it_corrupted(tmp_path):
         logger.removeHandler(handler)
     assert not [r for r in records if "corrupted" in r.getMessage()]
     assert not logger.filters  # the filter is removed again
+
+
+@pytest.mark.parametrize("freeze", [{}, {"freeze_encoders": True}, {"freeze_encoders": True, "freeze_amortization": True}],
+                         ids=["defaults", "frozen-encoders", "frozen-amortization"])
+def test_from_pretrained_keeps_what_the_config_freezes(tmp_path, freeze):
+    """Loading replaces parameters (and their requires_grad); a loaded model must train the same parts as the saved
+    one: never the base LM (only KV-LoRA), nor the backbones / amortization network the config freezes."""
+    model = tiny_mbc_model(seed=0, **freeze)
+    model.codebook.freeze()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == want
+    assert want and all("lora_" in n for n in want if n.startswith("lm."))
+    assert not any(n.startswith("codebook.") for n in want)

@@ -140,18 +140,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
                                                     kv_heads, kv_head_dim)
         self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
-        self.lm.requires_grad_(False)
-        if config.freeze_encoders:
-            self.amortization.freeze_backbone()
-            self.question_encoder.freeze_backbone()
-        if config.freeze_amortization:
-            self.amortization.freeze_backbone()
-            self.amortization.requires_grad_(False)
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():
                 if "lora_" in name:  # keep B = 0 and kaiming A: not re-initialised by the LM's _init_weights
                     module._is_hf_initialized = True
+        self.freeze_per_config()
         self.tokenizer = None
         self.encoder_tokenizer = None
         self.eval_metrics = None  # last evaluation (set by MBCTrainer.evaluate), shown in the saved model card
@@ -162,6 +156,24 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         # transformers only gathers tied weights from direct PreTrainedModel children; the encoder backbones sit one
         # level deeper (T5 ties embed_tokens to shared), so collect them from every sub-model
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+
+    def freeze_per_config(self) -> None:
+        """Set ``requires_grad`` from the config: the base LM is frozen except KV-LoRA (MBC §3.3), the encoder
+        backbones with ``freeze_encoders``, the whole amortization network with ``freeze_amortization``, the codebook
+        when its saved ``frozen`` flag is set. Called on construction and again after `from_pretrained` (loading
+        replaces the parameters, and with them their flags)."""
+        self.lm.requires_grad_(False)
+        for name, param in self.lm.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+        if self.config.freeze_encoders:
+            self.amortization.freeze_backbone()
+            self.question_encoder.freeze_backbone()
+        if self.config.freeze_amortization:
+            self.amortization.freeze_backbone()
+            self.amortization.requires_grad_(False)
+        if not self.codebook.frozen.is_meta and bool(self.codebook.frozen):  # (meta while from_pretrained builds)
+            self.codebook.freeze()
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -234,8 +246,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 raise ValueError(f"{pretrained_model_name_or_path} stores no base LM weights and its config names no "
                                  "base_model_name_or_path; save it with save_pretrained(include_base_model=True).")
             model.load_base_model_weights(_load_base_state_dict(ref))
-        if model.codebook.frozen:
-            model.codebook.freeze()
+        model.freeze_per_config()
         path = Path(str(pretrained_model_name_or_path))
         if path.is_dir():
             from .hub import load_model_card_data
