@@ -311,7 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="progress bars for the MBC rows")
     a = p.parse_args(argv)
     if a.rows is None:
-        a.rows = [r for r in ROWS if r not in COMPRESSED_ROWS or _uses_vq(a.model)]
+        uses_vq = _uses_vq(a.model)
+        a.rows = [r for r in ROWS if r not in COMPRESSED_ROWS or uses_vq]
     else:
         a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]

@@ -19,7 +19,7 @@ Memories (T = ``--slots`` vectors in the LM's input-embedding space, between BOS
 IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
 
     python benchmarks/readable_memory.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
-        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 128 \
+        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 256 \
         --output benchmarks/results/readable_memory.json
 """
 import argparse
@@ -130,7 +130,8 @@ def main(argv=None):
     for start in range(0, len(rows), a.batch_size):
         batch, sums = rows[start:start + a.batch_size], defaultdict(float)
         for i, r in enumerate(batch):
-            other = batch[(i + 1) % len(batch)]["context"]  # the unrelated document: the next of the batch
+            # the unrelated document: the next of the batch (of the whole list for a batch of one)
+            other = (batch[(i + 1) % len(batch)] if len(batch) > 1 else rows[(start + 1) % len(rows)])["context"]
             prompt, answer = template.format(question=r["question"]), r["answers"][0]
             empty = answer_nll(lm, tok, E, None, prompt, answer)
             for kind in KINDS:

@@ -49,23 +49,41 @@ DOCS = ["The cat sat on the mat.", "Paris is the capital of France and a large c
 
 
 @pytest.mark.parametrize("encoder", ["bert", "t5"])
-def test_state_cache_gives_the_same_context_vectors_and_skips_known_documents(encoder):
+def test_state_cache_gives_the_same_context_vectors_and_encodes_each_text_once(encoder):
     model = tiny_mbc_model("llama", encoder, seed=0, freeze_encoders=True).eval()
     net = model.amortization
-    first, second = model.encode_documents(DOCS[:3]), model.encode_documents([DOCS[3], DOCS[1], DOCS[0]])
+    first = model.encode_documents(DOCS[:3])
+    second = model.encode_documents([DOCS[3], DOCS[0], DOCS[3]])  # a new text twice, a known one
+    assert second["input_ids"].shape[1] < first["input_ids"].shape[1]  # another width: the key ignores padding
     with torch.no_grad():
         want = [net(**first), net(**second)]
     calls = []
     hook = net.encoder.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
                                              with_kwargs=True)
     with net.cache_encoder_states(2**20) as cache, torch.no_grad():
-        got = [net(**first), net(**second)]  # the second batch is padded to another width: same key, same states
-        assert (cache.hits, cache.misses, len(cache)) == (2, 4, 4)
+        got = [net(**first), net(**second)]
+        assert (cache.misses, cache.hits, len(cache)) == (4, 2, 4)
     hook.remove()
-    assert calls == [3, 1]  # only the one new document of the second batch was encoded
+    assert calls == [3, 1]  # the second batch encoded only its one new text, once
     assert net.state_cache is None  # dropped on exit
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_state_cache_keeps_left_and_right_padded_rows_of_a_text_apart():
+    """BERT's positions count from the first column, so a left-padded text has other states than a right-padded one."""
+    model = tiny_mbc_model(seed=0, freeze_encoders=True).eval()
+    net = model.amortization
+    right = model.encode_documents([DOCS[0], DOCS[1]])
+    model.encoder_tokenizer.padding_side = "left"
+    left = model.encode_documents([DOCS[0], DOCS[1]])
+    assert left["attention_mask"][0, 0] == 0  # DOCS[0] is the shorter one: padded on the left
+    with torch.no_grad():
+        want = net(**left)
+        with net.cache_encoder_states(2**20) as cache:
+            net(**right)
+            torch.testing.assert_close(net(**left), want, atol=1e-5, rtol=1e-4)
+            assert cache.misses == 3  # DOCS[0] twice (two offsets), DOCS[1] once (offset 0 both times)
 
 
 def test_state_cache_evicts_least_recently_used_within_its_byte_budget():
@@ -82,6 +100,9 @@ def test_state_cache_evicts_least_recently_used_within_its_byte_budget():
         assert cache.get(EncoderStateCache.keys(**enc[0])[0]) is not None
         assert cache.get(EncoderStateCache.keys(**enc[1])[0]) is None
         torch.testing.assert_close(net(**enc[1]), want[1], atol=1e-5, rtol=1e-4)  # recomputed, still right
+        kept = len(cache)
+        cache.put(b"huge", torch.zeros(cache.max_bytes // 4 + 1))  # larger than the whole budget: not stored
+        assert len(cache) == kept and cache.get(b"huge") is None and cache.bytes <= cache.max_bytes
 
 
 def test_state_cache_is_not_used_for_a_trained_encoder():

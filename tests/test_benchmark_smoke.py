@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("rank_bm25")
 
@@ -215,3 +216,43 @@ def test_default_rows_leave_out_the_compressed_bank_for_a_model_trained_without_
     assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == list(bench.ROWS)
     asked = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data, "--rows", "mbc"])
     assert asked.rows == ["mbc"]  # asked for explicitly: kept, and the row itself raises its clear error
+
+
+def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mbc_hf.testing import tiny_lm_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    spec = importlib.util.spec_from_file_location("readable_memory", BENCH.parent / "readable_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    out = tmp_path / "readable.json"
+    module.main(["--base-model", str(tmp_path / "lm"), "--train", str(data), "--data", str(data), "--docs", "4",
+                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "2",
+                 "--output", str(out)])
+    results = json.loads(out.read_text())
+    assert results["n_docs"] == 4
+    for kind in module.KINDS:
+        for quantity in ("gold NLL", "unrelated − gold", "empty − gold"):
+            assert math.isfinite(results[f"{kind}: {quantity}"]), (kind, quantity)
+            assert results["standard_error"][f"{kind}: {quantity}"] is not None  # two batches of two
+    # what each memory holds: the document's own rarest tokens; codebook rows; real token embeddings
+    from transformers import AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    E = lm.get_input_embeddings().weight.detach()
+    docs = [c for _, c, _ in PARAGRAPHS]
+    memories = module.ReadableMemories(AutoTokenizer.from_pretrained(tmp_path / "lm"), E, docs, 2, 64, 4, 4)
+    own = set(memories.ids(docs[0]))
+    rare = memories.build("rare tokens", docs[0])
+    assert rare.shape == (2, E.shape[1])
+    assert all(any(torch.equal(row, E[t]) for t in own) for row in rare)
+    codes = memories.build("segment means, k-means codes", docs[0])
+    assert all(any(torch.allclose(row, c) for c in memories.vq.codebook) for row in codes)
+    typical = memories.build("codes as typical tokens", docs[2])
+    assert all(any(torch.equal(row, e) for e in E) for row in typical)

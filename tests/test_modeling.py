@@ -703,7 +703,8 @@ def test_loading_a_referencing_checkpoint_does_not_call_it_corrupted(tmp_path):
     assert not logger.filters  # the filter is removed again
 
 
-@pytest.mark.parametrize("freeze", [{}, {"freeze_encoders": True}, {"freeze_encoders": True, "freeze_amortization": True}],
+@pytest.mark.parametrize("freeze", [{}, {"freeze_encoders": True},
+                                    {"freeze_encoders": True, "freeze_amortization": True}],
                          ids=["defaults", "frozen-encoders", "frozen-amortization"])
 def test_from_pretrained_keeps_what_the_config_freezes(tmp_path, freeze):
     """Loading replaces parameters (and their requires_grad); a loaded model must train the same parts as the saved
@@ -714,5 +715,5 @@ def test_from_pretrained_keeps_what_the_config_freezes(tmp_path, freeze):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     want = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == want
-    assert want and all("lora_" in n for n in want if n.startswith("lm."))
+    assert any("lora_" in n for n in want) and all("lora_" in n for n in want if n.startswith("lm."))
     assert not any(n.startswith("codebook.") for n in want)

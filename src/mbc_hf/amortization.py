@@ -63,7 +63,8 @@ class EncoderStateCache:
 
     The key is the text's real token ids and the position of its first one (so left- and right-padded rows of the
     same text never share an entry); the value is its (n_real, d) states. Entries are evicted, oldest use first,
-    once the stored states exceed ``max_bytes``; ``hits`` / ``misses`` count rows served / encoded.
+    once the stored states exceed ``max_bytes``; ``misses`` counts texts encoded, ``hits`` rows that needed no
+    encoder forward.
 
     Raises:
         ValueError: ``max_bytes`` <= 0.
@@ -93,30 +94,41 @@ class EncoderStateCache:
         return states
 
     def put(self, key: bytes, states: torch.Tensor) -> None:
+        """Store ``states`` under ``key``, evicting least recently used entries to stay within ``max_bytes``; states
+        larger than the whole budget are not stored (they would evict everything else)."""
+        size = states.numel() * states.element_size()
         old = self._store.pop(key, None)
         if old is not None:
             self.bytes -= old.numel() * old.element_size()
+        if size > self.max_bytes:
+            return
         self._store[key] = states
-        self.bytes += states.numel() * states.element_size()
-        while self.bytes > self.max_bytes and self._store:
+        self.bytes += size
+        while self.bytes > self.max_bytes:
             _, old = self._store.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
     def encode(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``encoder(input_ids, attention_mask)`` -> (B, S, d) last hidden states, computed (in one call) only for
-        the rows not stored yet; padding positions are zeros (every reader masks them)."""
+        the texts not stored yet, each once even if it fills several rows; padding positions are zeros (every
+        reader masks them). ``misses`` counts the texts encoded, ``hits`` the other rows (no encoder forward)."""
+        if input_ids.shape[0] == 0:
+            return encoder(input_ids, attention_mask)
         keys, real = self.keys(input_ids, attention_mask), attention_mask.bool()
-        rows = {i: states for i, key in enumerate(keys) if (states := self.get(key)) is not None}
-        missing = [i for i in range(len(keys)) if i not in rows]
+        states = {key: s for key in set(keys) if (s := self.get(key)) is not None}
+        missing = list(dict.fromkeys(k for k in keys if k not in states))  # distinct, in row order
         if missing:
-            fresh = encoder(input_ids[missing], attention_mask[missing])  # (M, S, d)
-            for j, i in enumerate(missing):
-                rows[i] = fresh[j][real[i]].detach()  # (n_real, d)
-                self.put(keys[i], rows[i])
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        hidden = rows[0].new_zeros(*input_ids.shape, rows[0].shape[-1])  # (B, S, d)
-        for i, states in rows.items():
-            hidden[i][real[i]] = states
+            rows = [keys.index(k) for k in missing]  # the first row of each missing text
+            fresh = encoder(input_ids[rows], attention_mask[rows])  # (M, S, d)
+            for j, (i, key) in enumerate(zip(rows, missing)):
+                states[key] = fresh[j][real[i]].detach()  # (n_real, d)
+                self.put(key, states[key])
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        some = states[keys[0]]
+        hidden = some.new_zeros(*input_ids.shape, some.shape[-1])  # (B, S, d)
+        for i, key in enumerate(keys):
+            hidden[i][real[i]] = states[key]
         return hidden
 
 
@@ -169,8 +181,9 @@ class AmortizationNetwork(nn.Module):
     @contextmanager
     def cache_encoder_states(self, max_bytes: int):
         """Within the block, keep the encoder's states of every text read (LRU, at most ``max_bytes`` bytes of
-        states) and reuse them when the same text comes back. Only used while the encoder is frozen (otherwise its
-        states change with every step); the cache is dropped on exit. Yields the `EncoderStateCache`.
+        states) and reuse them when the same text comes back. Only used while the encoder is frozen (no gradient and
+        in eval mode, as `freeze_backbone` leaves it; otherwise its states change with every step or dropout draw);
+        the states stay on the encoder's device; the cache is dropped on exit. Yields the `EncoderStateCache`.
 
         Raises:
             ValueError: ``max_bytes`` <= 0.
@@ -184,7 +197,7 @@ class AmortizationNetwork(nn.Module):
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens -> (B, S, d_enc) the encoder's last hidden states; under no_grad and from the state cache
         (see `cache_encoder_states`) when the encoder is frozen."""
-        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        frozen = not self.encoder.training and not any(p.requires_grad for p in self.encoder.parameters())
 
         def encode(ids, mask):
             return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state

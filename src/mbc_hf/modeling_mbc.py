@@ -30,7 +30,7 @@ from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
 from .configuration_mbc import AGGREGATIONS, MBCConfig
-from .kv_lora import KVLoraConfig, apply_kv_lora, save_kv_lora_adapter
+from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 
@@ -163,9 +163,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         when its saved ``frozen`` flag is set. Called on construction and again after `from_pretrained` (loading
         replaces the parameters, and with them their flags)."""
         self.lm.requires_grad_(False)
-        for name, param in self.lm.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(True)
+        for layer in self.lm.modules():
+            if isinstance(layer, KVLoraLayer):
+                for adapter in layer.active_adapters:
+                    layer.lora_A[adapter].requires_grad_(True)
+                    layer.lora_B[adapter].requires_grad_(True)
         if self.config.freeze_encoders:
             self.amortization.freeze_backbone()
             self.question_encoder.freeze_backbone()

@@ -199,6 +199,8 @@ class MBCTrainer(Trainer):
                                                                                 * 2**20)))
             if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint:
                 kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
+                if model.amortization.state_cache is not None:  # its documents stay cached; count training rows only
+                    model.amortization.state_cache.hits = model.amortization.state_cache.misses = 0
             if self.args.freeze_codebook:
                 model.codebook.freeze()
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -253,7 +255,7 @@ class MBCTrainer(Trainer):
             logs["gold_only"] = float(self.state.global_step <= self.args.gold_only_steps)
             self._parts = {}
             cache = self.accelerator.unwrap_model(self.model).amortization.state_cache
-            if cache is not None and cache.hits + cache.misses:  # share of document rows served from the cache
+            if cache is not None and cache.hits + cache.misses:  # cumulative share of rows not encoded again
                 logs["encoder_cache_hit_rate"] = round(cache.hits / (cache.hits + cache.misses), 4)
         super().log(logs, start_time)
 
