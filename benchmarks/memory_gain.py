@@ -6,9 +6,7 @@ in memory than with an empty memory or an unrelated document? Prints a markdown 
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 --output benchmarks/results/memory_gain.json
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import mbc_hf  # noqa: F401
 import torch
@@ -16,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
-from mbc_hf.demo import batch_mean_table
+from mbc_hf.demo import batch_mean_table, write_json_report
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document, memory_gain
 
 
@@ -61,10 +59,9 @@ def main(argv=None):
     print(f"{len(rows)} documents ({'spread over the file' if a.spread else 'first in file order'}), one question "
           f"each, from {a.data}\n\n{table}")
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "n_docs": len(rows),
-                                              "spread": a.spread, "doc_ids": [r["doc_id"] for r in rows], **mean,
-                                              "standard_error": stderr, "command": " ".join(sys.argv)}, indent=2))
+        write_json_report(a.output, {"model": a.model, "data": a.data, "n_docs": len(rows),
+                                     "spread": a.spread, "doc_ids": [r["doc_id"] for r in rows], **mean,
+                                     "standard_error": stderr, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

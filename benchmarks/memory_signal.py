@@ -13,9 +13,7 @@ differences with an empty memory, i.e. how much having *a* memory changes each s
 share of attention (mean over layers, heads and answer positions) on the P prefix positions.
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import mbc_hf  # noqa: F401
 import torch
@@ -24,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
 from mbc_hf.modeling_mbc import slot_documents
-from mbc_hf.demo import batch_mean_table
+from mbc_hf.demo import batch_mean_table, write_json_report
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document
 
 
@@ -91,10 +89,8 @@ def main(argv=None):
           f"a share of attention, not a difference\n\n"
           f"{table}")
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "n_docs": len(rows), "spread": a.spread,
-                                              **mean, "standard_error": stderr, "command": " ".join(sys.argv)},
-                                             indent=2))
+        write_json_report(a.output, {"model": a.model, "data": a.data, "n_docs": len(rows), "spread": a.spread,
+                                     **mean, "standard_error": stderr, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
         --output benchmarks/results/readable_memory.json
 """
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +36,7 @@ from mbc_hf.cli import split_train_eval
 from mbc_hf.codebook import VectorQuantizer
 from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
-from mbc_hf.demo import batch_mean_table
+from mbc_hf.demo import batch_mean_table, write_json_report
 from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.trainer import first_row_per_document
 
@@ -147,10 +145,8 @@ def main(argv=None):
     print(f"base LM {a.base_model}, untrained; {len(rows)} documents spread over {a.data}, one question each; "
           f"T = {a.slots}, K = {a.codebook_size}\n\n{table}")
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"base_model": a.base_model, "data": a.data, "n_docs": len(rows),
-                                              **mean, "standard_error": stderr, "command": " ".join(sys.argv)},
-                                             indent=2, ensure_ascii=False))
+        write_json_report(a.output, {"base_model": a.base_model, "data": a.data, "n_docs": len(rows),
+                                     **mean, "standard_error": stderr, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

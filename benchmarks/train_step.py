@@ -21,18 +21,16 @@ backbones, untrained MBC modules: the same shapes and costs as training the embe
 """
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from mbc_hf.cli import build, load_model
 from mbc_hf.data import load_qa_file
-from mbc_hf.demo import markdown_table
+from mbc_hf.demo import markdown_table, write_json_report
 from mbc_hf.trainer import MBCDataCollator, first_row_per_document
 
 
@@ -144,12 +142,11 @@ def main(argv=None):
     print(f"{a.model}: {len(rows)} questions on {len(rows)} documents, {torch.get_num_threads()} threads, "
           f"{trainable / 1e6:.2f}M trainable parameters; median of {len(counted)} steps (ms)\n\n{table}")
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps({"model": a.model, "data": a.data, "batch_size": len(rows),
-                                              "threads": torch.get_num_threads(), "trainable_params": trainable,
-                                              "config": config, "encoder_state_cache": a.encoder_state_cache,
-                                              "median_ms": median, "steps_ms": counted,
-                                              "command": " ".join(sys.argv)}, indent=2))
+        write_json_report(a.output, {"model": a.model, "data": a.data, "batch_size": len(rows),
+                                     "threads": torch.get_num_threads(), "trainable_params": trainable,
+                                     "config": config, "encoder_state_cache": a.encoder_state_cache,
+                                     "median_ms": median, "steps_ms": counted,
+                                     "command": " ".join(sys.argv)})
     return median
 
 

@@ -7,7 +7,16 @@ import math
 import statistics
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 CLOSED_BOOK = "Question: {question}\nAnswer:"
+
+
+def write_json_report(path, record: dict) -> None:
+    """Write a benchmark's ``record`` to ``path`` as indented UTF-8 JSON: parent folders are created and the file is
+    replaced atomically (`write_text_atomic`), so an interrupted run leaves the previous report whole."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
