@@ -3,7 +3,8 @@ in memory than with an empty memory or an unrelated document? Prints a markdown 
 ``--batch-size`` documents, with the standard error over batches), writes JSON.
 
     python benchmarks/memory_gain.py --model runs/mbc-smollm2 \
-        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 --output benchmarks/results/memory_gain.json
+        --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 \
+        --output benchmarks/results/memory_gain.json
 """
 import argparse
 import sys

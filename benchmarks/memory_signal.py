@@ -79,7 +79,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
     model.lm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
-    source = split_train_eval(load_qa_file(a.data), a.docs)[1] if a.spread else load_qa_file(a.data, downsample_to=a.docs)
+    if a.spread:
+        source = split_train_eval(load_qa_file(a.data), a.docs)[1]
+    else:
+        source = load_qa_file(a.data, downsample_to=a.docs)
     rows = first_row_per_document(source)
     collate = MBCDataCollator(model)
     parts = [signal(model, collate(rows[i:i + a.batch_size])) for i in range(0, len(rows), a.batch_size)]

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 import torch
 import torch.nn.functional as F
 from rank_bm25 import BM25Okapi
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from mbc_hf.amortization import segment_pool
 from mbc_hf.cli import split_train_eval
@@ -89,6 +89,43 @@ class ReadableMemories:
 
 
 KINDS = ["text", "rare tokens", "segment means", "segment means, k-means codes", "codes as typical tokens"]
+# memories kept as the LM's own key/values (per layer) of BOS + the document, at some positions only
+KV_KINDS = ["key/values, all positions", "key/values at the T highest-IDF positions",
+            "key/values at the last T positions"]
+
+
+@torch.no_grad()
+def kv_memory(lm, tok, memories: "ReadableMemories", kind: str, doc: str) -> tuple[list, int]:
+    """The base LM's per-layer (key, value), each (1, kv_heads, 1 + n, head_dim), of BOS and n positions of the
+    document, and the length (1 + document tokens) after which the question's positions continue (RoPE keys
+    keep their original positions: a KV-cache eviction of all but n document positions, query-agnostic)."""
+    ids = memories.ids(doc) + tok("\n\n", add_special_tokens=False)["input_ids"]
+    cache = lm(input_ids=torch.tensor([[tok.bos_token_id] + ids]), use_cache=True).past_key_values
+    if kind == "key/values, all positions":
+        keep = list(range(len(ids)))
+    elif kind == "key/values at the last T positions":
+        keep = list(range(max(0, len(ids) - memories.T), len(ids)))
+    else:
+        order = sorted(range(len(ids)), key=lambda i: memories.weight(ids[i]), reverse=True)
+        keep = sorted(order[:memories.T])
+    index = torch.tensor([0] + [1 + i for i in keep])
+    kv = [(layer.keys[:, :, index], layer.values[:, :, index]) for layer in cache.layers]
+    return kv, 1 + len(ids)
+
+
+@torch.no_grad()
+def kv_answer_nll(lm, tok, memory: tuple[list, int], prompt: str, answer: str) -> float:
+    """Mean NLL (nats/token) of `` answer<eos>`` after ``prompt``, reading the key/values ``memory``."""
+    kv, offset = memory
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + a])
+    cache = DynamicCache(kv, config=lm.config)
+    mask = torch.ones(1, kv[0][0].shape[2] + ids.shape[1], dtype=torch.long)
+    positions = torch.arange(offset, offset + ids.shape[1])[None]
+    logits = lm(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions).logits[0].float()
+    start = logits.shape[0] - len(a)
+    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
 
 
 @torch.no_grad()
@@ -114,6 +151,8 @@ def main(argv=None):
     p.add_argument("--kmeans-docs", type=int, default=1024)
     p.add_argument("--max-document-tokens", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=8, help="documents per standard-error batch")
+    p.add_argument("--kv", action="store_true", help="also the LM's own key/values of the document, cut to T positions")
+    p.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS, help="input-embedding memories to score")
     p.add_argument("--output")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -132,9 +171,15 @@ def main(argv=None):
             other = (batch[(i + 1) % len(batch)] if len(batch) > 1 else rows[(start + 1) % len(rows)])["context"]
             prompt, answer = template.format(question=r["question"]), r["answers"][0]
             empty = answer_nll(lm, tok, E, None, prompt, answer)
-            for kind in KINDS:
+            for kind in a.kinds:
                 gold = answer_nll(lm, tok, E, memories.build(kind, r["context"]), prompt, answer)
                 unrelated = answer_nll(lm, tok, E, memories.build(kind, other), prompt, answer)
+                sums[f"{kind}: gold NLL"] += gold
+                sums[f"{kind}: unrelated − gold"] += unrelated - gold
+                sums[f"{kind}: empty − gold"] += empty - gold
+            for kind in KV_KINDS if a.kv else []:
+                gold = kv_answer_nll(lm, tok, kv_memory(lm, tok, memories, kind, r["context"]), prompt, answer)
+                unrelated = kv_answer_nll(lm, tok, kv_memory(lm, tok, memories, kind, other), prompt, answer)
                 sums[f"{kind}: gold NLL"] += gold
                 sums[f"{kind}: unrelated − gold"] += unrelated - gold
                 sums[f"{kind}: empty − gold"] += empty - gold

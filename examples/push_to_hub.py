@@ -71,8 +71,8 @@ def main(argv=None) -> dict:
         print(json.dumps({"folder": args.output_dir, "files": files}, indent=2))
         return {"folder": args.output_dir, "files": files}
     info = model.push_to_hub(args.repo_id, memory_bank=bank, commit_message=args.commit_message,
-                             private=args.private or None, token=args.token, endpoint=args.endpoint, revision=args.revision,
-                             create_pr=args.create_pr, model_card_kwargs=card)
+                             private=args.private or None, token=args.token, endpoint=args.endpoint,
+                             revision=args.revision, create_pr=args.create_pr, model_card_kwargs=card)
     result = {"repo_id": args.repo_id, "commit_url": info.commit_url, "commit_oid": info.oid,
               "memory_bank": len(bank) if bank is not None else None}
     print(json.dumps(result, indent=2))

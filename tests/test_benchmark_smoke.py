@@ -233,11 +233,11 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
     out = tmp_path / "readable.json"
     module.main(["--base-model", str(tmp_path / "lm"), "--train", str(data), "--data", str(data), "--docs", "4",
-                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "2",
+                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "2", "--kv",
                  "--output", str(out)])
     results = json.loads(out.read_text())
     assert results["n_docs"] == 4
-    for kind in module.KINDS:
+    for kind in module.KINDS + module.KV_KINDS:
         for quantity in ("gold NLL", "unrelated − gold", "empty − gold"):
             assert math.isfinite(results[f"{kind}: {quantity}"]), (kind, quantity)
             assert results["standard_error"][f"{kind}: {quantity}"] is not None  # two batches of two
@@ -256,3 +256,14 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
     assert all(any(torch.allclose(row, c) for c in memories.vq.codebook) for row in codes)
     typical = memories.build("codes as typical tokens", docs[2])
     assert all(any(torch.equal(row, e) for e in E) for row in typical)
+    # the LM's own key/values: all of them read exactly like the text in context (RoPE positions continue after
+    # the document); a cut keeps BOS + T positions, and the NLL then differs
+    tok = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    prompt, answer = "Question: who? Answer:", "Ada"
+    in_context = module.answer_nll(lm, tok, E, memories.build("text", docs[0]), prompt, answer)
+    full = module.kv_memory(lm, tok, memories, "key/values, all positions", docs[0])
+    assert module.kv_answer_nll(lm, tok, full, prompt, answer) == pytest.approx(in_context, abs=1e-4)
+    last = module.kv_memory(lm, tok, memories, "key/values at the last T positions", docs[0])
+    assert last[1] == full[1] and last[0][0][0].shape[2] == 1 + 2
+    assert torch.equal(last[0][0][0][:, :, 1:], full[0][0][0][:, :, -2:])  # the same entries, not recomputed
+    assert module.kv_answer_nll(lm, tok, last, prompt, answer) != pytest.approx(in_context, abs=1e-4)

@@ -177,3 +177,27 @@ def test_encoder_state_cache_leaves_training_unchanged_and_serves_repeated_docum
     assert kept.cache.misses == 4  # each distinct document was encoded exactly once
     rows = kept.cache.hits + kept.cache.misses
     assert 8 < rows <= 32 and runs[64][-1]["encoder_cache_hit_rate"] == pytest.approx(1 - 4 / rows, abs=1e-4)
+
+
+def test_resume_warns_only_about_missing_mbc_weights_not_the_unsaved_base_lm(tmp_path, caplog):
+    from torch.nn.modules.module import _IncompatibleKeys
+    from transformers.utils import logging as hf_logging
+
+    ds = datasets.Dataset.from_list(ROWS[:4] * 4)
+    MBCTrainer(model=tiny_mbc_model(seed=0), args=args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+               train_dataset=ds).train()
+    trainer = MBCTrainer(model=tiny_mbc_model(seed=0), args=args(tmp_path, max_steps=3), train_dataset=ds)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+            assert trainer.state.global_step == 3
+            assert "missing keys" not in caplog.text
+            # a tiny model has no base LM path to refer to, so its checkpoint stores the LM too; a checkpoint of a
+            # pretrained base LM lacks all lm.* weights except KV-LoRA's, as here
+            trainer._issue_warnings_after_load(_IncompatibleKeys(
+                missing_keys=["lm.model.embed_tokens.weight", "codebook.embed"], unexpected_keys=[]))
+            assert "missing keys" in caplog.text and "codebook.embed" in caplog.text
+            assert "lm.model.embed_tokens.weight" not in caplog.text
+    finally:
+        hf_logging.disable_propagation()

@@ -11,8 +11,9 @@ Optional *factorized, l2-normalised codes* (``codebook_dim``; Yu et al. 2022, Vi
 lookup happens in a small projected space where both vectors and codes are unit length, and a code decodes
 through a linear map back to the LM width. Projected vectors are centred first (batch mean in training, its EMA
 otherwise): context vectors of different documents share a large common component (mean pairwise cosine 0.44
-for the embedded default, 0.00 after centring), which otherwise sends every document to the same few codes. With the paper's direct lookup the embedded default collapsed to ~3
-codes per batch of 96 vectors (usage perplexity 3.3), so all documents looked alike to the aggregator.
+for the embedded default, 0.00 after centring), which otherwise sends every document to the same few codes.
+With the paper's direct lookup the embedded default collapsed to ~3 codes per batch of 96 vectors (usage
+perplexity 3.3), so all documents looked alike to the aggregator.
 """
 
 import hashlib

@@ -60,7 +60,8 @@ def check_bank_for_model(memory_bank, model) -> None:
 
 
 def save_memory_bank(memory_bank, save_directory, model=None) -> str:
-    """Write ``memory_bank`` to ``save_directory/memory_bank.safetensors`` (atomically, see `CompressedMemoryBank.save`).
+    """Write ``memory_bank`` to ``save_directory/memory_bank.safetensors`` (atomically, see
+    `CompressedMemoryBank.save`).
 
     Args:
         memory_bank: a `CompressedMemoryBank` or `DenseMemoryBank`.

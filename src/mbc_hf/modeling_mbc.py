@@ -346,7 +346,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                           f"{self.config.max_document_length} encoder tokens and were truncated; split long documents "
                           "into passages before memorize() to keep all of their content.", stacklevel=3)
         device = device or self.device
-        return {"input_ids": enc["input_ids"][first].to(device), "attention_mask": enc["attention_mask"][first].to(device)}
+        return {"input_ids": enc["input_ids"][first].to(device),
+                "attention_mask": enc["attention_mask"][first].to(device)}
 
     def encode_questions(self, questions: list[str], answers: list[str] | None = None,
                          device=None) -> dict[str, torch.Tensor]:
@@ -517,7 +518,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
                                  f"T={self.config.num_context_tokens}, K={self.config.codebook_size}.")
         elif not isinstance(bank, DenseMemoryBank):
-            raise TypeError(f"memory_bank must be a CompressedMemoryBank or DenseMemoryBank, got {type(bank).__name__}.")
+            raise TypeError("memory_bank must be a CompressedMemoryBank or DenseMemoryBank, "
+                            f"got {type(bank).__name__}.")
 
     def memory_from_bank(self, memory_bank, aggregation: str | None = None) -> Memory:
         """The aggregator's view of a bank (see `Memory`). ``aggregation``: "histogram" (exact O(K), compressed banks

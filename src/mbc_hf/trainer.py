@@ -15,12 +15,14 @@ Additions that make the memory path learnable on a small CPU budget (none is in 
 import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .atomic import write_text_atomic
 
 
 @dataclass
@@ -38,8 +40,8 @@ class MBCTrainingArguments(TrainingArguments):
     codebook_kmeans_docs: int = field(default=0, metadata={"help": "If > 0, before the first step initialise the "
                                                                     "codebook by k-means on the context vectors of "
                                                                     "the first N training documents."})
-    freeze_codebook: bool = field(default=False, metadata={"help": "Freeze the codebook (after any k-means "
-                                                                    "initialisation): no gradient, no dead-code reset."})
+    freeze_codebook: bool = field(default=False, metadata={
+        "help": "Freeze the codebook (after any k-means initialisation): no gradient, no dead-code reset."})
     encoder_state_cache_mb: float = field(default=2048, metadata={
         "help": "During train(), keep the frozen document encoder's states of up to this many MiB of documents and "
                 "skip its forward when a document comes back (0 = off; nothing is cached for a trained encoder)."})
@@ -212,8 +214,15 @@ class MBCTrainer(Trainer):
         pickled = os.path.join(output_dir, "training_args.bin")
         if os.path.exists(pickled):
             os.remove(pickled)
-        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
-            f.write(self.args.to_json_string())
+        write_text_atomic(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Trainer's warnings after ``--resume`` loads a checkpoint, without the base LM's frozen weights: a
+        checkpoint does not store them by design (``_keys_to_ignore_on_load_missing``), so they are always
+        "missing" and the warning said nothing."""
+        ignore = [re.compile(p) for p in self.accelerator.unwrap_model(self.model)._keys_to_ignore_on_load_missing]
+        missing = [k for k in load_result.missing_keys if not any(p.search(k) for p in ignore)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def create_optimizer(self, model=None):
         """AdamW with three parameter groups: encoder backbones, KV-LoRA, and the other MBC modules."""
