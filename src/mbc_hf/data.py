@@ -39,7 +39,7 @@ from typing import Any
 
 import datasets
 
-from .modeling_mbc import document_id
+from .modeling_mbc import document_id, lone_surrogate_at
 
 __all__ = [
     "ANSWER_COLUMNS",
@@ -246,15 +246,9 @@ def _err(path: Path, where: str, msg: str) -> ValueError:
 def _valid_unicode(path: Path, where: str, key: str, value: str) -> str:
     """`value`, or a ValueError if it holds a lone surrogate (a JSON ``\\ud800``-``\\udfff`` escape without its
     pair): such a str cannot be encoded as UTF-8, so it could be neither hashed into a doc_id nor saved."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise _err(
-            path,
-            where,
-            f"field {key!r} holds a lone surrogate {value[e.start]!r} at character {e.start} (an unpaired "
-            "\\uD800-\\uDFFF JSON escape), which is not valid Unicode; fix or drop that escape in the file",
-        ) from None
+    if (at := lone_surrogate_at(value)) is not None:
+        raise _err(path, where, f"field {key!r} holds a lone surrogate {value[at]!r} at character {at} (an unpaired "
+                   "\\uD800-\\uDFFF JSON escape), which is not valid Unicode; fix or drop that escape in the file")
     return value
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .data import EmptyDocumentWarning, document_id, documents, first_questions
+from .modeling_mbc import lone_surrogate_at
 
 #: Columns of the rows returned by `retention_curve`, in the order they are written to ``retention.csv``.
 RETENTION_COLUMNS = ("n_docs", "n_questions", "em", "f1", "prefix_em", "retention", "bank_docs", "bank_bytes")
@@ -247,11 +248,9 @@ def _stream_item(item, position: int, text_column: str, id_column: str | None) -
                         "or a mapping with a text column")
     if not isinstance(text, str):
         raise TypeError(f"stream item {position}: the document text is {type(text).__name__}, not str")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"stream item {position}: the document text is not valid Unicode ({exc.reason} at "
-                         f"character {exc.start}); clean it before memorizing") from None
+    if (at := lone_surrogate_at(text)) is not None:
+        raise ValueError(f"stream item {position}: the document text is not valid Unicode (a lone surrogate at "
+                         f"character {at}); clean it before memorizing")
     if doc_id is None:
         return (document_id(text) if text.strip() else ""), text
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":

@@ -83,6 +83,16 @@ def document_id(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Index of the first lone surrogate (U+D800-U+DFFF without its pair, e.g. from a broken JSON escape) in
+    ``text``, or None. Such a str cannot be encoded as UTF-8: it can be neither hashed into a doc_id nor saved."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def _check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"{what} must be a list of str, got {type(texts).__name__}; wrap a single text as [text].")
@@ -91,11 +101,9 @@ def _check_texts(texts, what: str) -> list[str]:
             raise TypeError(f"{what}[{i}] is {type(text).__name__}, not str.")
         if not text.strip():
             raise ValueError(f"{what}[{i}] is empty or whitespace only; drop it before calling.")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{what}[{i}] holds a lone surrogate at character {e.start}, which is not valid "
-                             "Unicode; decode the source with errors='replace' or drop the text.") from None
+        if (at := lone_surrogate_at(text)) is not None:
+            raise ValueError(f"{what}[{i}] holds a lone surrogate at character {at}, which is not valid "
+                             "Unicode; decode the source with errors='replace' or drop the text.")
     return list(texts)
 
 
