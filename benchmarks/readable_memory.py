@@ -16,13 +16,23 @@ Memories (T = ``--slots`` vectors in the LM's input-embedding space, between BOS
 * ``codes as typical tokens``: each code read back as the real token most typical of its cluster (highest
   count × IDF over the training segments assigned to it), so that the LM reads real embeddings.
 
+With ``--kv``, memories kept as the LM's own key/values of BOS + the document (every layer; the question's RoPE
+positions continue after the document, as in context), not as input embeddings:
+
+* ``key/values, all positions``: the whole KV cache (reads exactly like ``text``; a check of the plumbing);
+* ``key/values at the T highest-IDF positions`` / ``at the last T positions``: a query-agnostic KV-cache eviction
+  down to BOS + T positions, each a contextual state of the document read so far. Uncompressed and in the LM's own
+  format, they show what T memory slots can give this LM without any training.
+
 IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
 
     python benchmarks/readable_memory.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 256 \
         --output benchmarks/results/readable_memory.json
+    python benchmarks/readable_memory.py ... --docs 256 --kinds --kv --output benchmarks/results/readable_memory_kv.json
 """
 import argparse
+import functools
 import sys
 from collections import Counter, defaultdict
 
@@ -30,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from rank_bm25 import BM25Okapi
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mbc_hf.amortization import segment_pool
 from mbc_hf.cli import split_train_eval
@@ -91,26 +102,78 @@ class ReadableMemories:
 KINDS = ["text", "rare tokens", "segment means", "segment means, k-means codes", "codes as typical tokens"]
 # memories kept as the LM's own key/values (per layer) of BOS + the document, at some positions only
 KV_KINDS = ["key/values, all positions", "key/values at the T highest-IDF positions",
-            "key/values at the last T positions"]
+            "key/values at the last T positions", "key/values at the T highest-IDF positions, k-means codes"]
 
 
-@torch.no_grad()
-def kv_memory(lm, tok, memories: "ReadableMemories", kind: str, doc: str) -> tuple[list, int]:
-    """The base LM's per-layer (key, value), each (1, kv_heads, 1 + n, head_dim), of BOS and n positions of the
-    document, and the length (1 + document tokens) after which the question's positions continue (RoPE keys
-    keep their original positions: a KV-cache eviction of all but n document positions, query-agnostic)."""
+def rope(lm, keys: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Apply (or undo) the LM's rotary position embedding: keys (1, kv_heads, n, head_dim) at positions (n,)."""
+    cos, sin = lm.model.rotary_emb(keys, positions[None])
+    return apply_rotary_pos_emb(keys, keys, cos, -sin if inverse else sin)[1]
+
+
+class KVCodebooks:
+    """One 512-code k-means codebook per layer over a kept position's (key before RoPE, value) pair, flattened to
+    2 · kv_heads · head_dim: a slot becomes one code per layer (30 codes of 9 bits for SmolLM2, 34 bytes)."""
+
+    def __init__(self, lm, tok, memories: "ReadableMemories", train_docs: list[str], codebook_size: int):
+        per_layer = None
+        for doc in train_docs:
+            vectors = self.slot_vectors(lm, tok, memories, doc)[0]  # layers × (1 + T, 2·h·d)
+            per_layer = [[v] for v in vectors] if per_layer is None else [a + [v] for a, v in zip(per_layer, vectors)]
+        self.vqs = []
+        for vectors in per_layer:
+            vq = VectorQuantizer(codebook_size, vectors[0].shape[-1]).eval()
+            vq.kmeans_init(torch.cat(vectors))
+            self.vqs.append(vq)
+
+    @staticmethod
+    def slot_vectors(lm, tok, memories, doc):
+        """Per layer (1 + T, 2·kv_heads·head_dim) of BOS + the T highest-IDF positions, keys un-rotated; the
+        positions and the question offset."""
+        kind = "key/values at the T highest-IDF positions"
+        kv, offset = kv_memory(lm, tok, memories, kind, doc)
+        positions = kept_positions(memories, kind, _document_cache(lm, tok, memories, doc)[0])
+        out = []
+        for k, v in kv:
+            k = rope(lm, k, positions, inverse=True)
+            out.append(torch.cat([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], -1))
+        return out, positions, offset, kv[0][0].shape
+
+    def memory(self, lm, tok, memories, doc) -> tuple[list, int]:
+        vectors, positions, offset, shape = self.slot_vectors(lm, tok, memories, doc)
+        kv = []
+        for vq, x in zip(self.vqs, vectors):
+            x = torch.cat([x[:1], vq.decode(vq.nearest_codes(x[1:]))])  # BOS stays exact (the attention sink)
+            k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]  # 2 × (1, h, n, d)
+            kv.append((rope(lm, k, positions), v))
+        return kv, offset
+
+
+@functools.lru_cache(maxsize=4)  # a document is read as gold and as the previous one's unrelated memory
+def _document_cache(lm, tok, memories: "ReadableMemories", doc: str):
     ids = memories.ids(doc) + tok("\n\n", add_special_tokens=False)["input_ids"]
-    cache = lm(input_ids=torch.tensor([[tok.bos_token_id] + ids]), use_cache=True).past_key_values
+    with torch.no_grad():
+        return ids, lm(input_ids=torch.tensor([[tok.bos_token_id] + ids]), use_cache=True).past_key_values
+
+
+def kept_positions(memories: "ReadableMemories", kind: str, ids: list[int]) -> torch.Tensor:
+    """Cache positions a key/value memory keeps: BOS (0) and document positions (1 + i)."""
     if kind == "key/values, all positions":
         keep = list(range(len(ids)))
     elif kind == "key/values at the last T positions":
         keep = list(range(max(0, len(ids) - memories.T), len(ids)))
-    else:
-        order = sorted(range(len(ids)), key=lambda i: memories.weight(ids[i]), reverse=True)
-        keep = sorted(order[:memories.T])
-    index = torch.tensor([0] + [1 + i for i in keep])
-    kv = [(layer.keys[:, :, index], layer.values[:, :, index]) for layer in cache.layers]
-    return kv, 1 + len(ids)
+    else:  # the T highest-IDF positions
+        keep = sorted(sorted(range(len(ids)), key=lambda i: memories.weight(ids[i]), reverse=True)[:memories.T])
+    return torch.tensor([0] + [1 + i for i in keep])
+
+
+def kv_memory(lm, tok, memories: "ReadableMemories", kind: str, doc: str) -> tuple[list, int]:
+    """The base LM's per-layer (key, value), each (1, kv_heads, 1 + n, head_dim), of BOS and n positions of the
+    document, and the length (1 + document tokens) after which the question's positions continue (RoPE keys
+    keep their original positions: a KV-cache eviction of all but n document positions, query-agnostic)."""
+    ids, cache = _document_cache(lm, tok, memories, doc)
+    index = kept_positions(memories, kind, ids)
+    return [(layer.keys[:, :, index], layer.values[:, :, index]) for layer in cache.layers], 1 + len(ids)
 
 
 @torch.no_grad()
@@ -151,7 +214,10 @@ def main(argv=None):
     p.add_argument("--kmeans-docs", type=int, default=1024)
     p.add_argument("--max-document-tokens", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=8, help="documents per standard-error batch")
-    p.add_argument("--kv", action="store_true", help="also the LM's own key/values of the document, cut to T positions")
+    p.add_argument("--kv", nargs="*", choices=KV_KINDS, help="also memories of the LM's own key/values of the "
+                   "document (all of these kinds when given without names)")
+    p.add_argument("--kv-kmeans-docs", type=int, default=256, help="training documents for the per-layer "
+                   "key/value codebooks")
     p.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS, help="input-embedding memories to score")
     p.add_argument("--output")
     a = p.parse_args(argv)
@@ -162,6 +228,10 @@ def main(argv=None):
     train_docs = [text for _, text in documents(load_qa_file(a.train))]
     memories = ReadableMemories(tok, E, train_docs, a.slots, a.max_document_tokens, a.kmeans_docs, a.codebook_size)
     rows = first_row_per_document(split_train_eval(load_qa_file(a.data), a.docs)[1])
+    kv_kinds = KV_KINDS if a.kv == [] else a.kv or []
+    kv_codes = None
+    if KV_KINDS[-1] in kv_kinds:
+        kv_codes = KVCodebooks(lm, tok, memories, train_docs[:a.kv_kmeans_docs], a.codebook_size)
     template = MBCConfig().prompt_template
     parts = []
     for start in range(0, len(rows), a.batch_size):
@@ -177,9 +247,11 @@ def main(argv=None):
                 sums[f"{kind}: gold NLL"] += gold
                 sums[f"{kind}: unrelated − gold"] += unrelated - gold
                 sums[f"{kind}: empty − gold"] += empty - gold
-            for kind in KV_KINDS if a.kv else []:
-                gold = kv_answer_nll(lm, tok, kv_memory(lm, tok, memories, kind, r["context"]), prompt, answer)
-                unrelated = kv_answer_nll(lm, tok, kv_memory(lm, tok, memories, kind, other), prompt, answer)
+            for kind in kv_kinds:
+                build = (lambda doc: kv_codes.memory(lm, tok, memories, doc)) if kind.endswith("codes") else (
+                    lambda doc: kv_memory(lm, tok, memories, kind, doc))
+                gold = kv_answer_nll(lm, tok, build(r["context"]), prompt, answer)
+                unrelated = kv_answer_nll(lm, tok, build(other), prompt, answer)
                 sums[f"{kind}: gold NLL"] += gold
                 sums[f"{kind}: unrelated − gold"] += unrelated - gold
                 sums[f"{kind}: empty − gold"] += empty - gold

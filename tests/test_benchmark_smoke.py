@@ -267,3 +267,17 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
     assert last[1] == full[1] and last[0][0][0].shape[2] == 1 + 2
     assert torch.equal(last[0][0][0][:, :, 1:], full[0][0][0][:, :, -2:])  # the same entries, not recomputed
     assert module.kv_answer_nll(lm, tok, last, prompt, answer) != pytest.approx(in_context, abs=1e-4)
+    # the per-layer codebooks see keys before RoPE: un-rotating the cached keys gives k_proj's output exactly
+    seen = []
+    hook = lm.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    module._document_cache.cache_clear()
+    vectors, positions, _, shape = module.KVCodebooks.slot_vectors(lm, tok, memories, docs[1])
+    hook.remove()
+    k_pre = seen[0][0, positions].unflatten(-1, (shape[1], shape[3])).flatten(1)  # (1 + T, h·d)
+    assert torch.allclose(vectors[0][:, :k_pre.shape[1]], k_pre, atol=1e-5)
+    codes = module.KVCodebooks(lm, tok, memories, docs, 4)
+    kv, offset = codes.memory(lm, tok, memories, docs[1])
+    exact, exact_offset = module.kv_memory(lm, tok, memories, "key/values at the T highest-IDF positions", docs[1])
+    assert len(kv) == len(exact) and offset == exact_offset
+    assert all(k.shape == e[0].shape and v.shape == e[1].shape for (k, v), e in zip(kv, exact))
+    assert torch.allclose(kv[0][0][:, :, :1], exact[0][0][:, :, :1], atol=1e-5)  # BOS kept exact
