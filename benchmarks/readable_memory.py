@@ -112,8 +112,10 @@ def rope(lm, keys: torch.Tensor, positions: torch.Tensor, inverse: bool = False)
 
 
 class KVCodebooks:
-    """One 512-code k-means codebook per layer over a kept position's (key before RoPE, value) pair, flattened to
-    2 · kv_heads · head_dim: a slot becomes one code per layer (30 codes of 9 bits for SmolLM2, 34 bytes)."""
+    """One k-means codebook (``codebook_size`` codes, `VectorQuantizer.kmeans_init`) per layer over a kept position's
+    (key before RoPE, value) pair, flattened to 2 · kv_heads · head_dim: a slot becomes one code per layer (with
+    K = 512, 30 codes of 9 bits for SmolLM2, 34 bytes). The fit sees BOS + T rows per training document (the BOS
+    rows are alike and take about one code); BOS itself is kept exact in a memory."""
 
     def __init__(self, lm, tok, memories: "ReadableMemories", train_docs: list[str], codebook_size: int):
         per_layer = None
@@ -139,7 +141,9 @@ class KVCodebooks:
             out.append(torch.cat([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], -1))
         return out, positions, offset, kv[0][0].shape
 
+    @torch.no_grad()
     def memory(self, lm, tok, memories, doc) -> tuple[list, int]:
+        """The `kv_memory` of the T highest-IDF positions with every slot replaced by its codes' decoding."""
         vectors, positions, offset, shape = self.slot_vectors(lm, tok, memories, doc)
         kv = []
         for vq, x in zip(self.vqs, vectors):
