@@ -118,12 +118,10 @@ class KVCodebooks:
     rows are alike and take about one code); BOS itself is kept exact in a memory."""
 
     def __init__(self, lm, tok, memories: "ReadableMemories", train_docs: list[str], codebook_size: int):
-        per_layer = None
-        for doc in train_docs:
-            vectors = self.slot_vectors(lm, tok, memories, doc)[0]  # layers × (1 + T, 2·h·d)
-            per_layer = [[v] for v in vectors] if per_layer is None else [a + [v] for a, v in zip(per_layer, vectors)]
+        # docs × layers × (1 + T, 2·h·d)
+        per_doc = [self.slot_vectors(lm, tok, memories, doc)[0] for doc in train_docs]
         self.vqs = []
-        for vectors in per_layer:
+        for vectors in zip(*per_doc):  # one layer's vectors of every document
             vq = VectorQuantizer(codebook_size, vectors[0].shape[-1]).eval()
             vq.kmeans_init(torch.cat(vectors))
             self.vqs.append(vq)
@@ -245,20 +243,19 @@ def main(argv=None):
             other = (batch[(i + 1) % len(batch)] if len(batch) > 1 else rows[(start + 1) % len(rows)])["context"]
             prompt, answer = template.format(question=r["question"]), r["answers"][0]
             empty = answer_nll(lm, tok, E, None, prompt, answer)
+
+            def score(kind, nll):  # nll(document) -> answer NLL with that document's memory of this kind
+                gold, unrelated = nll(r["context"]), nll(other)
+                sums[f"{kind}: gold NLL"] += gold
+                sums[f"{kind}: unrelated − gold"] += unrelated - gold
+                sums[f"{kind}: empty − gold"] += empty - gold
+
             for kind in a.kinds:
-                gold = answer_nll(lm, tok, E, memories.build(kind, r["context"]), prompt, answer)
-                unrelated = answer_nll(lm, tok, E, memories.build(kind, other), prompt, answer)
-                sums[f"{kind}: gold NLL"] += gold
-                sums[f"{kind}: unrelated − gold"] += unrelated - gold
-                sums[f"{kind}: empty − gold"] += empty - gold
+                score(kind, lambda doc: answer_nll(lm, tok, E, memories.build(kind, doc), prompt, answer))
             for kind in kv_kinds:
-                build = (lambda doc: kv_codes.memory(lm, tok, memories, doc)) if kind.endswith("codes") else (
+                build = (lambda doc: kv_codes.memory(lm, tok, memories, doc)) if kind == KV_KINDS[-1] else (
                     lambda doc: kv_memory(lm, tok, memories, kind, doc))
-                gold = kv_answer_nll(lm, tok, build(r["context"]), prompt, answer)
-                unrelated = kv_answer_nll(lm, tok, build(other), prompt, answer)
-                sums[f"{kind}: gold NLL"] += gold
-                sums[f"{kind}: unrelated − gold"] += unrelated - gold
-                sums[f"{kind}: empty − gold"] += empty - gold
+                score(kind, lambda doc: kv_answer_nll(lm, tok, build(doc), prompt, answer))
             sums["no memory: NLL"] += empty
         parts.append({k: v / len(batch) for k, v in sums.items()})
         print(f"{start + len(batch)}/{len(rows)} documents", file=sys.stderr)
