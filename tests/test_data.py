@@ -49,13 +49,15 @@ SQUAD = {
                         {
                             "id": "q2",
                             "question": "Where is the Eiffel Tower?",
-                            "answers": [{"text": "in Paris", "answer_start": 52}, {"text": "Paris", "answer_start": 55}],
+                            "answers": [{"text": "in Paris", "answer_start": 52},
+                                         {"text": "Paris", "answer_start": 55}],
                         },
                     ],
                 },
                 {
                     "context": CTX_A1,
-                    "qas": [{"id": "q3", "question": "What flows through Paris?", "answers": [{"text": "The Seine", "answer_start": 0}]}],
+                    "qas": [{"id": "q3", "question": "What flows through Paris?",
+                              "answers": [{"text": "The Seine", "answer_start": 0}]}],
                 },
             ],
         },
@@ -64,11 +66,13 @@ SQUAD = {
             "paragraphs": [
                 {
                     "context": CTX_B0,
-                    "qas": [{"id": "q4", "question": "What is the capital of Germany?", "answers": [{"text": "Berlin", "answer_start": 0}]}],
+                    "qas": [{"id": "q4", "question": "What is the capital of Germany?",
+                              "answers": [{"text": "Berlin", "answer_start": 0}]}],
                 },
                 {  # same text as Paris#0: deduplicated, shares its doc_id
                     "context": CTX_A0,
-                    "qas": [{"id": "q5", "question": "Of which country is Paris the capital?", "answers": [{"text": "France", "answer_start": 24}]}],
+                    "qas": [{"id": "q5", "question": "Of which country is Paris the capital?",
+                              "answers": [{"text": "France", "answer_start": 24}]}],
                 },
             ],
         },
@@ -183,7 +187,8 @@ def test_archivalqa_subset_jsonl_label_filter(tmp_path):
                 "para_id": para_id, "nyt_doc_id": int(para_id.split("_")[0]), "para_index": 0,
                 "answer_start": -1, "para_text": text}
 
-    p = write_jsonl(tmp_path / "sub.jsonl", [rec(1, "X", "5_0", "T5"), rec(2, "Y", "9_0", "T9"), rec(3, "Y", "5_0", "T5")])
+    p = write_jsonl(tmp_path / "sub.jsonl",
+                    [rec(1, "X", "5_0", "T5"), rec(2, "Y", "9_0", "T9"), rec(3, "Y", "5_0", "T5")])
     ds = load_qa_file(p)
     assert ds["question_id"] == ["total_2", "total_3"]
     assert ds["doc_id"] == ["9_0", "5_0"]
@@ -259,7 +264,8 @@ def test_load_documents_file_txt_and_jsonl(tmp_path):
     txt = write(tmp_path / "docs.txt", "First doc.\n\n  \nSecond doc.  \nFirst doc.\n")
     assert load_documents_file(txt) == [(sha16("First doc."), "First doc."), (sha16("Second doc."), "Second doc.")]
 
-    jl = write_jsonl(tmp_path / "docs.jsonl", [{"id": 3, "text": "A"}, {"text": "B"}, {"doc_id": "x", "text": "  "}, {"id": "z", "text": "A"}])
+    jl = write_jsonl(tmp_path / "docs.jsonl",
+                     [{"id": 3, "text": "A"}, {"text": "B"}, {"doc_id": "x", "text": "  "}, {"id": "z", "text": "A"}])
     with pytest.warns(EmptyDocumentWarning, match="skipped 1 empty"):
         docs = load_documents_file(jl)
     assert docs == [("3", "A"), (sha16("B"), "B")]
@@ -278,7 +284,8 @@ def test_load_documents_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"nodoc\.jsonl: line 2: missing required column.*'body'"):
         load_documents_file(write_jsonl(tmp_path / "nodoc.jsonl", [{"text": "a"}, {"body": "b"}]))
     with pytest.raises(ValueError, match=r"conflict\.jsonl: line 2: document id 'd' was already used"):
-        load_documents_file(write_jsonl(tmp_path / "conflict.jsonl", [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}]))
+        load_documents_file(write_jsonl(tmp_path / "conflict.jsonl",
+                                        [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}]))
     with pytest.raises(ValueError, match="no documents"):
         load_documents_file(write(tmp_path / "empty.txt", "\n \n"))
 
@@ -301,8 +308,10 @@ def test_missing_column_lists_found_and_accepted(tmp_path):
     assert "nocol.csv: line 1 (header)" in msg
     assert "'question'" in msg and "'query'" in msg and "accepted" in msg
 
-    p = write_jsonl(tmp_path / "nocol.jsonl", [{"context": "D", "question": "q", "answers": ["a"]}, {"context": "D", "question": "q2"}])
-    with pytest.raises(ValueError, match=r"nocol\.jsonl: line 2: missing required column.*'answers' or 'answer'.*columns found: \['context', 'question'\]"):
+    p = write_jsonl(tmp_path / "nocol.jsonl",
+                    [{"context": "D", "question": "q", "answers": ["a"]}, {"context": "D", "question": "q2"}])
+    with pytest.raises(ValueError, match=r"nocol\.jsonl: line 2: missing required column.*'answers' or 'answer'"
+                                         r".*columns found: \['context', 'question'\]"):
         load_qa_file(p)
 
 
@@ -331,7 +340,8 @@ def test_invalid_fields(tmp_path):
 def test_squad_json_errors_name_article_paragraph_and_question(tmp_path):
     bad = json.loads(json.dumps(SQUAD))
     bad["data"][1]["paragraphs"][1]["qas"][0]["question"] = ""
-    with pytest.raises(ValueError, match=r"bad\.json: data\[1\]\.paragraphs\[1\]\.qas\[0\] \(id 'q5'\): empty 'question'"):
+    with pytest.raises(ValueError,
+                       match=r"bad\.json: data\[1\]\.paragraphs\[1\]\.qas\[0\] \(id 'q5'\): empty 'question'"):
         load_qa_file(write(tmp_path / "bad.json", json.dumps(bad)))
     with pytest.raises(ValueError, match=r"trunc\.json: line 1: invalid JSON"):
         load_qa_file(write(tmp_path / "trunc.json", json.dumps(SQUAD)[:-5]))

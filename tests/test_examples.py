@@ -35,7 +35,8 @@ def write_paragraphs(path, n, offset=0):
 
 
 def run(script, *args, cwd, env=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     out = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], capture_output=True, text=True,
                          cwd=cwd, env=env, timeout=timeout)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])

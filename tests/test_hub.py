@@ -38,8 +38,9 @@ def front_matter(card: str) -> dict:
 def evaluated(tmp_path_factory):
     """A tiny model whose card metrics come from a real MBCTrainer.evaluate, and a bank of DOCS."""
     model = tiny_mbc_model(seed=0)
-    args = MBCTrainingArguments(output_dir=str(tmp_path_factory.mktemp("trainer")), per_device_eval_batch_size=3, report_to="none",
-                                use_cpu=True, save_strategy="no", disable_tqdm=True, memory_gain_questions=6)
+    args = MBCTrainingArguments(output_dir=str(tmp_path_factory.mktemp("trainer")), per_device_eval_batch_size=3,
+                                report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                memory_gain_questions=6)
     metrics = MBCTrainer(model=model, args=args, eval_dataset=datasets.Dataset.from_list(ROWS)).evaluate()
     model.eval()
     return model, metrics, model.memorize(DOCS)

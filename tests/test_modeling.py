@@ -125,7 +125,8 @@ def test_loss_with_reconstruction_term_and_without_vq():
 @pytest.mark.parametrize("gold_only", [False, True], ids=["distractors", "gold-only"])
 def test_contrastive_term_scores_answers_from_a_memory_without_the_gold_document(gold_only):
     margin = 100.0  # larger than any gap here, so the hinge is active for every question: margin - mean gap
-    model = nontrivial_model("llama", "bert", contrastive_loss_weight=0.4, contrastive_margin=margin, vq_loss_weight=0.7)
+    model = nontrivial_model("llama", "bert", contrastive_loss_weight=0.4, contrastive_margin=margin,
+                             vq_loss_weight=0.7)
     inputs = training_inputs(model)
     gold = torch.tensor([0, 1, 3])  # question i asks about document gold[i] (ANSWERS vs DOCS)
     if gold_only:
@@ -203,7 +204,8 @@ def test_distillation_term_is_kl_from_the_base_lm_reading_the_document_in_contex
         with model.kv_lora_disabled():
             teacher = model.lm(input_ids=inputs["teacher_input_ids"],
                                attention_mask=inputs["teacher_attention_mask"]).logits
-        with_lora = model.lm(input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"]).logits
+        with_lora = model.lm(input_ids=inputs["teacher_input_ids"],
+                             attention_mask=inputs["teacher_attention_mask"]).logits
     t = next_token_logprobs(teacher, inputs["teacher_target_mask"])
     s = next_token_logprobs(out.logits, inputs["target_mask"])
     n_bos = len(mbc_hf.modeling_mbc._bos(model.tokenizer))  # all prompt and answer tokens but the first prompt token

@@ -47,10 +47,10 @@ SCRIPT = textwrap.dedent("""
             return super().__call__(batch)
 
     model = tiny_mbc_model(seed=0)
-    args = MBCTrainingArguments(output_dir=out + "/trainer", per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                                learning_rate=3e-3, report_to="none", use_cpu=True, save_strategy="no",
-                                disable_tqdm=True, logging_steps=1, max_steps=6, seed=0, memory_gain_questions=4,
-                                eval_max_questions=len(rows["eval"]), dataloader_num_workers=0)
+    args = MBCTrainingArguments(output_dir=out + "/trainer", per_device_train_batch_size=4,
+                                per_device_eval_batch_size=4, learning_rate=3e-3, report_to="none", use_cpu=True,
+                                save_strategy="no", disable_tqdm=True, logging_steps=1, max_steps=6, seed=0,
+                                memory_gain_questions=4, eval_max_questions=len(rows["eval"]), dataloader_num_workers=0)
     trainer = MBCTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows["train"]),
                          eval_dataset=datasets.Dataset.from_list(rows["eval"]), data_collator=Recording(model))
     trainer.train()

@@ -148,7 +148,8 @@ def test_trainer_feeds_the_distillation_teacher_and_logs_the_term(tmp_path):
     batch = MBCDataCollator(model)(rows)
     assert torch.equal(batch["input_ids"], plain["input_ids"])
     assert batch["teacher_input_ids"].shape[1] > batch["input_ids"].shape[1]  # the documents are in the context
-    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=datasets.Dataset.from_list(rows * 4))
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4),
+                         train_dataset=datasets.Dataset.from_list(rows * 4))
     trainer.train()
     logged = [h["distillation_loss"] for h in trainer.state.log_history if "distillation_loss" in h]
     assert len(logged) == 2 and all(math.isfinite(v) and v >= 0.0 for v in logged)  # a KL, logged every 2 steps
