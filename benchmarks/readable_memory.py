@@ -23,6 +23,9 @@ positions continue after the document, as in context), not as input embeddings:
 * ``key/values at the T highest-IDF positions`` / ``at the last T positions``: a query-agnostic KV-cache eviction
   down to BOS + T positions, each a contextual state of the document read so far. Uncompressed and in the LM's own
   format, they show what T memory slots can give this LM without any training.
+* ``... highest-IDF positions, k-means codes``: those positions through 512-code k-means codebooks (`KVCodebooks`),
+  one per layer, or ``--kv-groups`` per layer (product quantization) with ``--kv-stages`` residual codes each;
+  the report adds the relative coding error of the keys and of the values.
 
 IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
 
@@ -30,6 +33,9 @@ IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 256 \
         --output benchmarks/results/readable_memory.json
     python benchmarks/readable_memory.py ... --docs 256 --kinds --kv --output benchmarks/results/readable_memory_kv.json
+    python benchmarks/readable_memory.py ... --docs 256 --kv-groups 6 --kv-stages 2 --kinds --kv \
+        "key/values at the T highest-IDF positions, k-means codes" \
+        --output benchmarks/results/readable_memory_kv_codes_g6s2.json
 """
 import argparse
 import functools
@@ -112,19 +118,44 @@ def rope(lm, keys: torch.Tensor, positions: torch.Tensor, inverse: bool = False)
 
 
 class KVCodebooks:
-    """One k-means codebook (``codebook_size`` codes, `VectorQuantizer.kmeans_init`) per layer over a kept position's
-    (key before RoPE, value) pair, flattened to 2 · kv_heads · head_dim: a slot becomes one code per layer (with
-    K = 512, 30 codes of 9 bits for SmolLM2, 34 bytes). The fit sees BOS + T rows per training document (the BOS
+    """Codebooks of ``codebook_size`` codes (k-means, `VectorQuantizer.kmeans_init`) per layer over a kept
+    position's (key before RoPE, value) pair, flattened to 2 · kv_heads · head_dim. With ``groups`` G the pair is
+    cut into G equal parts, each with its own codebook (product quantization); with ``stages`` S each part's
+    residual is coded again S − 1 times (residual quantization). A slot becomes layers · G · S codes (K = 512,
+    G = S = 1: 30 codes of 9 bits for SmolLM2, 34 bytes). The fit sees BOS + T rows per training document (the BOS
     rows are alike and take about one code); BOS itself is kept exact in a memory."""
 
-    def __init__(self, lm, tok, memories: "ReadableMemories", train_docs: list[str], codebook_size: int):
+    @torch.no_grad()
+    def __init__(self, lm, tok, memories: "ReadableMemories", train_docs: list[str], codebook_size: int,
+                 groups: int = 1, stages: int = 1):
         # docs × layers × (1 + T, 2·h·d)
         per_doc = [self.slot_vectors(lm, tok, memories, doc)[0] for doc in train_docs]
-        self.vqs = []
+        self.groups, self.vqs = groups, []  # layers × groups × stages
+        self.squares = torch.zeros(2, 2)  # [keys, values] × [sum of squared coding errors, of squared entries]
         for vectors in zip(*per_doc):  # one layer's vectors of every document
-            vq = VectorQuantizer(codebook_size, vectors[0].shape[-1]).eval()
-            vq.kmeans_init(torch.cat(vectors))
-            self.vqs.append(vq)
+            layer = []
+            for part in torch.cat(vectors).chunk(groups, -1):
+                stack = []
+                for _ in range(stages):
+                    vq = VectorQuantizer(codebook_size, part.shape[-1]).eval()
+                    vq.kmeans_init(part)
+                    part = part - vq.decode(vq.nearest_codes(part))
+                    stack.append(vq)
+                layer.append(stack)
+            self.vqs.append(layer)
+
+    def relative_error(self) -> dict[str, float]:
+        """‖coded − exact‖ / ‖exact‖ over every key and every value of the memories built so far (not BOS)."""
+        ratio = (self.squares[:, 0] / self.squares[:, 1]).sqrt()
+        return {"keys": ratio[0].item(), "values": ratio[1].item()}
+
+    @staticmethod
+    def decode(stack: list, x: torch.Tensor) -> torch.Tensor:
+        """x (n, c) through a residual stack of codebooks: the sum of each stage's nearest code."""
+        out = torch.zeros_like(x)
+        for vq in stack:
+            out = out + vq.decode(vq.nearest_codes(x - out))
+        return out
 
     @staticmethod
     def slot_vectors(lm, tok, memories, doc):
@@ -144,8 +175,12 @@ class KVCodebooks:
         """The `kv_memory` of the T highest-IDF positions with every slot replaced by its codes' decoding."""
         vectors, positions, offset, shape = self.slot_vectors(lm, tok, memories, doc)
         kv = []
-        for vq, x in zip(self.vqs, vectors):
-            x = torch.cat([x[:1], vq.decode(vq.nearest_codes(x[1:]))])  # BOS stays exact (the attention sink)
+        for layer, x in zip(self.vqs, vectors):
+            parts = x[1:].chunk(self.groups, -1)
+            coded = torch.cat([self.decode(stack, part) for stack, part in zip(layer, parts)], -1)
+            error = (coded - x[1:]).unflatten(-1, (2, -1)).pow(2).sum((0, 2))  # (2,) keys, values
+            self.squares += torch.stack([error, x[1:].unflatten(-1, (2, -1)).pow(2).sum((0, 2))], -1)
+            x = torch.cat([x[:1], coded])  # BOS stays exact (the attention sink)
             k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]  # 2 × (1, h, n, d)
             kv.append((rope(lm, k, positions), v))
         return kv, offset
@@ -220,6 +255,9 @@ def main(argv=None):
                    "document (all of these kinds when given without names)")
     p.add_argument("--kv-kmeans-docs", type=int, default=256, help="training documents for the per-layer "
                    "key/value codebooks")
+    p.add_argument("--kv-groups", type=int, default=1, help="product quantization: codebooks per layer, each for "
+                   "an equal part of the (key, value) pair")
+    p.add_argument("--kv-stages", type=int, default=1, help="residual quantization: codes per part")
     p.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS, help="input-embedding memories to score")
     p.add_argument("--output")
     a = p.parse_args(argv)
@@ -233,7 +271,8 @@ def main(argv=None):
     kv_kinds = KV_KINDS if a.kv == [] else a.kv or []
     kv_codes = None
     if KV_KINDS[-1] in kv_kinds:
-        kv_codes = KVCodebooks(lm, tok, memories, train_docs[:a.kv_kmeans_docs], a.codebook_size)
+        kv_codes = KVCodebooks(lm, tok, memories, train_docs[:a.kv_kmeans_docs], a.codebook_size, a.kv_groups,
+                               a.kv_stages)
     template = MBCConfig().prompt_template
     parts = []
     for start in range(0, len(rows), a.batch_size):
@@ -260,11 +299,12 @@ def main(argv=None):
         parts.append({k: v / len(batch) for k, v in sums.items()})
         print(f"{start + len(batch)}/{len(rows)} documents", file=sys.stderr)
     mean, stderr, table = batch_mean_table(parts, "memory: quantity", "nats/token", "+.4f")
+    coding = {"kv_codes_relative_error": kv_codes.relative_error()} if kv_codes else {}
     print(f"base LM {a.base_model}, untrained; {len(rows)} documents spread over {a.data}, one question each; "
-          f"T = {a.slots}, K = {a.codebook_size}\n\n{table}")
+          f"T = {a.slots}, K = {a.codebook_size}\n\n{table}" + (f"\n\n{coding}" if coding else ""))
     if a.output:
         write_json_report(a.output, {"base_model": a.base_model, "data": a.data, "n_docs": len(rows),
-                                     **mean, "standard_error": stderr, "command": " ".join(sys.argv)})
+                                     **mean, **coding, "standard_error": stderr, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":
