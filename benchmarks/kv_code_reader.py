@@ -24,121 +24,126 @@ from mbc_hf.data import documents, load_qa_file
 from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.trainer import first_row_per_document
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--train", required=True, help="QA file: IDF, codebook fit and training questions")
-p.add_argument("--data", required=True, help="QA file of the dev documents (one question each)")
-p.add_argument("--kv-groups", type=int, default=6)
-p.add_argument("--kv-stages", type=int, default=2)
-p.add_argument("--kv-kmeans-docs", type=int, default=256, help="training documents for the codebook fit")
-p.add_argument("--train-docs", type=int, default=1500, help="training documents whose questions are used")
-p.add_argument("--minutes", type=float, default=18, help="training time budget")
-p.add_argument("--docs", type=int, default=256, help="dev documents, spread over the file")
-p.add_argument("--lr", type=float, default=1e-3)
-a = p.parse_args()
-G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
-                                        a.docs, a.lr)
-torch.manual_seed(0); random.seed(0)
-path = embedded_base_model_path()
-tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-for w in lm.parameters():
-    w.requires_grad_(False)
-E = lm.get_input_embeddings().weight.detach()
-train_rows = load_qa_file(a.train)
-train_docs = [t for _, t in documents(train_rows)]
-mem = ReadableMemories(tok, E, train_docs, 12, 384, 64, 512)
-t0 = time.time()
-cb = KVCodebooks(lm, tok, mem, train_docs[:FIT], 512, G, S)
-print(f"fit {time.time() - t0:.0f}s", flush=True)
-# trainable code vectors, initialised at the k-means centroids: [layer][group][stage] -> (512, c)
-params = torch.nn.ParameterList()
-index = {}
-for l, layer in enumerate(cb.vqs):
-    for g, stack in enumerate(layer):
-        for s, vq in enumerate(stack):
-            index[l, g, s] = len(params)
-            params.append(torch.nn.Parameter(vq.decode(torch.arange(512)).detach().clone()))
-
-@torch.no_grad()
-def encode(doc):
-    """codes (layers, G, S, T), BOS rows per layer, positions, offset, shape"""
-    vectors, positions, offset, shape = cb.slot_vectors(lm, tok, mem, doc)
-    codes = torch.zeros(len(vectors), G, S, vectors[0].shape[0] - 1, dtype=torch.long)
-    for l, (layer, x) in enumerate(zip(cb.vqs, vectors)):
-        for g, (stack, part) in enumerate(zip(layer, x[1:].chunk(G, -1))):
-            out = torch.zeros_like(part)
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True, help="QA file: IDF, codebook fit and training questions")
+    p.add_argument("--data", required=True, help="QA file of the dev documents (one question each)")
+    p.add_argument("--kv-groups", type=int, default=6)
+    p.add_argument("--kv-stages", type=int, default=2)
+    p.add_argument("--kv-kmeans-docs", type=int, default=256, help="training documents for the codebook fit")
+    p.add_argument("--train-docs", type=int, default=1500, help="training documents whose questions are used")
+    p.add_argument("--minutes", type=float, default=18, help="training time budget")
+    p.add_argument("--docs", type=int, default=256, help="dev documents, spread over the file")
+    p.add_argument("--lr", type=float, default=1e-3)
+    a = p.parse_args(argv)
+    G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
+                                            a.docs, a.lr)
+    torch.manual_seed(0); random.seed(0)
+    path = embedded_base_model_path()
+    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    for w in lm.parameters():
+        w.requires_grad_(False)
+    E = lm.get_input_embeddings().weight.detach()
+    train_rows = load_qa_file(a.train)
+    train_docs = [t for _, t in documents(train_rows)]
+    mem = ReadableMemories(tok, E, train_docs, 12, 384, 64, 512)
+    t0 = time.time()
+    cb = KVCodebooks(lm, tok, mem, train_docs[:FIT], 512, G, S)
+    print(f"fit {time.time() - t0:.0f}s", flush=True)
+    # trainable code vectors, initialised at the k-means centroids: [layer][group][stage] -> (512, c)
+    params = torch.nn.ParameterList()
+    index = {}
+    for l, layer in enumerate(cb.vqs):
+        for g, stack in enumerate(layer):
             for s, vq in enumerate(stack):
-                c = vq.nearest_codes(part - out)
-                codes[l, g, s] = c
-                out = out + vq.decode(c)
-    return codes, [x[:1] for x in vectors], positions, offset, shape
+                index[l, g, s] = len(params)
+                params.append(torch.nn.Parameter(vq.decode(torch.arange(512)).detach().clone()))
 
-def memory(enc):
-    codes, bos, positions, offset, shape = enc
-    kv = []
-    for l in range(codes.shape[0]):
-        coded = torch.cat([sum(params[index[l, g, s]][codes[l, g, s]] for s in range(S)) for g in range(G)], -1)
-        x = torch.cat([bos[l], coded])
-        k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]
-        kv.append((rope(lm, k, positions), v))
-    return kv, offset
+    @torch.no_grad()
+    def encode(doc):
+        """codes (layers, G, S, T), BOS rows per layer, positions, offset, shape"""
+        vectors, positions, offset, shape = cb.slot_vectors(lm, tok, mem, doc)
+        codes = torch.zeros(len(vectors), G, S, vectors[0].shape[0] - 1, dtype=torch.long)
+        for l, (layer, x) in enumerate(zip(cb.vqs, vectors)):
+            for g, (stack, part) in enumerate(zip(layer, x[1:].chunk(G, -1))):
+                out = torch.zeros_like(part)
+                for s, vq in enumerate(stack):
+                    c = vq.nearest_codes(part - out)
+                    codes[l, g, s] = c
+                    out = out + vq.decode(c)
+        return codes, [x[:1] for x in vectors], positions, offset, shape
 
-template = MBCConfig().prompt_template
-def nll(memory_, q, answer):
-    kv, offset = memory_
-    p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
-    a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = torch.tensor([p + a])
-    cache = DynamicCache(kv, config=lm.config)
-    mask = torch.ones(1, kv[0][0].shape[2] + ids.shape[1], dtype=torch.long)
-    pos = torch.arange(offset, offset + ids.shape[1])[None]
-    logits = lm(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos).logits[0].float()
-    start = logits.shape[0] - len(a)
-    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a))
+    def memory(enc):
+        codes, bos, positions, offset, shape = enc
+        kv = []
+        for l in range(codes.shape[0]):
+            coded = torch.cat([sum(params[index[l, g, s]][codes[l, g, s]] for s in range(S)) for g in range(G)], -1)
+            x = torch.cat([bos[l], coded])
+            k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]
+            kv.append((rope(lm, k, positions), v))
+        return kv, offset
 
-@torch.no_grad()
-def empty_nll(q, answer):
-    bos = [tok.bos_token_id]
-    p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
-    a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    logits = lm(input_ids=torch.tensor([bos + p + a])).logits[0].float()
-    start = logits.shape[0] - len(a)
-    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
+    template = MBCConfig().prompt_template
+    def nll(memory_, q, answer):
+        kv, offset = memory_
+        p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + a])
+        cache = DynamicCache(kv, config=lm.config)
+        mask = torch.ones(1, kv[0][0].shape[2] + ids.shape[1], dtype=torch.long)
+        pos = torch.arange(offset, offset + ids.shape[1])[None]
+        logits = lm(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos).logits[0].float()
+        start = logits.shape[0] - len(a)
+        return F.cross_entropy(logits[start - 1:-1], torch.tensor(a))
 
-dev = first_row_per_document(split_train_eval(load_qa_file(a.data), NDEV)[1])
-dev_enc = [encode(r["context"]) for r in dev]
-dev_empty = [empty_nll(r["question"], r["answers"][0]) for r in dev]
+    @torch.no_grad()
+    def empty_nll(q, answer):
+        bos = [tok.bos_token_id]
+        p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        logits = lm(input_ids=torch.tensor([bos + p + a])).logits[0].float()
+        start = logits.shape[0] - len(a)
+        return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
 
-@torch.no_grad()
-def evaluate(tag):
-    ug, eg, gold = [], [], []
-    for i, r in enumerate(dev):
-        g = nll(memory(dev_enc[i]), r["question"], r["answers"][0]).item()
-        u = nll(memory(dev_enc[(i + 1) % len(dev)]), r["question"], r["answers"][0]).item()
-        ug.append(u - g); eg.append(dev_empty[i] - g); gold.append(g)
-    t = lambda v: f"{torch.tensor(v).mean():+.3f} ± {torch.tensor(v).std() / len(v) ** .5:.3f}"
-    print(f"[{tag}] dev {len(dev)}: gold {t(gold)}  unrelated−gold {t(ug)}  empty−gold {t(eg)}", flush=True)
+    dev = first_row_per_document(split_train_eval(load_qa_file(a.data), NDEV)[1])
+    dev_enc = [encode(r["context"]) for r in dev]
+    dev_empty = [empty_nll(r["question"], r["answers"][0]) for r in dev]
 
-evaluate("k-means init")
-# training rows: questions of train docs FIT.. (docs not in the codebook fit first), up to NTRAIN docs
-by_doc = {}
-for r in train_rows:
-    by_doc.setdefault(r["context"], []).append(r)
-docs = list(by_doc)[:NTRAIN]
-t0 = time.time(); enc_cache = {}
-opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-step, losses = 0, []
-order = [(d, r) for d in docs for r in by_doc[d]]
-random.shuffle(order)
-for d, r in order:
-    if time.time() - t0 > MINUTES * 60:
-        break
-    if d not in enc_cache:
-        enc_cache[d] = encode(d)
-    loss = nll(memory(enc_cache[d]), r["question"], r["answers"][0])
-    (loss / 8).backward(); losses.append(loss.item()); step += 1
-    if step % 8 == 0:
-        opt.step(); opt.zero_grad()
-    if step % 200 == 0:
-        print(f"q {step} loss {sum(losses[-200:]) / 200:.3f} {time.time() - t0:.0f}s", flush=True)
-print(f"trained on {step} questions", flush=True)
-evaluate("trained")
+    @torch.no_grad()
+    def evaluate(tag):
+        ug, eg, gold = [], [], []
+        for i, r in enumerate(dev):
+            g = nll(memory(dev_enc[i]), r["question"], r["answers"][0]).item()
+            u = nll(memory(dev_enc[(i + 1) % len(dev)]), r["question"], r["answers"][0]).item()
+            ug.append(u - g); eg.append(dev_empty[i] - g); gold.append(g)
+        t = lambda v: f"{torch.tensor(v).mean():+.3f} ± {torch.tensor(v).std() / len(v) ** .5:.3f}"
+        print(f"[{tag}] dev {len(dev)}: gold {t(gold)}  unrelated−gold {t(ug)}  empty−gold {t(eg)}", flush=True)
+
+    evaluate("k-means init")
+    # training rows: questions of train docs FIT.. (docs not in the codebook fit first), up to NTRAIN docs
+    by_doc = {}
+    for r in train_rows:
+        by_doc.setdefault(r["context"], []).append(r)
+    docs = list(by_doc)[:NTRAIN]
+    t0 = time.time(); enc_cache = {}
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    step, losses = 0, []
+    order = [(d, r) for d in docs for r in by_doc[d]]
+    random.shuffle(order)
+    for d, r in order:
+        if time.time() - t0 > MINUTES * 60:
+            break
+        if d not in enc_cache:
+            enc_cache[d] = encode(d)
+        loss = nll(memory(enc_cache[d]), r["question"], r["answers"][0])
+        (loss / 8).backward(); losses.append(loss.item()); step += 1
+        if step % 8 == 0:
+            opt.step(); opt.zero_grad()
+        if step % 200 == 0:
+            print(f"q {step} loss {sum(losses[-200:]) / 200:.3f} {time.time() - t0:.0f}s", flush=True)
+    print(f"trained on {step} questions", flush=True)
+    evaluate("trained")
+
+
+if __name__ == "__main__":
+    main()
