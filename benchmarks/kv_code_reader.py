@@ -14,9 +14,8 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
-from readable_memory import KVCodebooks, ReadableMemories, rope
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss, rope
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.configuration_mbc import MBCConfig
@@ -84,30 +83,14 @@ def main(argv=None):
         return kv, offset
 
     template = MBCConfig().prompt_template
-    def nll(memory_, q, answer):
-        kv, offset = memory_
-        p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
-        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + a])
-        cache = DynamicCache(kv, config=lm.config)
-        mask = torch.ones(1, kv[0][0].shape[2] + ids.shape[1], dtype=torch.long)
-        pos = torch.arange(offset, offset + ids.shape[1])[None]
-        logits = lm(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos).logits[0].float()
-        start = logits.shape[0] - len(a)
-        return F.cross_entropy(logits[start - 1:-1], torch.tensor(a))
 
-    @torch.no_grad()
-    def empty_nll(q, answer):
-        bos = [tok.bos_token_id]
-        p = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
-        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        logits = lm(input_ids=torch.tensor([bos + p + a])).logits[0].float()
-        start = logits.shape[0] - len(a)
-        return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
+    def nll(memory_, q, answer):
+        return kv_answer_loss(lm, tok, memory_, template.format(question=q), answer)
 
     dev = first_row_per_document(split_train_eval(load_qa_file(a.data), NDEV)[1])
     dev_enc = [encode(r["context"]) for r in dev]
-    dev_empty = [empty_nll(r["question"], r["answers"][0]) for r in dev]
+    dev_empty = [answer_nll(lm, tok, E, None, template.format(question=r["question"]), r["answers"][0])
+                 for r in dev]
 
     @torch.no_grad()
     def evaluate(tag):

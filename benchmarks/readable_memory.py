@@ -216,6 +216,11 @@ def kv_memory(lm, tok, memories: "ReadableMemories", kind: str, doc: str) -> tup
 @torch.no_grad()
 def kv_answer_nll(lm, tok, memory: tuple[list, int], prompt: str, answer: str) -> float:
     """Mean NLL (nats/token) of `` answer<eos>`` after ``prompt``, reading the key/values ``memory``."""
+    return kv_answer_loss(lm, tok, memory, prompt, answer).item()
+
+
+def kv_answer_loss(lm, tok, memory: tuple[list, int], prompt: str, answer: str) -> torch.Tensor:
+    """`kv_answer_nll` as a scalar tensor, with the graph back to ``memory``'s key/values (for training them)."""
     kv, offset = memory
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -225,7 +230,7 @@ def kv_answer_nll(lm, tok, memory: tuple[list, int], prompt: str, answer: str) -
     positions = torch.arange(offset, offset + ids.shape[1])[None]
     logits = lm(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions).logits[0].float()
     start = logits.shape[0] - len(a)
-    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
+    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a))
 
 
 @torch.no_grad()
