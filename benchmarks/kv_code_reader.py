@@ -65,11 +65,7 @@ def main(argv=None):
         codes = torch.zeros(len(vectors), G, S, vectors[0].shape[0] - 1, dtype=torch.long)
         for l, (layer, x) in enumerate(zip(cb.vqs, vectors)):
             for g, (stack, part) in enumerate(zip(layer, x[1:].chunk(G, -1))):
-                out = torch.zeros_like(part)
-                for s, vq in enumerate(stack):
-                    c = vq.nearest_codes(part - out)
-                    codes[l, g, s] = c
-                    out = out + vq.decode(c)
+                codes[l, g] = torch.stack(cb.stage_codes(stack, part))
         return codes, [x[:1] for x in vectors], positions, offset, shape
 
     def memory(enc):

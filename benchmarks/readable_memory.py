@@ -150,12 +150,19 @@ class KVCodebooks:
         return {"keys": ratio[0].item(), "values": ratio[1].item()}
 
     @staticmethod
-    def decode(stack: list, x: torch.Tensor) -> torch.Tensor:
-        """x (n, c) through a residual stack of codebooks: the sum of each stage's nearest code."""
-        out = torch.zeros_like(x)
+    def stage_codes(stack: list, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (n, c) through a residual stack of codebooks: each stage's (n,) int64 nearest code to what the stages
+        before it left over."""
+        out, codes = torch.zeros_like(x), []
         for vq in stack:
-            out = out + vq.decode(vq.nearest_codes(x - out))
-        return out
+            codes.append(vq.nearest_codes(x - out))
+            out = out + vq.decode(codes[-1])
+        return codes
+
+    @classmethod
+    def decode(cls, stack: list, x: torch.Tensor) -> torch.Tensor:
+        """x (n, c) through a residual stack of codebooks: the sum of each stage's code vector."""
+        return sum(vq.decode(c) for vq, c in zip(stack, cls.stage_codes(stack, x)))
 
     @staticmethod
     def slot_vectors(lm, tok, memories, doc):
