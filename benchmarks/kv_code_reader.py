@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mbc_hf.cli import split_train_eval
 from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
+from mbc_hf.demo import write_json_report
 from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.trainer import first_row_per_document
 
@@ -34,6 +35,12 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=18, help="training time budget")
     p.add_argument("--docs", type=int, default=256, help="dev documents, spread over the file")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N training questions (0: off)")
+    p.add_argument("--hinge-weight", type=float, default=0.0,
+                   help="add w * max(0, margin - (NLL unrelated - NLL gold)), the unrelated memory being another "
+                        "training document (doubles the cost of a question)")
+    p.add_argument("--margin", type=float, default=1.0, help="hinge margin, nats per answer token")
+    p.add_argument("--output", help="write the evaluations (JSON)")
     a = p.parse_args(argv)
     G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
                                             a.docs, a.lr)
@@ -88,16 +95,25 @@ def main(argv=None):
     dev_empty = [answer_nll(lm, tok, E, None, template.format(question=r["question"]), r["answers"][0])
                  for r in dev]
 
+    curve = []
+
     @torch.no_grad()
-    def evaluate(tag):
+    def evaluate(tag, questions=0):
         ug, eg, gold = [], [], []
         for i, r in enumerate(dev):
             g = nll(memory(dev_enc[i]), r["question"], r["answers"][0]).item()
             u = nll(memory(dev_enc[(i + 1) % len(dev)]), r["question"], r["answers"][0]).item()
             ug.append(u - g); eg.append(dev_empty[i] - g); gold.append(g)
-        t = lambda v: f"{torch.tensor(v).mean():+.3f} ± {torch.tensor(v).std() / len(v) ** .5:.3f}"
-        print(f"[{tag}] dev {len(dev)}: gold {t(gold)}  unrelated−gold {t(ug)}  empty−gold {t(eg)}", flush=True)
+        stats = {k: (torch.tensor(v).mean().item(), (torch.tensor(v).std() / len(v) ** .5).item())
+                 for k, v in [("gold", gold), ("unrelated_minus_gold", ug), ("empty_minus_gold", eg)]}
+        curve.append({"tag": tag, "questions": questions, "minutes": (time.time() - t0) / 60, **stats})
+        t = lambda k: f"{stats[k][0]:+.3f} ± {stats[k][1]:.3f}"
+        print(f"[{tag}] dev {len(dev)}: gold {t('gold')}  unrelated−gold {t('unrelated_minus_gold')}  "
+              f"empty−gold {t('empty_minus_gold')}", flush=True)
+        if a.output:
+            write_json_report(a.output, {"args": vars(a), "evaluations": curve})
 
+    t0 = time.time()
     evaluate("k-means init")
     # training rows: questions of train docs FIT.. (docs not in the codebook fit first), up to NTRAIN docs
     by_doc = {}
@@ -114,14 +130,20 @@ def main(argv=None):
             break
         if d not in enc_cache:
             enc_cache[d] = encode(d)
-        loss = nll(memory(enc_cache[d]), r["question"], r["answers"][0])
-        (loss / 8).backward(); losses.append(loss.item()); step += 1
+        loss = gold = nll(memory(enc_cache[d]), r["question"], r["answers"][0])
+        if a.hinge_weight and len(enc_cache) > 1:
+            other = random.choice([e for e in enc_cache if e != d])
+            unrelated = nll(memory(enc_cache[other]), r["question"], r["answers"][0])
+            loss = loss + a.hinge_weight * torch.relu(a.margin - (unrelated - gold))
+        (loss / 8).backward(); losses.append(gold.item()); step += 1
         if step % 8 == 0:
             opt.step(); opt.zero_grad()
         if step % 200 == 0:
-            print(f"q {step} loss {sum(losses[-200:]) / 200:.3f} {time.time() - t0:.0f}s", flush=True)
+            print(f"q {step} gold NLL {sum(losses[-200:]) / 200:.3f} {time.time() - t0:.0f}s", flush=True)
+        if a.eval_every and step % a.eval_every == 0:
+            evaluate(f"{step} questions", step)
     print(f"trained on {step} questions", flush=True)
-    evaluate("trained")
+    evaluate("trained", step)
 
 
 if __name__ == "__main__":
