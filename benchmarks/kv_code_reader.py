@@ -15,14 +15,17 @@ import time
 
 import torch
 from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss, rope
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mbc_hf.atomic import atomic_write
 from mbc_hf.cli import split_train_eval
 from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.demo import write_json_report
 from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.trainer import first_row_per_document
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +44,8 @@ def main(argv=None):
                         "training document (doubles the cost of a question)")
     p.add_argument("--margin", type=float, default=1.0, help="hinge margin, nats per answer token")
     p.add_argument("--output", help="write the evaluations (JSON)")
+    p.add_argument("--save", help="write the trained code vectors (safetensors) after each evaluation")
+    p.add_argument("--load", help="start from code vectors written by --save (same --train, --kv-* and seed)")
     a = p.parse_args(argv)
     G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
                                             a.docs, a.lr)
@@ -85,6 +90,10 @@ def main(argv=None):
             kv.append((rope(lm, k, positions), v))
         return kv, offset
 
+    if a.load:
+        saved = load_file(a.load)
+        for i, w in enumerate(params):
+            w.data.copy_(saved[str(i)])
     template = MBCConfig().prompt_template
 
     def nll(memory_, q, answer):
@@ -106,15 +115,19 @@ def main(argv=None):
             ug.append(u - g); eg.append(dev_empty[i] - g); gold.append(g)
         stats = {k: (torch.tensor(v).mean().item(), (torch.tensor(v).std() / len(v) ** .5).item())
                  for k, v in [("gold", gold), ("unrelated_minus_gold", ug), ("empty_minus_gold", eg)]}
+        stats["unrelated_above_gold"] = sum(x > 0 for x in ug) / len(ug)  # share of documents where gold helps
         curve.append({"tag": tag, "questions": questions, "minutes": (time.time() - t0) / 60, **stats})
         t = lambda k: f"{stats[k][0]:+.3f} ± {stats[k][1]:.3f}"
         print(f"[{tag}] dev {len(dev)}: gold {t('gold')}  unrelated−gold {t('unrelated_minus_gold')}  "
-              f"empty−gold {t('empty_minus_gold')}", flush=True)
+              f"empty−gold {t('empty_minus_gold')}  gold better on {stats['unrelated_above_gold']:.0%}", flush=True)
         if a.output:
             write_json_report(a.output, {"args": vars(a), "evaluations": curve})
+        if a.save:
+            weights = {str(i): w.detach().contiguous() for i, w in enumerate(params)}
+            atomic_write(a.save, lambda tmp: save_file(weights, tmp))
 
     t0 = time.time()
-    evaluate("k-means init")
+    evaluate(f"loaded {a.load}" if a.load else "k-means init")
     # training rows: questions of train docs FIT.. (docs not in the codebook fit first), up to NTRAIN docs
     by_doc = {}
     for r in train_rows:
