@@ -4,8 +4,9 @@ is its key/values at BOS + the T highest-IDF positions through `readable_memory.
 centroids; AdamW, batches of 8 questions) with the answer NLL of SQuAD train questions reading their gold
 document's codes. Prints answer NLL (nats/token) on dev documents spread over the file, with the gold memory, and
 the gain against an unrelated memory (the next document) and against none (± standard error over documents, and
-the share of documents where gold beats unrelated), before and after training and every ``--eval-every`` questions; ``--hinge-weight`` adds a gold-vs-unrelated hinge. A probe, not part of the package: it
-departs from MBC's bank of T single codes.
+the share of documents where gold beats unrelated), before and after training and every ``--eval-every``
+questions; ``--hinge-weight`` adds a gold-vs-unrelated hinge. A probe, not part of the package: it departs from
+MBC's bank of T single codes.
 
     python benchmarks/kv_code_reader.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --kv-groups 6 --kv-stages 2 --minutes 18
