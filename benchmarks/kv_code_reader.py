@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--margin", type=float, default=1.0, help="hinge margin, nats per answer token")
     p.add_argument("--output", help="write the evaluations (JSON)")
     p.add_argument("--save", help="write the trained code vectors (safetensors) after each evaluation")
-    p.add_argument("--load", help="start from code vectors written by --save (same --train, --kv-* and seed)")
+    p.add_argument("--load", help="start from code vectors written by --save (same --train and --kv-*; the "
+                                         "training questions start again from the first)")
     a = p.parse_args(argv)
     G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
                                             a.docs, a.lr)
