@@ -16,7 +16,7 @@ import random
 import time
 
 import torch
-from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss, rope
+from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,9 +88,7 @@ def main(argv=None):
         kv = []
         for l in range(codes.shape[0]):
             coded = torch.cat([sum(params[index[l, g, s]][codes[l, g, s]] for s in range(S)) for g in range(G)], -1)
-            x = torch.cat([bos[l], coded])
-            k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]
-            kv.append((rope(lm, k, positions), v))
+            kv.append(cb.slot_kv(lm, torch.cat([bos[l], coded]), positions, shape))
         return kv, offset
 
     if a.load:

@@ -177,6 +177,13 @@ class KVCodebooks:
             out.append(torch.cat([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], -1))
         return out, positions, offset, kv[0][0].shape
 
+    @staticmethod
+    def slot_kv(lm, x: torch.Tensor, positions: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (1 + T, 2·kv_heads·head_dim) rows of `slot_vectors` back to (key, value), each
+        (1, kv_heads, 1 + T, head_dim), keys rotated to ``positions``."""
+        k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]
+        return rope(lm, k, positions), v
+
     @torch.no_grad()
     def memory(self, lm, tok, memories, doc) -> tuple[list, int]:
         """The `kv_memory` of the T highest-IDF positions with every slot replaced by its codes' decoding."""
@@ -187,9 +194,7 @@ class KVCodebooks:
             coded = torch.cat([self.decode(stack, part) for stack, part in zip(layer, parts)], -1)
             error = (coded - x[1:]).unflatten(-1, (2, -1)).pow(2).sum((0, 2))  # (2,) keys, values
             self.squares += torch.stack([error, x[1:].unflatten(-1, (2, -1)).pow(2).sum((0, 2))], -1)
-            x = torch.cat([x[:1], coded])  # BOS stays exact (the attention sink)
-            k, v = x.unflatten(-1, (2, shape[1], shape[3])).permute(1, 2, 0, 3)[:, None]  # 2 × (1, h, n, d)
-            kv.append((rope(lm, k, positions), v))
+            kv.append(self.slot_kv(lm, torch.cat([x[:1], coded]), positions, shape))  # BOS stays exact (the sink)
         return kv, offset
 
 
