@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from mbc_hf.cli import split_train_eval
 from mbc_hf.data import load_qa_file
 from mbc_hf.demo import batch_mean_table, write_json_report
-from mbc_hf.trainer import MBCDataCollator, first_row_per_document, memory_gain
+from mbc_hf.trainer import (MBCDataCollator, article_of, article_pair_batches, first_row_per_document, memory_gain,
+                            paired_partners)
 
 
 @torch.no_grad()
@@ -38,10 +39,14 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="QA file; one question per document is used")
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--spread", action="store_true", help="take the documents evenly spaced over the whole file "
-                   "(different articles, so the unrelated memory is another topic) instead of the first N in order "
-                   "(consecutive paragraphs of one article, so the unrelated memory is a paragraph of the same topic)")
+                   "instead of the first N in order (consecutive paragraphs of one article); with --docs above the "
+                   "number of articles, most next documents are still of the same article: see --article-pairs")
     p.add_argument("--batch-size", type=int, default=8, help="documents per batch (the unrelated memory is the "
                                                                  "next document of the batch)")
+    p.add_argument("--article-pairs", action="store_true", help="batches of pairs of documents from one article "
+                   "(`article_pair_batches`): each question also reads a paragraph of another article "
+                   "(other_article: does the memory hold the topic?) and the other paragraph of its own article "
+                   "(same_article: does it hold the paragraph?), instead of the next document")
     p.add_argument("--output")
     a = p.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
@@ -52,16 +57,22 @@ def main(argv=None):
     else:
         source = load_qa_file(a.data, downsample_to=a.docs)
     rows = first_row_per_document(source)
+    if a.article_pairs:
+        batches, partners = article_pair_batches(rows, a.batch_size), paired_partners(a.batch_size)
+        rows = [r for b in batches for r in b]
+    else:
+        batches, partners = [rows[i:i + a.batch_size] for i in range(0, len(rows), a.batch_size)], None
     collate, parts = MBCDataCollator(model), []
-    for i in range(0, len(rows), a.batch_size):
-        batch = collate(rows[i:i + a.batch_size])
-        parts.append({**memory_gain(model, batch), **code_statistics(model, batch)})
+    for rows_ in batches:
+        batch = collate(rows_)
+        parts.append({**memory_gain(model, batch, partners), **code_statistics(model, batch)})
     mean, stderr, table = batch_mean_table(parts, "quantity", "nats/token", "+.4f")
-    print(f"{len(rows)} documents ({'spread over the file' if a.spread else 'first in file order'}), one question "
-          f"each, from {a.data}\n\n{table}")
+    articles = len({article_of(r["doc_id"]) for r in rows})
+    print(f"{len(rows)} documents of {articles} articles ({'spread over the file' if a.spread else 'first in file order'}"
+          f"{', in same-article pairs' if a.article_pairs else ''}), one question each, from {a.data}\n\n{table}")
     if a.output:
         write_json_report(a.output, {"model": a.model, "data": a.data, "n_docs": len(rows),
-                                     "spread": a.spread, "doc_ids": [r["doc_id"] for r in rows], **mean,
+                                     "spread": a.spread, "article_pairs": a.article_pairs, "doc_ids": [r["doc_id"] for r in rows], **mean,
                                      "standard_error": stderr, "command": " ".join(sys.argv)})
 
 

@@ -140,6 +140,13 @@ def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path)
     assert result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
     assert 0 <= result["standard_error"]["memory_gain"] < float("inf")
     assert 1 <= result["distinct_codes_per_doc"] <= 4 and 0 <= result["code_overlap_with_unrelated"] <= 1
+    module.main(["--model", str(tmp_path / "model"), "--data", str(data), "--docs", "4", "--batch-size", "4",
+                 "--article-pairs", "--output", str(tmp_path / "pairs.json")])
+    result = json.loads((tmp_path / "pairs.json").read_text())
+    assert result["article_pairs"] and result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
+    for name in ("other_article", "same_article"):
+        assert result[f"memory_gain_{name}"] == pytest.approx(result[f"nll_{name}"] - result["nll_gold"])
+    assert "nll_unrelated" not in result
 
 
 def test_memory_signal_script_locates_where_the_document_stops_mattering(tmp_path):

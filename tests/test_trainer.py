@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mbc_hf.testing import tiny_mbc_model
-from mbc_hf.trainer import (MBCDataCollator, MBCTrainer, MBCTrainingArguments, kmeans_init_codebook,
-                            memory_gain)
+from mbc_hf.trainer import (MBCDataCollator, MBCTrainer, MBCTrainingArguments, article_of, article_pair_batches,
+                            kmeans_init_codebook, memory_gain, paired_partners)
 
 ROWS = [dict(doc_id=f"d{i}", context=f"Fact {i}: the code of room {i} is {i * 7}.",
              question=f"What is the code of room {i}?", answers=[str(i * 7), f"code {i * 7}"], question_id=f"q{i}")
@@ -86,6 +86,33 @@ def test_memory_gain_is_zero_when_the_memory_is_ignored():
     gain = memory_gain(model, batch)
     assert gain["memory_gain"] == pytest.approx(0.0, abs=1e-6)
     assert gain["memory_gain_unrelated"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_article_pair_batches_pair_paragraphs_of_one_article_and_separate_articles():
+    counts = {"A": 5, "B": 4, "C": 2, "D": 1, "E": 2}  # A's fifth and D's only paragraph have no partner
+    rows = [dict(doc_id=f"{a}#{k}") for a, n in counts.items() for k in range(n)]
+    batches = article_pair_batches(rows, batch_size=4)
+    partners = paired_partners(4)
+    used = [r["doc_id"] for b in batches for r in b]
+    assert len(used) == len(set(used)) == 12 and "A#4" not in used and "D#0" not in used
+    for batch in batches:
+        arts = [article_of(r["doc_id"]) for r in batch]
+        for i in range(4):
+            assert arts[int(partners["same_article"][i])] == arts[i]
+            assert arts[int(partners["other_article"][i])] != arts[i]
+    assert article_of("no-hash-id") == "no-hash-id"
+    with pytest.raises(ValueError, match="even and at least 4"):
+        article_pair_batches(rows, batch_size=5)
+
+
+def test_memory_gain_reads_the_named_partner_documents():
+    model = tiny_mbc_model(seed=0)
+    batch = MBCDataCollator(model)(ROWS[:4])
+    default = memory_gain(model, batch)
+    named = memory_gain(model, batch, {"next": torch.tensor([1, 2, 3, 0]), "self": torch.arange(4)})
+    assert named["nll_next"] == pytest.approx(default["nll_unrelated"])
+    assert named["memory_gain_self"] == pytest.approx(0.0, abs=1e-6)  # reading its own document = gold
+    assert "nll_unrelated" not in named
 
 
 def test_saved_output_has_json_training_args_and_no_pickle(tmp_path):

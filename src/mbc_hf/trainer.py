@@ -84,12 +84,20 @@ class MBCDataCollator:
 
 
 @torch.no_grad()
-def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Answer NLL (nats/token) of a collated batch with the gold document alone, with an empty memory and with an
-    unrelated document (each question gets the next question's document), and the gains
-    ``memory_gain = nll_empty - nll_gold`` and ``memory_gain_unrelated = nll_unrelated - nll_gold``. With
-    reconstruction targets in the batch, also ``reconstruction_gain``: NLL of each document's first tokens from
-    another document's memory minus from its own (> 0 means the codes carry the document)."""
+def memory_gain(model, batch: dict[str, torch.Tensor], partners: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, float]:
+    """Answer NLL (nats/token) of a collated batch with the gold document alone, with an empty memory and with
+    another document of the batch, and the gains ``memory_gain = nll_empty - nll_gold`` and, per partner,
+    ``memory_gain_<name> = nll_<name> - nll_gold``. With reconstruction targets in the batch, also
+    ``reconstruction_gain``: NLL of each document's first tokens from another document's memory minus from its own
+    (> 0 means the codes carry the document).
+
+    Args:
+        partners: name -> (n_docs,) int64, the document each document's questions read instead of their own; by
+            default ``{"unrelated": the next document of the batch}``. `article_pair_batches` builds batches whose
+            partners ``other_article`` / ``same_article`` separate "the memory holds the topic" from "the memory
+            holds the paragraph".
+    """
     was_training = model.training
     model.eval()
     batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -97,6 +105,8 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
                                 "question_attention_mask")}
     idx = batch["question_doc_index"]
     n_docs = int(batch["context_input_ids"].shape[0])
+    if partners is None:
+        partners = {"unrelated": (torch.arange(n_docs) + 1) % n_docs} if n_docs > 1 else {}
 
     def nll(memory_kwargs):
         return float(model(**qa, **memory_kwargs).qa_loss)
@@ -104,9 +114,10 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     docs = dict(context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
     gold = nll(dict(docs, question_doc_index=idx))
     empty = nll(dict(memory=model.memory_from_bank(None)))
-    unrelated = nll(dict(docs, question_doc_index=(idx + 1) % n_docs)) if n_docs > 1 else float("nan")
-    out = {"nll_gold": gold, "nll_empty": empty, "nll_unrelated": unrelated, "memory_gain": empty - gold,
-           "memory_gain_unrelated": unrelated - gold}
+    out = {"nll_gold": gold, "nll_empty": empty, "memory_gain": empty - gold}
+    for name, partner in partners.items():
+        out[f"nll_{name}"] = nll(dict(docs, question_doc_index=partner.to(idx.device)[idx]))
+        out[f"memory_gain_{name}"] = out[f"nll_{name}"] - gold
     if "reconstruction_input_ids" in batch and n_docs > 1:  # do the codes carry the document at all?
         rec = (batch["reconstruction_input_ids"], batch["reconstruction_attention_mask"])
 
@@ -119,6 +130,44 @@ def memory_gain(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         out["reconstruction_gain"] = out["reconstruction_nll_unrelated"] - out["reconstruction_nll_gold"]
     model.train(was_training)
     return out
+
+
+def article_of(doc_id: str) -> str:
+    """The article a document belongs to: its ``doc_id`` up to the first ``#`` (the SQuAD paragraph layout's ids
+    are ``<title>#<k>``), else the whole ``doc_id`` (a document of its own)."""
+    return doc_id.split("#", 1)[0]
+
+
+def article_pair_batches(rows: list[dict], batch_size: int = 8) -> list[list[dict]]:
+    """Batches for a memory gain that tells the topic from the paragraph: each batch is ``batch_size / 2`` pairs of
+    documents, the two of a pair from one article and the pairs from different articles, in the order
+    ``[a, a', b, b', ...]``. Pairs are consecutive rows of an article in the given order (an odd one out is
+    dropped); batches take the articles with the most pairs left, so rows of articles that cannot fill a batch
+    with other articles are dropped too. Use with `paired_partners`.
+
+    Raises:
+        ValueError: ``batch_size`` is odd or below 4.
+    """
+    if batch_size < 4 or batch_size % 2:
+        raise ValueError(f"batch_size must be even and at least 4 (pairs from 2+ articles), got {batch_size}")
+    pairs: dict[str, list] = {}
+    for row in rows:
+        pairs.setdefault(article_of(row["doc_id"]), []).append(row)
+    pairs = {a: [r[i:i + 2] for i in range(0, len(r) - 1, 2)] for a, r in pairs.items()}
+    pairs = {a: p for a, p in pairs.items() if p}
+    batches, k = [], batch_size // 2
+    while len(pairs) >= k:
+        chosen = sorted(pairs, key=lambda a: -len(pairs[a]))[:k]
+        batches.append([row for a in chosen for row in pairs[a].pop(0)])
+        pairs = {a: p for a, p in pairs.items() if p}
+    return batches
+
+
+def paired_partners(batch_size: int) -> dict[str, torch.Tensor]:
+    """Partners for `memory_gain` on an `article_pair_batches` batch: ``same_article`` = the other document of the
+    pair, ``other_article`` = the same slot of the next pair (another article)."""
+    i = torch.arange(batch_size)
+    return {"other_article": (i + 2) % batch_size, "same_article": i ^ 1}
 
 
 def first_row_per_document(rows, n: int | None = None) -> list[dict]:
