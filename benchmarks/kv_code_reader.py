@@ -26,7 +26,7 @@ from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.demo import write_json_report
 from mbc_hf.embedded import embedded_base_model_path
-from mbc_hf.trainer import first_row_per_document
+from mbc_hf.trainer import article_pair_batches, first_row_per_document, paired_partners
 
 
 def main(argv=None):
@@ -45,6 +45,9 @@ def main(argv=None):
                    help="add w * max(0, margin - (NLL unrelated - NLL gold)), the unrelated memory being another "
                         "training document (doubles the cost of a question)")
     p.add_argument("--margin", type=float, default=1.0, help="hinge margin, nats per answer token")
+    p.add_argument("--article-pairs", action="store_true", help="dev documents in same-article pairs "
+                   "(`mbc_hf.trainer.article_pair_batches`): also score against a paragraph of another article and "
+                   "the other paragraph of the same article")
     p.add_argument("--output", help="write the evaluations (JSON)")
     p.add_argument("--save", help="write the trained code vectors (safetensors) after each evaluation")
     p.add_argument("--load", help="start from code vectors written by --save (same --train and --kv-*; the "
@@ -101,6 +104,11 @@ def main(argv=None):
         return kv_answer_loss(lm, tok, memory_, template.format(question=q), answer)
 
     dev = first_row_per_document(split_train_eval(load_qa_file(a.data), NDEV)[1])
+    if a.article_pairs:  # flattened batches of 8: the partner of slot i % 8 of a batch is in the same batch
+        dev = [r for b in article_pair_batches(dev, 8) for r in b]
+        partners = {k: [i - i % 8 + int(v[i % 8]) for i in range(len(dev))] for k, v in paired_partners(8).items()}
+    else:
+        partners = {"unrelated": [(i + 1) % len(dev) for i in range(len(dev))]}
     dev_enc = [encode(r["context"]) for r in dev]
     dev_empty = [answer_nll(lm, tok, E, None, template.format(question=r["question"]), r["answers"][0])
                  for r in dev]
@@ -109,18 +117,21 @@ def main(argv=None):
 
     @torch.no_grad()
     def evaluate(tag, questions=0):
-        ug, eg, gold = [], [], []
+        diffs = {"gold": [], "empty_minus_gold": [], **{f"{k}_minus_gold": [] for k in partners}}
         for i, r in enumerate(dev):
             g = nll(memory(dev_enc[i]), r["question"], r["answers"][0]).item()
-            u = nll(memory(dev_enc[(i + 1) % len(dev)]), r["question"], r["answers"][0]).item()
-            ug.append(u - g); eg.append(dev_empty[i] - g); gold.append(g)
+            diffs["gold"].append(g); diffs["empty_minus_gold"].append(dev_empty[i] - g)
+            for k, j in partners.items():
+                diffs[f"{k}_minus_gold"].append(nll(memory(dev_enc[j[i]]), r["question"], r["answers"][0]).item() - g)
         stats = {k: (torch.tensor(v).mean().item(), (torch.tensor(v).std() / len(v) ** .5).item())
-                 for k, v in [("gold", gold), ("unrelated_minus_gold", ug), ("empty_minus_gold", eg)]}
-        stats["unrelated_above_gold"] = sum(x > 0 for x in ug) / len(ug)  # share of documents where gold helps
+                 for k, v in diffs.items()}
+        for k in partners:  # share of documents where the gold memory is the better one
+            stats[f"{k}_above_gold"] = sum(x > 0 for x in diffs[f"{k}_minus_gold"]) / len(dev)
         curve.append({"tag": tag, "questions": questions, "minutes": (time.time() - t0) / 60, **stats})
         t = lambda k: f"{stats[k][0]:+.3f} ± {stats[k][1]:.3f}"
-        print(f"[{tag}] dev {len(dev)}: gold {t('gold')}  unrelated−gold {t('unrelated_minus_gold')}  "
-              f"empty−gold {t('empty_minus_gold')}  gold better on {stats['unrelated_above_gold']:.0%}", flush=True)
+        print(f"[{tag}] dev {len(dev)}: gold {t('gold')}  empty−gold {t('empty_minus_gold')}  " + "  ".join(
+            f"{k}−gold {t(f'{k}_minus_gold')} (gold better on {stats[f'{k}_above_gold']:.0%})" for k in partners),
+            flush=True)
         if a.output:
             write_json_report(a.output, {"args": vars(a), "evaluations": curve})
         if a.save:
@@ -157,7 +168,8 @@ def main(argv=None):
         if a.eval_every and step % a.eval_every == 0:
             evaluate(f"{step} questions", step)
     print(f"trained on {step} questions", flush=True)
-    evaluate("trained", step)
+    if step:  # --minutes 0: evaluate only
+        evaluate("trained", step)
 
 
 if __name__ == "__main__":

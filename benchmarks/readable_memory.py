@@ -55,7 +55,7 @@ from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.demo import batch_mean_table, write_json_report
 from mbc_hf.embedded import embedded_base_model_path
-from mbc_hf.trainer import first_row_per_document
+from mbc_hf.trainer import article_pair_batches, first_row_per_document, paired_partners
 
 
 class ReadableMemories:
@@ -276,6 +276,9 @@ def main(argv=None):
                    "an equal part of the (key, value) pair")
     p.add_argument("--kv-stages", type=int, default=1, help="residual quantization: codes per part")
     p.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS, help="input-embedding memories to score")
+    p.add_argument("--article-pairs", action="store_true", help="batches of same-article pairs "
+                   "(`mbc_hf.trainer.article_pair_batches`): score each memory against a paragraph of another article "
+                   "and against the other paragraph of the same article, instead of the next document")
     p.add_argument("--output")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -291,19 +294,28 @@ def main(argv=None):
         kv_codes = KVCodebooks(lm, tok, memories, train_docs[:a.kv_kmeans_docs], a.codebook_size, a.kv_groups,
                                a.kv_stages)
     template = MBCConfig().prompt_template
-    parts = []
-    for start in range(0, len(rows), a.batch_size):
-        batch, sums = rows[start:start + a.batch_size], defaultdict(float)
+    if a.article_pairs:
+        batches, partners = article_pair_batches(rows, a.batch_size), paired_partners(a.batch_size)
+    else:  # the unrelated document: the next of the batch (of the whole list for a batch of one)
+        batches, partners = [rows[i:i + a.batch_size] for i in range(0, len(rows), a.batch_size)], None
+    rows = [r for b in batches for r in b]
+    parts, done = [], 0
+    for batch in batches:
+        sums = defaultdict(float)
         for i, r in enumerate(batch):
-            # the unrelated document: the next of the batch (of the whole list for a batch of one)
-            other = (batch[(i + 1) % len(batch)] if len(batch) > 1 else rows[(start + 1) % len(rows)])["context"]
+            if partners:
+                others = {name.replace("_", " "): batch[int(j[i])]["context"] for name, j in partners.items()}
+            else:
+                others = {"unrelated": (batch[(i + 1) % len(batch)] if len(batch) > 1
+                                        else rows[(done + 1) % len(rows)])["context"]}
             prompt, answer = template.format(question=r["question"]), r["answers"][0]
             empty = answer_nll(lm, tok, E, None, prompt, answer)
 
             def score(kind, nll):  # nll(document) -> answer NLL with that document's memory of this kind
-                gold, unrelated = nll(r["context"]), nll(other)
+                gold = nll(r["context"])
                 sums[f"{kind}: gold NLL"] += gold
-                sums[f"{kind}: unrelated − gold"] += unrelated - gold
+                for name, other in others.items():
+                    sums[f"{kind}: {name} − gold"] += nll(other) - gold
                 sums[f"{kind}: empty − gold"] += empty - gold
 
             for kind in a.kinds:
@@ -314,7 +326,8 @@ def main(argv=None):
                 score(kind, lambda doc: kv_answer_nll(lm, tok, build(doc), prompt, answer))
             sums["no memory: NLL"] += empty
         parts.append({k: v / len(batch) for k, v in sums.items()})
-        print(f"{start + len(batch)}/{len(rows)} documents", file=sys.stderr)
+        done += len(batch)
+        print(f"{done}/{len(rows)} documents", file=sys.stderr)
     mean, stderr, table = batch_mean_table(parts, "memory: quantity", "nats/token", "+.4f")
     coding = {"kv_codes_relative_error": kv_codes.relative_error()} if kv_codes else {}
     print(f"base LM {a.base_model}, untrained; {len(rows)} documents spread over {a.data}, one question each; "

@@ -248,6 +248,12 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
         for quantity in ("gold NLL", "unrelated − gold", "empty − gold"):
             assert math.isfinite(results[f"{kind}: {quantity}"]), (kind, quantity)
             assert results["standard_error"][f"{kind}: {quantity}"] is not None  # two batches of two
+    module.main(["--base-model", str(tmp_path / "lm"), "--train", str(data), "--data", str(data), "--docs", "4",
+                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "4", "--kinds", "text",
+                 "--article-pairs", "--output", str(tmp_path / "pairs.json")])
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    assert pairs["n_docs"] == 4 and "text: unrelated − gold" not in pairs
+    assert all(math.isfinite(pairs[f"text: {name} article − gold"]) for name in ("other", "same"))
     # what each memory holds: the document's own rarest tokens; codebook rows; real token embeddings
     from transformers import AutoTokenizer
 
