@@ -43,6 +43,7 @@ MEMORIES = ["rare tokens", "k-means codes", "rare-token codes"]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--memory", choices=MEMORIES, required=True)
+    p.add_argument("--base-model", default="embedded", help="`embedded` (SmolLM2-135M-Instruct) or a local path")
     p.add_argument("--train", required=True, help="QA file: IDF, k-means codebook and training questions")
     p.add_argument("--data", required=True, help="QA file of the dev documents (one question each)")
     p.add_argument("--docs", type=int, default=256, help="dev documents spread over the file, before pairing")
@@ -54,7 +55,7 @@ def main(argv=None):
     p.add_argument("--output", help="write the evaluations (JSON)")
     a = p.parse_args(argv)
     torch.manual_seed(0); random.seed(0)
-    path = embedded_base_model_path()
+    path = embedded_base_model_path() if a.base_model == "embedded" else a.base_model
     tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     for w in lm.parameters():
         w.requires_grad_(False)

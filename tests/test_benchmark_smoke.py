@@ -294,3 +294,41 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
     assert len(kv) == len(exact) and offset == exact_offset
     assert all(k.shape == e[0].shape and v.shape == e[1].shape for (k, v), e in zip(kv, exact))
     assert torch.allclose(kv[0][0][:, :, :1], exact[0][0][:, :, :1], atol=1e-5)  # BOS kept exact
+
+
+def test_token_memory_reader_trains_and_scores_article_pairs_on_a_tiny_lm(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mbc_hf.testing import tiny_lm_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    data = tmp_path / "docs.paragraphs.jsonl"
+    with open(data, "w", encoding="utf-8") as f:  # 12 articles x 4 paragraphs: 576 segment means for 512 codes
+        for a in range(12):
+            for k in range(4):
+                code = f"Z{a}q{k}x{a * k + 7}"
+                context = (f"Article {a} part {k}: the keeper of lighthouse {a} stores crate {code} near dock {k}; "
+                           f"visitors from town {a + k} count {a * 3 + k} gulls every morning before the ferry.")
+                f.write(json.dumps({"paragraph_id": f"A{a}#{k}", "title": f"A{a}", "paragraph_index": k,
+                                    "context": context, "qas": [{"id": f"q{a}-{k}", "question": "Which crate?",
+                                    "answers": {"text": [code], "answer_start": [context.index(code)]}}]}) + "\n")
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # the script imports readable_memory from its folder
+    spec = importlib.util.spec_from_file_location("token_memory_reader", BENCH.parent / "token_memory_reader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for memory in module.MEMORIES:
+        out = tmp_path / f"{memory}.json"
+        module.main(["--memory", memory, "--base-model", str(tmp_path / "lm"), "--train", str(data), "--data",
+                     str(data), "--docs", "16", "--minutes", "0.01", "--batch-size", "4", "--codebook-size", "16",
+                     "--output", str(out)])
+        evaluations = json.loads(out.read_text())["evaluations"]
+        first, last = evaluations[0], evaluations[-1]
+        assert first["questions"] == 0 and last["questions"] > 0, memory  # trained at least one batch
+        for stats in (first, last):
+            for key in ("gold", "other_article_minus_gold", "same_article_minus_gold", "empty_minus_gold"):
+                assert all(math.isfinite(x) for x in stats[key]), (memory, key)
+            assert 0 <= stats["gold_better_than_other_article"] <= 1
+
