@@ -21,15 +21,17 @@ from mbc_hf.trainer import (MBCDataCollator, article_of, article_pair_batches, f
 
 
 @torch.no_grad()
-def code_statistics(model, batch) -> dict[str, float]:
+def code_statistics(model, batch, partner: list[int] | None = None) -> dict[str, float]:
     """Distinct codes per document (of T) and the Jaccard overlap of a document's code set with that of its
-    unrelated document (the next one of the batch, as in `memory_gain`); empty for a model without VQ."""
+    unrelated document (``partner[i]``; by default the next one of the batch, as in `memory_gain`); empty for a
+    model without VQ."""
     if not model.config.use_vq:
         return {}
     z = model.amortization(batch["context_input_ids"], batch["context_attention_mask"])
     sets = [set(row.tolist()) for row in model.codebook.nearest_codes(z)]
     n = len(sets)
-    overlap = [len(sets[i] & sets[(i + 1) % n]) / len(sets[i] | sets[(i + 1) % n]) for i in range(n)]
+    partner = partner or [(i + 1) % n for i in range(n)]
+    overlap = [len(sets[i] & sets[partner[i]]) / len(sets[i] | sets[partner[i]]) for i in range(n)]
     return {"distinct_codes_per_doc": sum(map(len, sets)) / n, "code_overlap_with_unrelated": sum(overlap) / n}
 
 
@@ -65,7 +67,8 @@ def main(argv=None):
     collate, parts = MBCDataCollator(model), []
     for rows_ in batches:
         batch = collate(rows_)
-        parts.append({**memory_gain(model, batch, partners), **code_statistics(model, batch)})
+        other = partners["other_article"].tolist() if partners else None  # code overlap with another article
+        parts.append({**memory_gain(model, batch, partners), **code_statistics(model, batch, other)})
     mean, stderr, table = batch_mean_table(parts, "quantity", "nats/token", "+.4f")
     articles = len({article_of(r["doc_id"]) for r in rows})
     print(f"{len(rows)} documents of {articles} articles ({'spread over the file' if a.spread else 'first in file order'}"

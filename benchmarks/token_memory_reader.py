@@ -52,9 +52,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N training questions (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="torch and question-order seed")
     p.add_argument("--output", help="write the evaluations (JSON)")
     a = p.parse_args(argv)
-    torch.manual_seed(0); random.seed(0)
+    torch.manual_seed(a.seed); random.seed(a.seed)
     path = embedded_base_model_path() if a.base_model == "embedded" else a.base_model
     tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     for w in lm.parameters():
