@@ -71,11 +71,13 @@ def main(argv=None):
         parts.append({**memory_gain(model, batch, partners), **code_statistics(model, batch, other)})
     mean, stderr, table = batch_mean_table(parts, "quantity", "nats/token", "+.4f")
     articles = len({article_of(r["doc_id"]) for r in rows})
-    print(f"{len(rows)} documents of {articles} articles ({'spread over the file' if a.spread else 'first in file order'}"
-          f"{', in same-article pairs' if a.article_pairs else ''}), one question each, from {a.data}\n\n{table}")
+    order = "spread over the file" if a.spread else "first in file order"
+    print(f"{len(rows)} documents of {articles} articles ({order}{', in same-article pairs' if a.article_pairs else ''}"
+          f"), one question each, from {a.data}\n\n{table}")
     if a.output:
         write_json_report(a.output, {"model": a.model, "data": a.data, "n_docs": len(rows),
-                                     "spread": a.spread, "article_pairs": a.article_pairs, "doc_ids": [r["doc_id"] for r in rows], **mean,
+                                     "spread": a.spread, "article_pairs": a.article_pairs,
+                                     "doc_ids": [r["doc_id"] for r in rows], **mean,
                                      "standard_error": stderr, "command": " ".join(sys.argv)})
 
 

@@ -1,4 +1,4 @@
-"""Is it the reader or the bank? Two memories of T = 12 integers per document, read by the same trained reader:
+"""Is it the reader or the bank? Memories of T = 12 integers per document, read by the same trained reader:
 
 * ``rare tokens``: the document's 12 highest-IDF token ids (16 bits each with this vocabulary), read as the LM's own
   input embeddings (frozen);
@@ -142,7 +142,7 @@ def main(argv=None):
         lm.train()
 
     evaluate("before training")
-    order = [r for r in train_rows]
+    order = list(train_rows)
     random.shuffle(order)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     t0, seen, losses = time.time(), 0, []

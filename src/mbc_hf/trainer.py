@@ -94,9 +94,9 @@ def memory_gain(model, batch: dict[str, torch.Tensor], partners: dict[str, torch
 
     Args:
         partners: name -> (n_docs,) int64, the document each document's questions read instead of their own; by
-            default ``{"unrelated": the next document of the batch}`` (no partner for a batch of one document). `article_pair_batches` builds batches whose
-            partners ``other_article`` / ``same_article`` separate "the memory holds the topic" from "the memory
-            holds the paragraph".
+            default ``{"unrelated": the next document of the batch}`` (no partner for a batch of one document).
+            `article_pair_batches` builds batches whose partners ``other_article`` / ``same_article`` separate "the
+            memory holds the topic" from "the memory holds the paragraph".
     """
     was_training = model.training
     model.eval()
