@@ -115,6 +115,26 @@ def test_memory_gain_reads_the_named_partner_documents():
     assert "nll_unrelated" not in named
 
 
+def test_evaluate_with_article_pairs_reports_topic_and_paragraph_gains(tmp_path):
+    model = tiny_mbc_model(seed=0)
+    rows = [dict(r, doc_id=f"art{i // 2}#{i % 2}") for i, r in enumerate(ROWS)]  # 4 articles x 2 paragraphs
+    ds = datasets.Dataset.from_list(rows)
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_questions=8,
+                                                memory_gain_article_pairs=True), train_dataset=ds, eval_dataset=ds)
+    metrics = trainer.evaluate()
+    for name in ("other_article", "same_article"):
+        assert metrics[f"eval_memory_gain_{name}"] == pytest.approx(
+            metrics[f"eval_nll_{name}"] - metrics["eval_nll_gold"])
+    assert "eval_nll_unrelated" not in metrics
+    unpaired = datasets.Dataset.from_list(ROWS)  # ids without '#': every document is an article of its own
+    with pytest.raises(ValueError, match="no 2 articles with two documents"):
+        MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_article_pairs=True),
+                   train_dataset=ds, eval_dataset=unpaired).evaluate()
+    with pytest.raises(ValueError, match="even per_device_eval_batch_size >= 4"):
+        MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_article_pairs=True,
+                                          per_device_eval_batch_size=3), train_dataset=ds, eval_dataset=ds).evaluate()
+
+
 def test_saved_output_has_json_training_args_and_no_pickle(tmp_path):
     model = tiny_mbc_model(seed=0)
     ds = datasets.Dataset.from_list(ROWS)

@@ -96,7 +96,8 @@ def make_trainer(a, model, train, evaluation, **overrides):
         encoder_state_cache_mb=a.encoder_state_cache_mb, num_train_epochs=a.epochs, warmup_steps=a.warmup_steps,
         lr_scheduler_type="constant_with_warmup",
         max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
-        eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions, report_to="none",
+        eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions,
+        memory_gain_article_pairs=a.memory_gain_article_pairs, report_to="none",
         use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
         dataloader_num_workers=0)
     settings.update(overrides)
@@ -294,6 +295,8 @@ def add_train_options(p):
     p.add_argument("--eval-docs", type=int, default=32, help="hold out N train documents (spread over the file) "
                    "for the memory gain (ignored with --eval-file)")
     p.add_argument("--memory-gain-questions", type=int, default=32)
+    p.add_argument("--memory-gain-article-pairs", action="store_true", help="measure the memory gain against a "
+                   "paragraph of another article and of the same article (eval doc ids '<article>#<k>')")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gpu", action="store_true", help="allow an accelerator (default: CPU only)")
     p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")

@@ -46,6 +46,11 @@ class MBCTrainingArguments(TrainingArguments):
         "help": "During train(), keep the frozen document encoder's states of up to this many MiB of documents and "
                 "skip its forward when a document comes back (0 = off; nothing is cached for a trained encoder)."})
     memory_gain_questions: int = field(default=32, metadata={"help": "Held-out questions for the memory gain."})
+    memory_gain_article_pairs: bool = field(default=False, metadata={
+        "help": "Measure the memory gain on same-article pairs of eval documents (`article_pair_batches`, over the "
+                "whole eval set): eval_memory_gain_other_article (does the memory hold the topic?) and "
+                "eval_memory_gain_same_article (the paragraph?) instead of eval_memory_gain_unrelated (the next "
+                "document, mostly of the same article). Needs doc ids '<article>#<k>' and an even eval batch >= 4."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
                                                                   "(EM/F1); 0 = memory gain and loss only."})
@@ -318,7 +323,8 @@ class MBCTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Memory gain on the first ``memory_gain_questions`` eval rows (one row per document), plus EM/F1 after
+        """Memory gain on the first ``memory_gain_questions`` eval rows (one row per document; with
+        ``memory_gain_article_pairs``, on that many documents in same-article pairs), plus EM/F1 after
         online adaptation on the eval documents when ``eval_max_questions`` > 0. Metrics are logged and returned
         with the ``eval_`` prefix (e.g. ``eval_memory_gain``, usable as ``metric_for_best_model``).
 
@@ -332,10 +338,22 @@ class MBCTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         sync_codebook(model)
         start = time.time()
-        rows = first_row_per_document(dataset, self.args.memory_gain_questions or None)
+        size, limit = self.args.per_device_eval_batch_size, self.args.memory_gain_questions or None
+        if self.args.memory_gain_article_pairs:
+            if size < 4 or size % 2:
+                raise ValueError(f"memory_gain_article_pairs needs an even per_device_eval_batch_size >= 4, got {size}")
+            batches = article_pair_batches(first_row_per_document(dataset), size)[:-(-limit // size) if limit else None]
+            if not batches:
+                raise ValueError(f"memory_gain_article_pairs: the eval set has no {size // 2} articles with two "
+                                 "documents each; doc ids must read '<article>#<k>' (the SQuAD paragraph layout), "
+                                 "or turn the option off")
+            partners = paired_partners(size)
+        else:
+            rows = first_row_per_document(dataset, limit)
+            batches, partners = [rows[i:i + size] for i in range(0, len(rows), size)], None
         metrics = {}
-        for i in range(0, len(rows), self.args.per_device_eval_batch_size):
-            part = memory_gain(model, self.data_collator(rows[i:i + self.args.per_device_eval_batch_size]))
+        for rows_ in batches:
+            part = memory_gain(model, self.data_collator(rows_), partners)
             for k, v in part.items():
                 metrics.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
