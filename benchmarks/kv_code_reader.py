@@ -16,16 +16,14 @@ import random
 import time
 
 import torch
-from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss
+from readable_memory import KVCodebooks, ReadableMemories, answer_nll, kv_answer_loss, load_frozen_lm
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mbc_hf.atomic import atomic_write
 from mbc_hf.cli import split_train_eval
 from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.demo import write_json_report
-from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.trainer import article_pair_batches, first_row_per_document, paired_partners
 
 
@@ -56,11 +54,7 @@ def main(argv=None):
     G, S, FIT, NTRAIN, MINUTES, NDEV, LR = (a.kv_groups, a.kv_stages, a.kv_kmeans_docs, a.train_docs, a.minutes,
                                             a.docs, a.lr)
     torch.manual_seed(0); random.seed(0)
-    path = embedded_base_model_path()
-    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    for w in lm.parameters():
-        w.requires_grad_(False)
-    E = lm.get_input_embeddings().weight.detach()
+    tok, lm, E = load_frozen_lm("embedded")
     train_rows = load_qa_file(a.train)
     train_docs = [t for _, t in documents(train_rows)]
     mem = ReadableMemories(tok, E, train_docs, 12, 384, 64, 512)

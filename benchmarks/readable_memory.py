@@ -245,16 +245,41 @@ def kv_answer_loss(lm, tok, memory: tuple[list, int], prompt: str, answer: str) 
     return F.cross_entropy(logits[start - 1:-1], torch.tensor(a))
 
 
+def load_frozen_lm(base_model: str):
+    """``embedded`` (SmolLM2-135M-Instruct) or a local path -> (tokenizer, LM in eval mode with every parameter
+    frozen, its input-embedding matrix (V, d_emb) detached)."""
+    path = embedded_base_model_path() if base_model == "embedded" else base_model
+    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    for w in lm.parameters():
+        w.requires_grad_(False)
+    return tok, lm, lm.get_input_embeddings().weight.detach()
+
+
+def answer_nlls(lm, tok, embeddings, items) -> torch.Tensor:
+    """(B,) mean NLL (nats/token) of `` answer<eos>`` after BOS, a memory (n, d_emb) or None, and a prompt, for
+    each item ``(memory, prompt, answer)``, in one right-padded pass (with the graph, for training a reader)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    seqs, answers = [], []
+    for memory, prompt, answer in items:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        memory = embeddings[:0] if memory is None else memory
+        seqs.append(torch.cat([embeddings[bos], memory, embeddings[p + a]]))
+        answers.append(a)
+    lengths = [len(x) for x in seqs]
+    n = max(lengths)
+    x = torch.stack([F.pad(s, (0, 0, 0, n - len(s))) for s in seqs])
+    mask = (torch.arange(n)[None] < torch.tensor(lengths)[:, None]).long() if min(lengths) < n else None
+    logits = lm(inputs_embeds=x, attention_mask=mask).logits.float()  # (B, n, V)
+    # the answer's tokens are the last len(a) of each unpadded sequence, each predicted one position earlier
+    return torch.stack([F.cross_entropy(row[length - len(a) - 1:length - 1], torch.tensor(a))
+                        for row, length, a in zip(logits, lengths, answers)])
+
+
 @torch.no_grad()
 def answer_nll(lm, tok, embeddings, memory, prompt: str, answer: str) -> float:
-    """Mean NLL (nats/token) of `` answer<eos>`` after BOS, ``memory`` (n, d_emb) or None, and ``prompt``."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    a = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    parts = [embeddings[bos], memory if memory is not None else embeddings[:0], embeddings[p + a]]
-    logits = lm(inputs_embeds=torch.cat(parts)[None]).logits[0].float()  # (L, V)
-    start = logits.shape[0] - len(a)
-    return F.cross_entropy(logits[start - 1:-1], torch.tensor(a)).item()
+    """`answer_nlls` of one item, as a float."""
+    return answer_nlls(lm, tok, embeddings, [(memory, prompt, answer)]).item()
 
 
 def main(argv=None):
@@ -282,9 +307,7 @@ def main(argv=None):
     p.add_argument("--output")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    path = embedded_base_model_path() if a.base_model == "embedded" else a.base_model
-    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    E = lm.get_input_embeddings().weight.detach()
+    tok, lm, E = load_frozen_lm(a.base_model)
     train_docs = [text for _, text in documents(load_qa_file(a.train))]
     memories = ReadableMemories(tok, E, train_docs, a.slots, a.max_document_tokens, a.kmeans_docs, a.codebook_size)
     rows = first_row_per_document(split_train_eval(load_qa_file(a.data), a.docs)[1])

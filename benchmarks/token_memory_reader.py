@@ -24,16 +24,13 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
-from readable_memory import ReadableMemories
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from readable_memory import ReadableMemories, answer_nlls, load_frozen_lm
 
 from mbc_hf.cli import split_train_eval
 from mbc_hf.codebook import VectorQuantizer
 from mbc_hf.configuration_mbc import MBCConfig
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.demo import write_json_report
-from mbc_hf.embedded import embedded_base_model_path
 from mbc_hf.kv_lora import KVLoraConfig, apply_kv_lora
 from mbc_hf.trainer import article_pair_batches, first_row_per_document, paired_partners
 
@@ -56,11 +53,7 @@ def main(argv=None):
     p.add_argument("--output", help="write the evaluations (JSON)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed); random.seed(a.seed)
-    path = embedded_base_model_path() if a.base_model == "embedded" else a.base_model
-    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    for w in lm.parameters():
-        w.requires_grad_(False)
-    E = lm.get_input_embeddings().weight.detach()
+    tok, lm, E = load_frozen_lm(a.base_model)
     train_rows = load_qa_file(a.train)
     train_docs = [t for _, t in documents(train_rows)]
     mem = ReadableMemories(tok, E, train_docs, 12, 384, 1024, 512)
@@ -81,24 +74,10 @@ def main(argv=None):
             return table[vq.nearest_codes(mem.build("rare tokens", doc))]
         return table[vq.nearest_codes(mem.segment_means(mem.ids(doc))[None])[0]]
 
-    template, eos, bos = MBCConfig().prompt_template, tok.eos_token_id, tok.bos_token_id
+    template = MBCConfig().prompt_template
 
-    def answer_nlls(items) -> torch.Tensor:
-        """(B,) mean NLL of `` answer<eos>`` per item (memory (n, d) or None, question, answer), one padded pass."""
-        seqs, labels = [], []
-        for m, q, ans in items:
-            pr = tok(template.format(question=q), add_special_tokens=False)["input_ids"]
-            an = tok(" " + ans, add_special_tokens=False)["input_ids"] + [eos]
-            m = E[:0] if m is None else m
-            seqs.append(torch.cat([E[[bos]], m, E[pr + an]]))
-            labels.append(torch.tensor([-100] * (1 + len(m) + len(pr)) + an))
-        n = max(len(s) for s in seqs)
-        x = torch.stack([F.pad(s, (0, 0, 0, n - len(s))) for s in seqs])
-        y = torch.stack([F.pad(t, (0, n - len(t)), value=-100) for t in labels])
-        mask = (torch.arange(n)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
-        logits = lm(inputs_embeds=x, attention_mask=mask).logits[:, :-1].float()
-        tok_nll = F.cross_entropy(logits.transpose(1, 2), y[:, 1:], reduction="none")  # (B, n-1), 0 at -100
-        return tok_nll.sum(1) / (y[:, 1:] != -100).sum(1)
+    def nlls(items) -> torch.Tensor:  # items: (memory (n, d) or None, question, answer) -> (B,) answer NLL
+        return answer_nlls(lm, tok, E, [(m, template.format(question=q), ans) for m, q, ans in items])
 
     dev_batches = article_pair_batches(
         first_row_per_document(split_train_eval(load_qa_file(a.data), a.docs)[1]), a.batch_size)
@@ -120,10 +99,10 @@ def main(argv=None):
         for batch in dev_batches:
             docs = [memory(r["context"]) for r in batch]
             qa = [(r["question"], r["answers"][0]) for r in batch]
-            gold = answer_nlls([(docs[i], *qa[i]) for i in range(len(batch))])
-            other = answer_nlls([(docs[int(partners["other_article"][i])], *qa[i]) for i in range(len(batch))])
-            same = answer_nlls([(docs[int(partners["same_article"][i])], *qa[i]) for i in range(len(batch))])
-            empty = answer_nlls([(None, *qa[i]) for i in range(len(batch))])
+            gold = nlls([(docs[i], *qa[i]) for i in range(len(batch))])
+            other = nlls([(docs[int(partners["other_article"][i])], *qa[i]) for i in range(len(batch))])
+            same = nlls([(docs[int(partners["same_article"][i])], *qa[i]) for i in range(len(batch))])
+            empty = nlls([(None, *qa[i]) for i in range(len(batch))])
             for k, v in (("gold", gold), ("other_article_minus_gold", other - gold),
                          ("same_article_minus_gold", same - gold), ("empty_minus_gold", empty - gold)):
                 diffs[k] += v.tolist()
@@ -148,7 +127,7 @@ def main(argv=None):
     t0, seen, losses = time.time(), 0, []
     while time.time() - t0 < a.minutes * 60 and seen < len(order):
         batch = order[seen:seen + a.batch_size]
-        loss = answer_nlls([(memory(r["context"]), r["question"], r["answers"][0]) for r in batch]).mean()
+        loss = nlls([(memory(r["context"]), r["question"], r["answers"][0]) for r in batch]).mean()
         opt.zero_grad(); loss.backward(); opt.step()
         seen += len(batch); losses.append(loss.item())
         if len(losses) % 50 == 0:
