@@ -23,11 +23,14 @@ class Memory:
         vectors: (1 or B, M, d) float memory vectors, shared by the batch when the first dim is 1.
         bias: (M,) float added to every attention logit for that vector (log counts), or None.
         mask: (B, M) bool, True where a question may attend, or None for all.
+        codes: (1, M) int64, the code of each vector, kept by a vocabulary codebook (``codebook_type="vocabulary"``,
+            whose reader reads codes, not vectors), else None.
     """
 
     vectors: torch.Tensor
     bias: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
 
     @classmethod
     def from_codebook(cls, codebook: torch.Tensor, counts: torch.Tensor) -> "Memory":

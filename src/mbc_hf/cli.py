@@ -47,7 +47,10 @@ def load_model(path: str):
 
 
 def build_from_args(a):
-    return build(a.base_model, a.encoder, reconstruction_loss_weight=a.reconstruction_weight,
+    vocabulary = a.codebook_type == "vocabulary"
+    reconstruction = a.reconstruction_weight if a.reconstruction_weight is not None else 0.0 if vocabulary else 0.5
+    return build(a.base_model, a.encoder, reconstruction_loss_weight=reconstruction, codebook_type=a.codebook_type,
+                 read_documents=a.read_documents,
                  reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
                  kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
@@ -261,7 +264,14 @@ def add_train_options(p):
     p.add_argument("--lora-learning-rate", type=float, default=1e-4)
     p.add_argument("--lora-start-step", type=int, default=0)
     p.add_argument("--gold-only-steps", type=int, default=0)
-    p.add_argument("--reconstruction-weight", type=float, default=0.5)
+    p.add_argument("--codebook-type", choices=["learned", "vocabulary"], default="learned", help="'learned': the "
+                   "paper's VQ codebook (K=512) read through the aggregator; 'vocabulary' (not in the paper): a "
+                   "document's codes are its T highest-IDF LM tokens, read by the LM (KV-LoRA) as soft tokens; "
+                   "--encoder is then unused")
+    p.add_argument("--read-documents", type=int, help="with --codebook-type vocabulary: documents of the bank each "
+                   "question reads (default: the config's, 1)")
+    p.add_argument("--reconstruction-weight", type=float, help="weight of the reconstruction loss (default: 0.5; "
+                   "0 with --codebook-type vocabulary, which has no aggregator for it)")
     p.add_argument("--num-context-tokens", type=int, help="T (default: the model config's, 12)")
     p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: 6)")
     p.add_argument("--train-encoders", action="store_true", help="also train the encoder backbones (the paper "

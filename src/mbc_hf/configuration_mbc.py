@@ -9,6 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 AGGREGATIONS = ("histogram", "dense")
 PREFIX_MODES = ("generator", "soft_tokens")
+CODEBOOK_TYPES = ("learned", "vocabulary")
 
 
 class MBCConfig(PreTrainedConfig):
@@ -41,6 +42,14 @@ class MBCConfig(PreTrainedConfig):
             l2-normalised codes of this size (ViT-VQGAN), which keeps many more codes in use (see `VectorQuantizer`).
         code_entropy_weight (`float`, defaults to 0.0): weight of the codebook's entropy loss (spread the batch over
             many codes, each vector sure of its code; LFQ / MAGVIT-v2, not in the paper; see `VectorQuantizer`).
+        codebook_type (`str`, defaults to "learned"): "learned" is the paper's VQ codebook of K learned codes
+            (`VectorQuantizer`) fed by the amortization network and read through the aggregator. "vocabulary" (not
+            in the paper) ties the codebook to the LM's vocabulary (`VocabularyCodebook`): a document's codes are its
+            T distinct tokens of highest IDF, K is set to the LM's vocabulary size, and at question time the LM
+            (with KV-LoRA) reads the codes of the ``read_documents`` best-matching documents as soft tokens; no
+            encoder, aggregator or prefix generator is built. See README, "A codebook tied to the vocabulary".
+        read_documents (`int`, defaults to 1): with ``codebook_type="vocabulary"``, the documents of a bank that
+            each question reads (ranked by `VocabularyCodebook.score`).
         use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).
         aggregator_layers (`int`, defaults to 4): cross-attention blocks of the aggregator (reference: 4).
         aggregator_heads (`int`, defaults to 8) / aggregator_head_dim (`int`, *optional*): attention shape of the
@@ -107,6 +116,8 @@ class MBCConfig(PreTrainedConfig):
     dead_code_threshold: float = 1e-4
     codebook_dim: int | None = None
     code_entropy_weight: float = 0.0
+    codebook_type: str = "learned"
+    read_documents: int = 1
     use_vq: bool = True
     aggregator_layers: int = 4
     aggregator_heads: int = 8
@@ -135,13 +146,24 @@ class MBCConfig(PreTrainedConfig):
             raise ValueError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}.")
         if self.prefix_mode not in PREFIX_MODES:
             raise ValueError(f"prefix_mode={self.prefix_mode!r} is not one of {PREFIX_MODES}.")
+        if self.codebook_type not in CODEBOOK_TYPES:
+            raise ValueError(f"codebook_type={self.codebook_type!r} is not one of {CODEBOOK_TYPES}.")
+        if self.codebook_type == "vocabulary":
+            self.codebook_size = self.text_config.get_text_config().vocab_size
+            if not self.use_vq or self.reconstruction_loss_weight > 0:
+                raise ValueError("codebook_type='vocabulary' stores token ids (lossless, no VQ to bypass) and has no "
+                                 "aggregator for the reconstruction loss: keep use_vq=True and "
+                                 "reconstruction_loss_weight=0.")
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
-        for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank"):
+        for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank",
+                     "read_documents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.codebook_size > 65536:
-            raise ValueError(f"codebook_size={self.codebook_size} > 65536 does not fit the bank's uint16 codes.")
+            raise ValueError(f"codebook_size={self.codebook_size} > 65536 does not fit the bank's uint16 codes"
+                             + (" (codebook_type='vocabulary' uses the LM's vocabulary size)."
+                                if self.codebook_type == "vocabulary" else "."))
         n_layers = self.text_config.get_text_config().num_hidden_layers
         if not 0 <= self.kv_lora_layers <= n_layers:
             raise ValueError(f"kv_lora_layers={self.kv_lora_layers} must be in [0, {n_layers}] for this base LM.")

@@ -80,17 +80,22 @@ def build_model(base_model: str = EMBEDDED, encoder: str = EMBEDDED, **config_kw
     """An MBC model around a pretrained base LM and encoder (local paths, Hub ids, or ``"embedded"``).
 
     The checkpoint will reference the base LM by ``base_model`` (not store it). The question encoder starts as a
-    copy of the document encoder.
+    copy of the document encoder. With ``codebook_type="vocabulary"`` no encoder is loaded.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .modeling_mbc import MBCModelForCausalLM
 
-    base_path, encoder_path = resolve(base_model, "base"), resolve(encoder, "encoder")
+    base_path = resolve(base_model, "base")
     lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    enc = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
-    tokenizer, encoder_tokenizer = AutoTokenizer.from_pretrained(base_path), AutoTokenizer.from_pretrained(encoder_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if config_kwargs.get("codebook_type") == "vocabulary":  # documents and questions are read in LM tokens
+        enc = encoder_tokenizer = None
+    else:
+        encoder_path = resolve(encoder, "encoder")
+        enc = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
+        encoder_tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return MBCModelForCausalLM.from_components(lm, enc, tokenizer, encoder_tokenizer,

@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from .configuration_mbc import AGGREGATIONS, MBCConfig
 from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
+from .vocabulary_codebook import VocabularyCodebook
 
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
 KV_LORA_DIR = "kv_lora"
@@ -134,20 +135,29 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         d = text_config.hidden_size
         T = config.num_context_tokens
         self.lm = AutoModelForCausalLM.from_config(config.text_config)
-        self.amortization = AmortizationNetwork(config.encoder_config, T, d)
-        self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
-        self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                        config.dead_code_threshold, config.codebook_dim, config.code_entropy_weight)
-        head_dim = config.aggregator_head_dim or d // config.aggregator_heads
-        self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
-        num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
-        if config.prefix_mode == "soft_tokens":
-            self.prefix_generator = SoftTokenPrefix(d, T, config.prefix_length,
-                                                    self.lm.get_input_embeddings().embedding_dim)
+        if self.uses_vocabulary_codebook:  # the codes are LM tokens, read as soft tokens: no encoders, no aggregator
+            pad_code = text_config.eos_token_id if text_config.eos_token_id is not None else text_config.pad_token_id
+            if isinstance(pad_code, list):
+                pad_code = pad_code[0]
+            self.codebook = VocabularyCodebook(config.codebook_size, T, pad_code or 0)
+            self.amortization = self.question_encoder = self.aggregator = self.prefix_generator = None
         else:
-            self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
-                                                    kv_heads, kv_head_dim)
-        self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
+            self.amortization = AmortizationNetwork(config.encoder_config, T, d)
+            self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T,
+                                                        d)
+            self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
+                                            config.dead_code_threshold, config.codebook_dim,
+                                            config.code_entropy_weight)
+            head_dim = config.aggregator_head_dim or d // config.aggregator_heads
+            self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
+            num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
+            if config.prefix_mode == "soft_tokens":
+                self.prefix_generator = SoftTokenPrefix(d, T, config.prefix_length,
+                                                        self.lm.get_input_embeddings().embedding_dim)
+            else:
+                self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
+                                                        kv_heads, kv_head_dim)
+            self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():
@@ -176,6 +186,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 for adapter in layer.active_adapters:
                     layer.lora_A[adapter].requires_grad_(True)
                     layer.lora_B[adapter].requires_grad_(True)
+        if self.uses_vocabulary_codebook:
+            return
         if self.config.freeze_encoders:
             self.amortization.freeze_backbone()
             self.question_encoder.freeze_backbone()
@@ -186,6 +198,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             self.codebook.freeze()
 
     # ------------------------------------------------------------------ construction helpers
+    @property
+    def uses_vocabulary_codebook(self) -> bool:
+        """Whether the codebook is the LM's vocabulary (``config.codebook_type="vocabulary"``)."""
+        return self.config.codebook_type == "vocabulary"
+
     @property
     def kv_lora_config(self) -> KVLoraConfig:
         c = self.config
@@ -199,18 +216,27 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
         Args:
             base_model: a causal LM (`PreTrainedModel`); its weights are copied and frozen.
-            encoder: document encoder backbone (`PreTrainedModel`, encoder-only or T5-style encoder–decoder).
-            tokenizer / encoder_tokenizer: tokenizers of the LM and of the encoder(s).
+            encoder: document encoder backbone (`PreTrainedModel`, encoder-only or T5-style encoder–decoder); with
+                ``codebook_type="vocabulary"`` it is not used and may be None.
+            tokenizer / encoder_tokenizer: tokenizers of the LM and of the encoder(s); with
+                ``codebook_type="vocabulary"`` documents and questions are read in LM tokens, so the encoder
+                tokenizer is the LM's (``encoder_tokenizer`` is ignored).
             question_encoder: question encoder backbone; ``None`` starts it as a copy of ``encoder``.
             base_model_name_or_path: where the base LM can be loaded from again; when given, checkpoints reference
                 it instead of storing the LM weights.
             **config_kwargs: other `MBCConfig` fields.
         """
-        config = MBCConfig(text_config=base_model.config.to_dict(), encoder_config=encoder.config.to_dict(),
-                           question_encoder_config=question_encoder.config.to_dict() if question_encoder else None,
+        vocabulary = config_kwargs.get("codebook_type") == "vocabulary"
+        config = MBCConfig(text_config=base_model.config.to_dict(),
+                           encoder_config=None if vocabulary else encoder.config.to_dict(),
+                           question_encoder_config=question_encoder.config.to_dict()
+                           if question_encoder and not vocabulary else None,
                            base_model_name_or_path=base_model_name_or_path, **config_kwargs)
         model = cls(config)
         model.load_base_model_weights(base_model.state_dict())
+        if vocabulary:
+            model.tokenizer, model.encoder_tokenizer = tokenizer, tokenizer
+            return model
         if isinstance(model.prefix_generator, SoftTokenPrefix):
             model.prefix_generator.match_embedding_scale(model.lm.get_input_embeddings().weight)
         model.amortization.backbone.load_state_dict(encoder.state_dict(), strict=False)
@@ -268,7 +294,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
             if (path / "tokenizer_config.json").exists():
                 model.tokenizer = AutoTokenizer.from_pretrained(path, config=model.config.text_config)
-            if (path / ENCODER_TOKENIZER_DIR).is_dir():
+            if model.uses_vocabulary_codebook:
+                model.encoder_tokenizer = model.tokenizer
+            elif (path / ENCODER_TOKENIZER_DIR).is_dir():
                 model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR,
                                                                         config=model.config.encoder_config)
         return (model, info) if info is not None else model
@@ -306,7 +334,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
-        if self.encoder_tokenizer is not None:
+        if self.encoder_tokenizer is not None and not self.uses_vocabulary_codebook:  # else it is the LM's
             self.encoder_tokenizer.save_pretrained(os.path.join(save_directory, ENCODER_TOKENIZER_DIR))
         if self.config.kv_lora_layers > 0:
             save_kv_lora_adapter(self.lm, self.kv_lora_config, os.path.join(save_directory, KV_LORA_DIR))
@@ -486,7 +514,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
             for start in tqdm(range(0, len(todo), batch_size), desc="memorize", disable=not show_progress):
                 rows = todo[start:start + batch_size]
-                z = self.amortization(**self.encode_documents([texts[i] for i in rows]))  # (n, T, d)
+                enc = self.encode_documents([texts[i] for i in rows])
+                if self.uses_vocabulary_codebook:
+                    memory_bank.extend([doc_ids[i] for i in rows], self.codebook.select(**enc).cpu(),
+                                       metadata=[metadata[i] for i in rows] if metadata is not None else None,
+                                       on_duplicate=on_duplicate)
+                    continue
+                z = self.amortization(**enc)  # (n, T, d)
                 if compress:
                     values = self.codebook.nearest_codes(z)
                 else:  # VQ bypassed (MAC-style float memory), in the space the aggregator was trained on
@@ -506,6 +540,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             ValueError: a compressed bank asked of a model trained with the VQ bypassed (its codebook is untrained).
         """
         compress = self.config.use_vq if compress is None else compress
+        if not compress and self.uses_vocabulary_codebook:
+            raise ValueError("a vocabulary codebook stores token ids, which lose nothing: there is no uncompressed "
+                             "bank to build; use compress=True (CLI: drop --no-compress).")
         if compress:
             self._check_trained_codebook()
             return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
@@ -513,6 +550,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return DenseMemoryBank(self.config.num_context_tokens, self.config.text_config.get_text_config().hidden_size)
 
     def _check_trained_codebook(self) -> None:
+        if self.uses_vocabulary_codebook and not self.codebook.fitted:
+            raise ValueError("the vocabulary codebook's IDF is not fitted, so every document would get the same "
+                             "codes: train the model with MBCTrainer (it fits the IDF on the training documents) or "
+                             "call model.codebook.fit(lists of LM token ids of your documents) first.")
         if not self.config.use_vq:
             raise ValueError("this model was trained with the VQ bypassed (config.use_vq=False), so its codebook is "
                              "untrained and codes would lose the document: use an uncompressed bank (compress=False; "
@@ -539,6 +580,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         requested, aggregation = aggregation, aggregation or self.config.aggregation
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
+        if self.uses_vocabulary_codebook:  # the question reads whole documents (prefix_key_values): no aggregation
+            if memory_bank is None or len(memory_bank) == 0:
+                return self.token_memory(self.lm.get_input_embeddings().weight.new_zeros(0, 0, dtype=torch.long))
+            self._check_bank(memory_bank)
+            memory_bank.check_codes()
+            return self.token_memory(memory_bank.codes.to(self.device).long())
         d = self.codebook.dim
         if memory_bank is None or len(memory_bank) == 0:
             return Memory(self.codebook.codebook.new_zeros(1, 0, d))
@@ -564,6 +611,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Returns:
             (Memory of N·T vectors, vq_loss scalar, perplexity scalar).
         """
+        if self.uses_vocabulary_codebook:
+            codes = self.codebook.select(context_input_ids, context_attention_mask)  # (N, T)
+            mask = None
+            if question_doc_index is not None:
+                mask = slot_documents(*codes.shape, codes.device)[None, :] == question_doc_index[:, None]
+            zero = self.lm.get_input_embeddings().weight.new_zeros(())
+            return self.token_memory(codes, mask), zero, zero
         z = self.amortization(context_input_ids, context_attention_mask)  # (N, T, d)
         n, T, d = z.shape
         if self.config.use_vq:
@@ -575,6 +629,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if question_doc_index is not None:
             mask = slot_documents(n, T, z.device)[None, :] == question_doc_index[:, None]  # (B, N·T)
         return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
+
+    def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
+        """Vocabulary codebook: (N, T) int64 codes -> `Memory` of their LM input embeddings (1, N·T, d_emb) with
+        ``codes`` (1, N·T) and the optional (B, N·T) mask."""
+        vectors = self.lm.get_input_embeddings()(codes.reshape(1, -1))  # (1, N·T, d_emb)
+        return Memory(vectors, mask=mask, codes=codes.reshape(1, -1))
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         """Auxiliary loss: NLL of each document's tokens (N, R) given only that document's T memory vectors, read
@@ -594,8 +654,42 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if question_input_ids is None:
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
+        if self.uses_vocabulary_codebook:
+            return self.token_prefix(question_input_ids, question_attention_mask, memory)
         latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
         return self.prefix_from_latents(self.aggregator(latents, memory))
+
+    def read_documents(self, question_input_ids, question_attention_mask, memory: Memory) -> torch.Tensor:
+        """Vocabulary codebook: the documents each question reads, ``config.read_documents`` of them (fewer when
+        the memory, or a question's ``memory.mask``, holds fewer), ranked by `VocabularyCodebook.score` (ties: the
+        earlier document). Returns (B, k) int64 document indices into the memory."""
+        T, B = self.config.num_context_tokens, question_input_ids.shape[0]
+        codes = memory.codes.reshape(memory.codes.shape[0], -1, T)  # (1 or B, N, T)
+        n = codes.shape[1]
+        scores = self.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
+        scores = scores - torch.arange(n, device=scores.device) * 1e-6  # ties: the earlier document
+        k = min(self.config.read_documents, n)
+        if memory.mask is not None:
+            allowed = memory.mask.reshape(B, n, T).any(-1)  # (B, N)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            k = min(k, int(allowed.sum(1).min()))
+        return scores.topk(k, dim=1).indices  # (B, k)
+
+    def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory):
+        """Vocabulary codebook: L × (key, value), each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with
+        KV-LoRA) of BOS (eos for an LM without one) and the codes of the k documents `read_documents` picks for each
+        question, read as input tokens (best document first). An empty memory gives BOS alone."""
+        B, T = question_input_ids.shape[0], self.config.num_context_tokens
+        lm_config = self.config.text_config.get_text_config()
+        start = lm_config.bos_token_id if lm_config.bos_token_id is not None else self.codebook.pad_code
+        tokens = torch.full((B, 1), start, dtype=torch.long, device=question_input_ids.device)  # (B, 1)
+        if memory.size > 0:
+            codes = memory.codes.reshape(memory.codes.shape[0], -1, T).expand(B, -1, -1)  # (B, N, T)
+            docs = self.read_documents(question_input_ids, question_attention_mask, memory)  # (B, k)
+            chosen = codes.gather(1, docs[..., None].expand(-1, -1, T)).reshape(B, -1)  # (B, k·T)
+            tokens = torch.cat([tokens, chosen], dim=1)
+        cache = self.lm.base_model(input_ids=tokens, use_cache=True).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def prefix_from_latents(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B, T, d) modulation -> L × (key, value), each (B, n_kv, P, head_dim) (see ``config.prefix_mode``)."""
@@ -739,7 +833,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             mask = owner[None, :] != gold_index[:, None]  # (B, N·T)
         else:
             mask = owner[None, :] == ((gold_index + 1) % n)[:, None]
-        without = self._lm_reading(Memory(memory.vectors, mask=mask), input_ids, attention_mask, question_input_ids,
+        without = self._lm_reading(replace(memory, mask=mask), input_ids, attention_mask, question_input_ids,
                                    question_attention_mask).logits
         gap = answer_nll_per_row(without, labels) - answer_nll_per_row(gold_logits, labels)  # (B,)
         return torch.relu(self.config.contrastive_margin - gap).mean()

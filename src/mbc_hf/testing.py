@@ -86,5 +86,6 @@ def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, **
                        encoder_config=tiny_encoder_config(encoder, len(enc_tok), enc_tok.pad_token_id).to_dict(),
                        **settings)
     model = MBCModelForCausalLM(config)
-    model.tokenizer, model.encoder_tokenizer = tok, enc_tok
+    # a vocabulary codebook reads documents and questions in LM tokens
+    model.tokenizer, model.encoder_tokenizer = tok, tok if model.uses_vocabulary_codebook else enc_tok
     return model

@@ -188,6 +188,16 @@ def first_row_per_document(rows, n: int | None = None) -> list[dict]:
     return out
 
 
+def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
+    """Fit a vocabulary codebook's IDF (`VocabularyCodebook.fit`) on the unique documents (``context`` column) of a
+    training set, in LM tokens truncated to ``config.max_document_length``; `MBCTrainer.train` calls it before the
+    first step when the IDF is not fitted yet. Returns the IDF (V,) float32."""
+    texts = list(dict.fromkeys(row["context"] for row in dataset))
+    ids = model.tokenizer(texts, add_special_tokens=False, truncation=True,
+                          max_length=model.config.max_document_length)["input_ids"]
+    return model.codebook.fit(ids)
+
+
 @torch.no_grad()
 def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, seed: int = 0) -> torch.Tensor:
     """K-means initialisation of ``model.codebook`` (`VectorQuantizer.kmeans_init`) on the context vectors of the
@@ -249,6 +259,13 @@ class MBCTrainer(Trainer):
         only: a resumed run loads its codebook from the checkpoint), with the frozen document encoder's states
         cached for ``encoder_state_cache_mb`` (`AmortizationNetwork.cache_encoder_states`)."""
         model = self.accelerator.unwrap_model(self.model)
+        if model.uses_vocabulary_codebook:
+            if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook:
+                raise ValueError("codebook_kmeans_docs / freeze_codebook apply to a learned codebook; a vocabulary "
+                                 "codebook (codebook_type='vocabulary') has nothing to initialise or freeze: drop them.")
+            if not model.codebook.fitted and not resume_from_checkpoint:
+                fit_vocabulary_idf(model, self.train_dataset)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         with contextlib.ExitStack() as stack:
             if self.args.encoder_state_cache_mb > 0:
                 stack.enter_context(model.amortization.cache_encoder_states(int(self.args.encoder_state_cache_mb
@@ -317,7 +334,8 @@ class MBCTrainer(Trainer):
             logs.update({k: round(total / count, 4) for k, (total, count) in self._parts.items()})
             logs["gold_only"] = float(self.state.global_step <= self.args.gold_only_steps)
             self._parts = {}
-            cache = self.accelerator.unwrap_model(self.model).amortization.state_cache
+            amortization = self.accelerator.unwrap_model(self.model).amortization
+            cache = amortization.state_cache if amortization is not None else None
             if cache is not None and cache.hits + cache.misses:  # cumulative share of rows not encoded again
                 logs["encoder_cache_hit_rate"] = round(cache.hits / (cache.hits + cache.misses), 4)
         super().log(logs, start_time)
