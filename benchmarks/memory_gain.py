@@ -27,8 +27,12 @@ def code_statistics(model, batch, partner: list[int] | None = None) -> dict[str,
     model without VQ."""
     if not model.config.use_vq:
         return {}
-    z = model.amortization(batch["context_input_ids"], batch["context_attention_mask"])
-    sets = [set(row.tolist()) for row in model.codebook.nearest_codes(z)]
+    if model.uses_vocabulary_codebook:  # codes are the documents' highest-IDF tokens
+        codes = model.codebook.select(batch["context_input_ids"], batch["context_attention_mask"])
+    else:
+        codes = model.codebook.nearest_codes(model.amortization(batch["context_input_ids"],
+                                                                batch["context_attention_mask"]))
+    sets = [set(row.tolist()) for row in codes]
     n = len(sets)
     partner = partner or [(i + 1) % n for i in range(n)]
     overlap = [len(sets[i] & sets[partner[i]]) / len(sets[i] | sets[partner[i]]) for i in range(n)]
@@ -52,7 +56,7 @@ def main(argv=None):
     p.add_argument("--output")
     a = p.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
-    if model.config.reconstruction_loss_weight <= 0:
+    if model.config.reconstruction_loss_weight <= 0 and not model.uses_vocabulary_codebook:
         model.config.reconstruction_loss_weight = 1.0  # only so the collator adds the reconstruction targets
     if a.spread:
         source = split_train_eval(load_qa_file(a.data), a.docs)[1]

@@ -282,7 +282,10 @@ def run_row(name: str, opts: dict) -> dict:
             result = (_base_lm_row if name in ("closed_book", "bm25", "gold") else _mbc_row)(model, ds, opts, name)
     for w in caught:  # show them once, after the row, and keep them in the results
         print(f"[{name}] warning: {w.category.__name__}: {w.message}", file=sys.stderr)
-    result.update(row=name, label=ROWS[name], n_docs=len(documents(ds)), n_questions=len(ds),
+    label = ROWS[name]
+    if getattr(model.config, "codebook_type", "learned") == "vocabulary" and name in COMPRESSED_ROWS:
+        label = label.replace("(histogram)", "(vocabulary codebook: reads the best-matching document's codes)")
+    result.update(row=name, label=label, n_docs=len(documents(ds)), n_questions=len(ds),
                   question_ids=list(ds["question_id"]), row_seconds=time.perf_counter() - start,
                   peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
                   warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
@@ -298,7 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--downsample-to", type=int, default=200, help="first N unique documents in file order")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all; for a model trained "
-                   "with --no-vq all but the compressed-bank rows mbc and unrelated)")
+                   "with --no-vq all but the compressed-bank rows mbc and unrelated; for a vocabulary codebook all "
+                   "but dense)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="chat-short",
                    help="prompt style of the base-LM rows (closed_book, bm25, gold)")
     p.add_argument("--passage-tokens", type=int, default=350, help="truncate in-context passages to N LM tokens")
@@ -311,8 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="progress bars for the MBC rows")
     a = p.parse_args(argv)
     if a.rows is None:
-        uses_vq = _uses_vq(a.model)
-        a.rows = [r for r in ROWS if r not in COMPRESSED_ROWS or uses_vq]
+        uses_vq, vocabulary = _uses_vq(a.model), _codebook_type(a.model) == "vocabulary"
+        a.rows = [r for r in ROWS if (r not in COMPRESSED_ROWS or uses_vq) and not (r == "dense" and vocabulary)]
     else:
         a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]
@@ -339,6 +343,21 @@ def _uses_vq(model: str) -> bool:
         print(f"[qa_squad] {model} was trained without VQ: leaving out the rows {', '.join(COMPRESSED_ROWS)}",
               file=sys.stderr)
     return uses
+
+
+def _codebook_type(model: str) -> str:
+    """``codebook_type`` of a saved MBC checkpoint ("learned" for ``tiny`` and Hub ids). A vocabulary codebook's
+    codes are token ids, which lose nothing, so the `dense` row (VQ bypassed) does not apply to it."""
+    from transformers import AutoConfig
+
+    import mbc_hf  # noqa: F401  (registers the "mbc" model type)
+
+    if not (Path(model) / "config.json").is_file():
+        return "learned"
+    kind = getattr(AutoConfig.from_pretrained(model), "codebook_type", "learned")
+    if kind == "vocabulary":
+        print(f"[qa_squad] {model} has a vocabulary codebook: leaving out the row dense", file=sys.stderr)
+    return kind
 
 
 def _version(pkg: str) -> str | None:

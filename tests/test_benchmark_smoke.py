@@ -332,3 +332,31 @@ def test_token_memory_reader_trains_and_scores_article_pairs_on_a_tiny_lm(tmp_pa
                 assert all(math.isfinite(x) for x in stats[key]), (memory, key)
             assert 0 <= stats["gold_better_than_other_article"] <= 1
 
+
+
+def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
+    """A vocabulary-codebook checkpoint: qa_squad leaves out the dense row (token ids lose nothing) and labels the
+    bank row by its codebook; memory_gain.py scores it on article pairs (no reconstruction targets: it has none)."""
+    from mbc_hf.testing import tiny_mbc_model
+
+    model = tiny_mbc_model(codebook_type="vocabulary")
+    model.codebook.fit([model.tokenizer(c, add_special_tokens=False)["input_ids"] for _, c, _ in PARAGRAPHS])
+    model.save_pretrained(tmp_path / "model")
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    bench = load_bench()
+    assert bench.parse_args(["--model", str(tmp_path / "model"), "--data", str(data)]).rows == \
+        [r for r in bench.ROWS if r != "dense"]
+    bench.main(["--model", str(tmp_path / "model"), "--data", str(data), "--downsample-to", "4", "--output-dir",
+                str(tmp_path / "results"), "--in-process", "--threads", "1", "--max-new-tokens", "3",
+                "--rows", "empty,mbc"])
+    rows = {r["row"]: r for r in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
+    check_row(rows["mbc"])
+    assert "vocabulary codebook" in rows["mbc"]["label"] and rows["mbc"]["bank_type"] == "CompressedMemoryBank"
+    spec = importlib.util.spec_from_file_location("memory_gain", BENCH.parent / "memory_gain.py")
+    gain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gain)
+    gain.main(["--model", str(tmp_path / "model"), "--data", str(data), "--docs", "4", "--batch-size", "4",
+               "--article-pairs", "--output", str(tmp_path / "pairs.json")])
+    result = json.loads((tmp_path / "pairs.json").read_text())
+    assert result["memory_gain_other_article"] == pytest.approx(result["nll_other_article"] - result["nll_gold"])
+    assert "reconstruction_gain" not in result and 1 <= result["distinct_codes_per_doc"] <= 4
