@@ -12,9 +12,12 @@ DOCS = ["The cat sat on the mat.", "Paris is the capital of France."]
 QUESTIONS = ["Where is Paris?", "Where did the cat sit?"]
 
 
-@pytest.mark.parametrize("base", ["llama", "gpt2"])
-def test_trust_remote_code_without_mbc_hf(tmp_path, base):
-    model = tiny_mbc_model(base=base, seed=3).eval()
+@pytest.mark.parametrize("base, codebook_type", [("llama", "learned"), ("gpt2", "learned"),
+                                                  ("llama", "vocabulary")])
+def test_trust_remote_code_without_mbc_hf(tmp_path, base, codebook_type):
+    model = tiny_mbc_model(base=base, seed=3, codebook_type=codebook_type).eval()
+    if codebook_type == "vocabulary":  # its IDF is saved with the model (vocabulary_codebook.py ships too)
+        model.codebook.fit([model.tokenizer(d, add_special_tokens=False)["input_ids"] for d in DOCS])
     model.save_pretrained(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mbc.MBCModelForCausalLM"
