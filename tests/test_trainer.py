@@ -127,9 +127,14 @@ def test_evaluate_with_article_pairs_reports_topic_and_paragraph_gains(tmp_path)
             metrics[f"eval_nll_{name}"] - metrics["eval_nll_gold"])
     assert "eval_nll_unrelated" not in metrics
     unpaired = datasets.Dataset.from_list(ROWS)  # ids without '#': every document is an article of its own
-    with pytest.raises(ValueError, match="no 2 articles with two documents"):
+    with pytest.raises(ValueError, match=r"\(8 documents of 8 articles\) has no 2 articles with two documents"):
         MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_article_pairs=True),
                    train_dataset=ds, eval_dataset=unpaired).evaluate()
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="no 2 articles"):  # train() refuses before the first step, not at eval
+        MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_article_pairs=True),
+                   train_dataset=ds, eval_dataset=unpaired).train()
+    assert all(torch.equal(p, lora[n]) for n, p in model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="even per_device_eval_batch_size >= 4"):
         MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_article_pairs=True,
                                           per_device_eval_batch_size=3), train_dataset=ds, eval_dataset=ds).evaluate()

@@ -303,7 +303,7 @@ def add_train_options(p):
     p.add_argument("--save-steps", type=int, default=250)
     p.add_argument("--eval-steps", type=int, default=250)
     p.add_argument("--eval-docs", type=int, default=32, help="hold out N train documents (spread over the file) "
-                   "for the memory gain (ignored with --eval-file)")
+                   "for the memory gain; with --eval-file, the first N documents of that file (0: all of them)")
     p.add_argument("--memory-gain-questions", type=int, default=32)
     p.add_argument("--memory-gain-article-pairs", action="store_true", help="measure the memory gain against a "
                    "paragraph of another article and of the same article (eval doc ids '<article>#<k>')")

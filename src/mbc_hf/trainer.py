@@ -259,6 +259,8 @@ class MBCTrainer(Trainer):
         only: a resumed run loads its codebook from the checkpoint), with the frozen document encoder's states
         cached for ``encoder_state_cache_mb`` (`AmortizationNetwork.cache_encoder_states`)."""
         model = self.accelerator.unwrap_model(self.model)
+        if self.args.memory_gain_article_pairs and self.eval_dataset is not None:
+            self._article_pair_batches(self.eval_dataset)  # fail now, not at the first evaluation
         if model.uses_vocabulary_codebook:
             if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook:
                 raise ValueError("codebook_kmeans_docs / freeze_codebook apply to a learned codebook; a vocabulary "
@@ -277,6 +279,23 @@ class MBCTrainer(Trainer):
             if self.args.freeze_codebook:
                 model.codebook.freeze()
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _article_pair_batches(self, dataset) -> list[list[dict]]:
+        """The memory-gain batches of ``memory_gain_article_pairs`` (`article_pair_batches`, at most
+        ``memory_gain_questions`` documents). Raises ValueError for an odd or small eval batch or an eval set
+        without enough same-article pairs."""
+        size, limit = self.args.per_device_eval_batch_size, self.args.memory_gain_questions or None
+        if size < 4 or size % 2:
+            raise ValueError(f"memory_gain_article_pairs needs an even per_device_eval_batch_size >= 4, got {size}")
+        rows = first_row_per_document(dataset)
+        batches = article_pair_batches(rows, size)[:-(-limit // size) if limit else None]
+        if not batches:
+            articles = len({article_of(r["doc_id"]) for r in rows})
+            raise ValueError(f"memory_gain_article_pairs: the eval set ({len(rows)} documents of {articles} articles) "
+                             f"has no {size // 2} articles with two documents each; doc ids must read '<article>#<k>' "
+                             "(the SQuAD paragraph layout) and the set must span articles (CLI: --eval-docs 0 takes "
+                             "all of --eval-file), or turn the option off")
+        return batches
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """Trainer's save, with the training arguments as JSON instead of the pickled ``training_args.bin``."""
@@ -358,14 +377,7 @@ class MBCTrainer(Trainer):
         start = time.time()
         size, limit = self.args.per_device_eval_batch_size, self.args.memory_gain_questions or None
         if self.args.memory_gain_article_pairs:
-            if size < 4 or size % 2:
-                raise ValueError(f"memory_gain_article_pairs needs an even per_device_eval_batch_size >= 4, got {size}")
-            batches = article_pair_batches(first_row_per_document(dataset), size)[:-(-limit // size) if limit else None]
-            if not batches:
-                raise ValueError(f"memory_gain_article_pairs: the eval set has no {size // 2} articles with two "
-                                 "documents each; doc ids must read '<article>#<k>' (the SQuAD paragraph layout), "
-                                 "or turn the option off")
-            partners = paired_partners(size)
+            batches, partners = self._article_pair_batches(dataset), paired_partners(size)
         else:
             rows = first_row_per_document(dataset, limit)
             batches, partners = [rows[i:i + size] for i in range(0, len(rows), size)], None
