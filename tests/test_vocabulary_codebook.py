@@ -144,6 +144,8 @@ def test_answers_from_an_empty_bank_read_bos_only_and_save_load_keeps_idf_and_ba
     model.save_pretrained(tmp_path / "m", memory_bank=bank)
     from transformers import AutoModelForCausalLM
 
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "codebook tied to the LM's" in card and "amortization network" not in card
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert loaded.uses_vocabulary_codebook and loaded.encoder_tokenizer is loaded.tokenizer
     assert torch.equal(loaded.codebook.idf, model.codebook.idf)

