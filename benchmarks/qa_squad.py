@@ -77,7 +77,7 @@ CHAT_CLOSED_USER = "Question: {question}"
 COLUMNS = {  # table header -> results key
     "row": "label", "prompt": "prompt", "EM": "em", "F1": "f1", "prefix-EM": "prefix_em",
     "bank bytes/doc": "bytes_per_doc", "adapt ms/doc": "adapt_ms_per_doc", "query ms": "query_ms",
-    "peak RSS MiB": "peak_rss_mib", "BM25 top-1 acc": "retrieval_top1",
+    "peak RSS MiB": "peak_rss_mib", "top-1 retrieval acc": "retrieval_top1",
 }
 
 
@@ -241,6 +241,12 @@ def _mbc_row(model, ds, opts: dict, name: str) -> dict:
     bank = r.pop("memory_bank")
     out = {k: r[k] for k in ("em", "f1", "prefix_em", "adapt_ms_per_doc", "query_ms", "predictions", "bank_doc_ids")
            if k in r}
+    if model.uses_vocabulary_codebook and name == "mbc":  # the document each question reads: the gold one?
+        memory, read = model.memory_from_bank(bank), []
+        for i in range(0, len(ds), opts["batch_size"]):
+            q = model.encode_questions(ds["question"][i:i + opts["batch_size"]])
+            read += model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory)[:, 0].tolist()
+        out["retrieval_top1"] = sum(bank.doc_ids[j] == g for j, g in zip(read, ds["doc_id"])) / max(len(read), 1)
     out["bytes_per_doc"] = bank.nbytes / len(bank) if bank is not None and len(bank) else 0.0
     out["bank_bytes"] = bank.nbytes if bank is not None else 0
     out["bank_type"] = type(bank).__name__ if bank is not None else None
