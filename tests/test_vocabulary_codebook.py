@@ -171,7 +171,8 @@ def test_trainer_fits_the_idf_and_the_loss_falls_on_a_repeated_batch(tmp_path):
     trainer.train()
     assert model.codebook.fitted
     expected = VocabularyCodebook(model.config.codebook_size, 4, model.codebook.pad_code)
-    expected.fit([model.tokenizer(r["context"], add_special_tokens=False)["input_ids"] for r in ROWS[:4]])
+    expected.fit([model.tokenizer(r["context"], add_special_tokens=False)["input_ids"] for r in ROWS[:4]],
+                 special_ids=model.tokenizer.all_special_ids)
     assert torch.equal(model.codebook.idf, expected.idf)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1, losses
@@ -207,3 +208,46 @@ def test_cli_trains_adapts_asks_and_evaluates_a_vocabulary_codebook_model(tmp_pa
     metrics = json.loads((tmp_path / "m.json").read_text())
     T = json.loads((out / "config.json").read_text())["num_context_tokens"]
     assert metrics["n_docs"] == 6 and metrics["bytes_per_doc"] >= 2 * T  # T uint16 codes + the doc id
+
+
+def test_special_tokens_are_never_codes_and_never_score():
+    book = VocabularyCodebook(vocab_size=8, num_tokens=3, pad_code=2)
+    book.fit([[3, 4], [4, 5]], special_ids=[1, 2])  # 1 (BOS) never occurs in the fit: without special_ids it
+    assert book.idf[1] == 0 and book.idf[2] == 0    # would get the largest IDF and be picked by every document
+    assert book.select(torch.tensor([[1, 3, 4, 5, 2]])).tolist() == [[3, 5, 4]]
+    assert book.score(torch.tensor([[1, 2]]), None, torch.tensor([[[1, 2, 3]]])).tolist() == [[0.0]]
+
+
+def test_ties_go_to_the_earlier_document_and_a_higher_score_wins_anywhere_in_a_large_bank():
+    model = fitted_model()
+    T, n = model.config.num_context_tokens, 100_001
+    codes = torch.full((n, T), model.codebook.pad_code)
+    rare = int(model.codebook.idf.argmax())
+    codes[5, 0] = codes[n - 1, 0] = rare  # two documents hold the question's rarest token
+    codes[n - 1, 1] = rare2 = int(model.codebook.idf.topk(2).indices[1])  # the last one also holds another
+    q = torch.tensor([[rare, rare2]])
+    assert model.read_documents(q, None, model.token_memory(codes)).tolist() == [[n - 1]]
+    codes[n - 1, 1] = model.codebook.pad_code
+    assert model.read_documents(q, None, model.token_memory(codes)).tolist() == [[5]]
+
+
+def test_question_tokens_for_retrieval_tokenize_the_first_word_as_inside_a_document():
+    model = fitted_model()
+    batch = model.encode_questions(["France has which capital?"])
+    france = model.tokenizer(DOCS[1])["input_ids"][-2]  # "ĠFrance": the word as the document holds it
+    assert batch["question_input_ids"][0].tolist() == model.tokenizer(" France has which capital?")["input_ids"]
+    assert batch["question_input_ids"][0, 0].item() == france
+
+
+def test_a_dense_bank_or_a_memory_of_vectors_is_refused_with_a_clear_error():
+    from mbc_hf import Memory
+    from mbc_hf.memory_bank import DenseMemoryBank
+
+    model = fitted_model()
+    dense = DenseMemoryBank(model.config.num_context_tokens, model.config.text_config.hidden_size)
+    with pytest.raises(ValueError, match="banks of token codes"):
+        model.memorize(DOCS, memory_bank=dense)
+    batch = model.encode_questions(["Where did the cat sit?"])
+    with pytest.raises(ValueError, match="reads codes"):
+        model.prefix_key_values(batch["question_input_ids"], batch["question_attention_mask"],
+                                Memory(torch.zeros(1, 4, model.config.text_config.hidden_size)))

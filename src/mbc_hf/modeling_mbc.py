@@ -418,7 +418,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 batch["labels"].append(labels[i] + [-100] * fill)
         device = device or self.device
         out = {k: torch.tensor(v, device=device) for k, v in batch.items() if v}
-        q = self.encoder_tokenizer(questions, padding=True, truncation=True, max_length=n, return_tensors="pt")
+        # a vocabulary codebook matches question tokens to document tokens: a leading space tokenizes the first
+        # word as it is inside a document (byte-level BPE: "ĠParis", not "Pa", "ris")
+        texts = [" " + q for q in questions] if self.uses_vocabulary_codebook else questions
+        q = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")
         out["question_input_ids"] = q["input_ids"].to(device)
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
@@ -566,6 +569,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             if bank.num_tokens != self.config.num_context_tokens or bank.codebook_size != self.config.codebook_size:
                 raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
                                  f"T={self.config.num_context_tokens}, K={self.config.codebook_size}.")
+        elif self.uses_vocabulary_codebook:
+            raise ValueError(f"a vocabulary-codebook model reads banks of token codes (CompressedMemoryBank), got a "
+                             f"{type(bank).__name__}; build the bank with this model's memorize().")
         elif not isinstance(bank, DenseMemoryBank):
             raise TypeError("memory_bank must be a CompressedMemoryBank or DenseMemoryBank, "
                             f"got {type(bank).__name__}.")
@@ -573,6 +579,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     def memory_from_bank(self, memory_bank, aggregation: str | None = None) -> Memory:
         """The aggregator's view of a bank (see `Memory`). ``aggregation``: "histogram" (exact O(K), compressed banks
         only; the default from config) or "dense" (every stored vector, O(N·T)). ``None`` bank -> empty memory.
+        With a vocabulary codebook the memory is the bank's codes (`token_memory`) and ``aggregation`` does not
+        apply (each question reads whole documents, `read_documents`).
 
         Raises:
             ValueError: unknown aggregation, histogram asked for a dense bank, or a bank from another codebook.
@@ -631,10 +639,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
-        """Vocabulary codebook: (N, T) int64 codes -> `Memory` of their LM input embeddings (1, N·T, d_emb) with
-        ``codes`` (1, N·T) and the optional (B, N·T) mask."""
-        vectors = self.lm.get_input_embeddings()(codes.reshape(1, -1))  # (1, N·T, d_emb)
-        return Memory(vectors, mask=mask, codes=codes.reshape(1, -1))
+        """Vocabulary codebook: (N, T) int64 codes (+ an optional (B, N·T) bool mask) -> `Memory` with ``codes``
+        (1, N·T) and zero-width ``vectors`` (1, N·T, 0): `token_prefix` reads the codes as LM tokens, so no vector
+        of the bank is ever built (a bank of 200,000 documents stays its 4.6 MiB of codes)."""
+        codes = codes.reshape(1, -1)  # (1, N·T)
+        width = codes.new_zeros(1, codes.shape[1], 0, dtype=torch.float32)  # the reader reads codes, not vectors
+        return Memory(width, mask=mask, codes=codes)
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         """Auxiliary loss: NLL of each document's tokens (N, R) given only that document's T memory vectors, read
@@ -650,7 +660,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ prefix
     def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory):
-        """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim)."""
+        """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim); with a
+        vocabulary codebook, `token_prefix` (P = 1 + k·T)."""
         if question_input_ids is None:
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
@@ -662,24 +673,37 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     def read_documents(self, question_input_ids, question_attention_mask, memory: Memory) -> torch.Tensor:
         """Vocabulary codebook: the documents each question reads, ``config.read_documents`` of them (fewer when
         the memory, or a question's ``memory.mask``, holds fewer), ranked by `VocabularyCodebook.score` (ties: the
-        earlier document). Returns (B, k) int64 document indices into the memory."""
+        earlier document).
+
+        Args:
+            question_input_ids / question_attention_mask: (B, S) int64, the questions in LM tokens
+                (`encode_questions`).
+            memory: a `Memory` with ``codes`` (1, N·T) int64 (`memory_from_bank` / `memory_from_documents`) and an
+                optional (B, N·T) bool mask.
+
+        Returns:
+            (B, k) int64 document indices into the memory, best first.
+        """
         T, B = self.config.num_context_tokens, question_input_ids.shape[0]
         codes = memory.codes.reshape(memory.codes.shape[0], -1, T)  # (1 or B, N, T)
         n = codes.shape[1]
         scores = self.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
-        scores = scores - torch.arange(n, device=scores.device) * 1e-6  # ties: the earlier document
         k = min(self.config.read_documents, n)
         if memory.mask is not None:
             allowed = memory.mask.reshape(B, n, T).any(-1)  # (B, N)
             scores = scores.masked_fill(~allowed, float("-inf"))
             k = min(k, int(allowed.sum(1).min()))
-        return scores.topk(k, dim=1).indices  # (B, k)
+        return scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k); ties: the earlier document
 
     def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory):
-        """Vocabulary codebook: L × (key, value), each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with
+        """Vocabulary codebook: (B, S) question LM tokens + mask and a `Memory` with ``codes`` -> L × (key, value),
+        each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with
         KV-LoRA) of BOS (eos for an LM without one) and the codes of the k documents `read_documents` picks for each
         question, read as input tokens (best document first). An empty memory gives BOS alone."""
         B, T = question_input_ids.shape[0], self.config.num_context_tokens
+        if memory.size > 0 and memory.codes is None:
+            raise ValueError("a vocabulary-codebook model reads codes: build the memory with model.memory_from_bank("
+                             "bank) or memory_from_documents(...), not from vectors.")
         lm_config = self.config.text_config.get_text_config()
         start = lm_config.bos_token_id if lm_config.bos_token_id is not None else self.codebook.pad_code
         tokens = torch.full((B, 1), start, dtype=torch.long, device=question_input_ids.device)  # (B, 1)

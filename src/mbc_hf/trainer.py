@@ -195,7 +195,7 @@ def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
     texts = list(dict.fromkeys(row["context"] for row in dataset))
     ids = model.tokenizer(texts, add_special_tokens=False, truncation=True,
                           max_length=model.config.max_document_length)["input_ids"]
-    return model.codebook.fit(ids)
+    return model.codebook.fit(ids, special_ids=model.tokenizer.all_special_ids)
 
 
 @torch.no_grad()

@@ -43,9 +43,11 @@ class VocabularyCodebook(nn.Module):
         return bool(self.idf.abs().sum() > 0)
 
     @torch.no_grad()
-    def fit(self, documents: list[list[int]]) -> torch.Tensor:
+    def fit(self, documents: list[list[int]], special_ids: list[int] = ()) -> torch.Tensor:
         """Set ``idf[t] = ln((1 + N) / (1 + df_t)) + 1`` (smoothed IDF, as scikit-learn's) over N tokenized
-        documents; a token in no document gets the largest value (as rare as the rarest). Returns ``idf`` (V,).
+        documents; a token in no document gets the largest value (as rare as the rarest). ``pad_code`` and
+        ``special_ids`` (the tokenizer's BOS/EOS/pad...) get 0: they are never selected and never score. Returns
+        ``idf`` (V,) float32.
 
         Raises:
             ValueError: no documents, or a token id outside [0, V).
@@ -60,12 +62,13 @@ class VocabularyCodebook(nn.Module):
                                  "tokenize with the LM's tokenizer.")
             df[unique] += 1
         self.idf.copy_(torch.log((1 + len(documents)) / (1 + df)) + 1)
-        self.idf[self.pad_code] = 0.0
+        self.idf[[self.pad_code, *special_ids]] = 0.0
         return self.idf
 
     def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, S) int64 LM tokens (+ (N, S) mask, 0 = padding) -> (N, T) int64 codes: each document's T distinct
-        tokens of highest IDF, highest first (ties: lower token id first), padded with ``pad_code``.
+        """(N, S) int64 LM tokens (+ (N, S) mask, 0 = padding; without it every position counts) -> (N, T) int64
+        codes: each document's T distinct tokens of highest IDF, highest first (ties: lower token id first), padded
+        with ``pad_code``. Tokens of IDF 0 (``pad_code``, special tokens) are never selected.
 
         Raises:
             ValueError: the IDF was never fitted (every document would select the same tokens).
@@ -78,30 +81,33 @@ class VocabularyCodebook(nn.Module):
             if attention_mask is not None:
                 ids = ids[attention_mask[row].cpu().bool()]
             unique = torch.unique(ids)  # ascending token id
-            unique = unique[unique != self.pad_code]
-            top = unique[torch.argsort(-self.idf.cpu()[unique], stable=True)][:self.num_tokens]
+            idf = self.idf.cpu()[unique]
+            unique, idf = unique[idf > 0], idf[idf > 0]
+            top = unique[torch.argsort(-idf, stable=True)][:self.num_tokens]
             codes[row, :len(top)] = top
         return codes.to(input_ids.device)
 
-    def score(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None, codes: torch.Tensor
-              ) -> torch.Tensor:
+    def score(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None, codes: torch.Tensor,
+              chunk: int = 16384) -> torch.Tensor:
         """Retrieval score of each question for each document: the summed IDF of the question's distinct tokens
-        that are among the document's codes.
+        that are among the document's codes (documents scored ``chunk`` at a time, so memory stays O(B·chunk·T)).
 
         Args:
-            question_ids / question_mask: (B, S) int64 LM tokens of the questions (mask 0 = padding).
-            codes: (B or 1, N, T) int64, the documents' codes.
+            question_ids / question_mask: (B, S) int64 LM tokens of the questions, ids in [0, V) (mask 0 = padding).
+            codes: (B or 1, N, T) int64, the documents' codes, in [0, V).
 
         Returns:
             (B, N) float32.
         """
-        weights = torch.zeros(question_ids.shape[0], self.codebook_size, device=question_ids.device)
-        idf = self.idf.to(question_ids.device)[question_ids]  # (B, S)
+        idf = self.idf.float().to(question_ids.device)[question_ids]  # (B, S)
         if question_mask is not None:
             idf = idf * question_mask.to(idf.dtype)
-        weights.scatter_(1, question_ids, idf)  # a token repeated in the question counts once
+        # a token repeated in the question counts once; amax keeps a real token's IDF if its id is also padding
+        weights = torch.zeros(question_ids.shape[0], self.codebook_size, device=question_ids.device)
+        weights = weights.scatter_reduce(1, question_ids, idf, reduce="amax")  # (B, V)
         b, (n, t) = question_ids.shape[0], codes.shape[-2:]
-        return weights.gather(1, codes.expand(b, n, t).reshape(b, n * t)).view(b, n, t).sum(-1)
+        return torch.cat([weights.gather(1, part.expand(b, -1, t).reshape(b, -1)).view(b, -1, t).sum(-1)
+                          for part in codes.split(chunk, dim=-2)], dim=1)
 
     def fingerprint(self) -> str:
         """16 hex chars of SHA-256 over V and the IDF (fp32 bytes): what decides a document's codes. A bank records
