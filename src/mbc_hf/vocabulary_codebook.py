@@ -105,7 +105,7 @@ class VocabularyCodebook(nn.Module):
         # a token repeated in the question counts once; amax keeps a real token's IDF if its id is also padding
         weights = torch.zeros(question_ids.shape[0], self.codebook_size, device=question_ids.device)
         weights = weights.scatter_reduce(1, question_ids, idf, reduce="amax")  # (B, V)
-        b, (n, t) = question_ids.shape[0], codes.shape[-2:]
+        b, t = question_ids.shape[0], codes.shape[-1]
         return torch.cat([weights.gather(1, part.expand(b, -1, t).reshape(b, -1)).view(b, -1, t).sum(-1)
                           for part in codes.split(chunk, dim=-2)], dim=1)
 
