@@ -617,15 +617,15 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 (the others act as distractors, as in the reference).
 
         Returns:
-            (Memory of N·T vectors, vq_loss scalar, perplexity scalar).
+            (Memory of N·T vectors, vq_loss scalar, perplexity scalar); with a vocabulary codebook (`token_memory` of
+            the documents' codes, None, None).
         """
         if self.uses_vocabulary_codebook:
             codes = self.codebook.select(context_input_ids, context_attention_mask)  # (N, T)
             mask = None
             if question_doc_index is not None:
                 mask = slot_documents(*codes.shape, codes.device)[None, :] == question_doc_index[:, None]
-            zero = self.lm.get_input_embeddings().weight.new_zeros(())
-            return self.token_memory(codes, mask), zero, zero
+            return self.token_memory(codes, mask), None, None  # nothing learned in the codebook: no VQ loss
         z = self.amortization(context_input_ids, context_attention_mask)  # (N, T, d)
         n, T, d = z.shape
         if self.config.use_vq:
@@ -697,9 +697,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory):
         """Vocabulary codebook: (B, S) question LM tokens + mask and a `Memory` with ``codes`` -> L × (key, value),
-        each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with
-        KV-LoRA) of BOS (eos for an LM without one) and the codes of the k documents `read_documents` picks for each
-        question, read as input tokens (best document first). An empty memory gives BOS alone."""
+        each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with KV-LoRA) of BOS (eos for an LM without one)
+        and the codes of the k documents `read_documents` picks for each question, read as input tokens (best
+        document first). An empty memory gives BOS alone.
+
+        Raises:
+            ValueError: a non-empty memory without ``codes`` (built from vectors)."""
         B, T = question_input_ids.shape[0], self.config.num_context_tokens
         if memory.size > 0 and memory.codes is None:
             raise ValueError("a vocabulary-codebook model reads codes: build the memory with model.memory_from_bank("

@@ -257,7 +257,12 @@ class MBCTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, after the codebook set-up of ``codebook_kmeans_docs`` / ``freeze_codebook`` (a fresh run
         only: a resumed run loads its codebook from the checkpoint), with the frozen document encoder's states
-        cached for ``encoder_state_cache_mb`` (`AmortizationNetwork.cache_encoder_states`)."""
+        cached for ``encoder_state_cache_mb`` (`AmortizationNetwork.cache_encoder_states`). With a vocabulary
+        codebook, instead: its IDF is fitted on the training documents (`fit_vocabulary_idf`) unless it already is.
+
+        Raises:
+            ValueError: before the first step, for ``memory_gain_article_pairs`` with an eval set it cannot pair, and
+                for ``codebook_kmeans_docs`` / ``freeze_codebook`` with a vocabulary codebook."""
         model = self.accelerator.unwrap_model(self.model)
         if self.args.memory_gain_article_pairs and self.eval_dataset is not None:
             self._article_pair_batches(self.eval_dataset)  # fail now, not at the first evaluation
