@@ -47,7 +47,8 @@ class MBCConfig(PreTrainedConfig):
             in the paper) ties the codebook to the LM's vocabulary (`VocabularyCodebook`): a document's codes are its
             T distinct tokens of highest IDF, K is set to the LM's vocabulary size, and at question time the LM
             (with KV-LoRA) reads the codes of the ``read_documents`` best-matching documents as soft tokens; no
-            encoder, aggregator or prefix generator is built. See README, "How it works" and "With the vocabulary codebook".
+            encoder, aggregator or prefix generator is built. See README, "How it works" and "With the vocabulary
+            codebook".
         read_documents (`int`, defaults to 1): with ``codebook_type="vocabulary"``, the documents of a bank that
             each question reads (ranked by `VocabularyCodebook.score`).
         use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).

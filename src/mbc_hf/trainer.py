@@ -269,7 +269,8 @@ class MBCTrainer(Trainer):
         if model.uses_vocabulary_codebook:
             if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook:
                 raise ValueError("codebook_kmeans_docs / freeze_codebook apply to a learned codebook; a vocabulary "
-                                 "codebook (codebook_type='vocabulary') has nothing to initialise or freeze: drop them.")
+                                 "codebook (codebook_type='vocabulary') has nothing to initialise or freeze: drop "
+                                 "them.")
             if not model.codebook.fitted and not resume_from_checkpoint:
                 fit_vocabulary_idf(model, self.train_dataset)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

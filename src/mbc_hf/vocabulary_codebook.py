@@ -117,4 +117,5 @@ class VocabularyCodebook(nn.Module):
         return digest.hexdigest()[:16]
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.codebook_size}, num_tokens={self.num_tokens}, bits_per_code={math.log2(self.codebook_size):.1f}"
+        bits = math.log2(self.codebook_size)
+        return f"vocab_size={self.codebook_size}, num_tokens={self.num_tokens}, bits_per_code={bits:.1f}"
