@@ -60,9 +60,8 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
     if config.codebook_type == "vocabulary":
         memory = (f"each document is stored as its {config.num_context_tokens} tokens of highest IDF, i.e. codes of a "
                   f"codebook tied to the LM's {config.codebook_size}-token vocabulary (not in the MBC paper; the IDF "
-                  "is "
-                  "fitted on the training documents and saved with the model), and each question reads the codes of "
-                  f"the {config.read_documents} bank document(s) holding its rarest tokens as input tokens, whose "
+                  "is fitted on the training documents and saved with the model), and each question reads the codes "
+                  f"of the {config.read_documents} bank document(s) holding its rarest tokens as input tokens, whose "
                   "key/values form the prefix.")
     else:
         memory = (f"each document is encoded by an amortization network ({encoder}) into {config.num_context_tokens} "

@@ -590,7 +590,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
         if self.uses_vocabulary_codebook:  # the question reads whole documents (prefix_key_values): no aggregation
             if memory_bank is None or len(memory_bank) == 0:
-                return self.token_memory(self.lm.get_input_embeddings().weight.new_zeros(0, 0, dtype=torch.long))
+                return self.token_memory(torch.zeros(0, 0, dtype=torch.long, device=self.device))
             self._check_bank(memory_bank)
             memory_bank.check_codes()
             return self.token_memory(memory_bank.codes.to(self.device).long())
@@ -640,8 +640,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         """Vocabulary codebook: (N, T) int64 codes (+ an optional (B, N·T) bool mask) -> `Memory` with ``codes``
-        (1, N·T) and zero-width ``vectors`` (1, N·T, 0): `token_prefix` reads the codes as LM tokens, so no vector
-        of the bank is ever built (a bank of 200,000 documents stays its 4.6 MiB of codes)."""
+        (1, N·T) and zero-width ``vectors`` (1, N·T, 0): `token_prefix` reads the codes as LM tokens, so no
+        (N·T, d) tensor of the bank's vectors is ever built."""
         codes = codes.reshape(1, -1)  # (1, N·T)
         width = codes.new_zeros(1, codes.shape[1], 0, dtype=torch.float32)  # the reader reads codes, not vectors
         return Memory(width, mask=mask, codes=codes)

@@ -5,13 +5,13 @@ MBC's learned codebook (K = 512, `VectorQuantizer`) is a clustering: on this pac
 of a context vector is a token of the LM's vocabulary, so a code names a token the LM can read and copy:
 
     document tokens (S,)  --select: the T distinct tokens of highest IDF-->  codes (T,) int64 in [0, V)
-    codes (T,)            --the LM's frozen input embeddings-->             context vectors (T, d_emb)
+    codes (T,)            --read by the LM as input tokens-->               prefix key/values
 
 The "amortization" is that selection (IDF fitted once on the training documents, `fit`, and saved with the model),
-the codebook is the LM's embedding table (nothing to learn, nothing to reset), and a bank stores T uint16 codes per
+the codebook is the LM's own vocabulary (nothing to learn, nothing to reset), and a bank stores T uint16 codes per
 document (V <= 65,536), 24 bytes for T = 12. At question time `score` ranks a bank's documents by the IDF of the
-question tokens they hold, and the LM (with KV-LoRA) reads the best documents' codes as soft tokens
-(`MBCModelForCausalLM.prefix_key_values`).
+question tokens they hold, and the LM (with KV-LoRA) reads the best documents' codes as input tokens
+(`MBCModelForCausalLM.token_prefix`).
 """
 
 import hashlib
@@ -77,11 +77,12 @@ class VocabularyCodebook(nn.Module):
             raise ValueError("the vocabulary codebook's IDF is not fitted: call model.codebook.fit(tokenized "
                              "training documents) or train with MBCTrainer, which fits it before the first step.")
         codes = torch.full((input_ids.shape[0], self.num_tokens), self.pad_code, dtype=torch.long)
+        all_idf, mask = self.idf.cpu(), None if attention_mask is None else attention_mask.cpu().bool()
         for row, ids in enumerate(input_ids.cpu()):
-            if attention_mask is not None:
-                ids = ids[attention_mask[row].cpu().bool()]
+            if mask is not None:
+                ids = ids[mask[row]]
             unique = torch.unique(ids)  # ascending token id
-            idf = self.idf.cpu()[unique]
+            idf = all_idf[unique]
             unique, idf = unique[idf > 0], idf[idf > 0]
             top = unique[torch.argsort(-idf, stable=True)][:self.num_tokens]
             codes[row, :len(top)] = top
