@@ -245,7 +245,7 @@ def _mbc_row(model, ds, opts: dict, name: str) -> dict:
         memory, read = model.memory_from_bank(bank), []
         for i in range(0, len(ds), opts["batch_size"]):
             q = model.encode_questions(ds["question"][i:i + opts["batch_size"]])
-            read += model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory)[:, 0].tolist()
+            read += model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory)[1][:, 0].tolist()
         out["retrieval_top1"] = sum(bank.doc_ids[j] == g for j, g in zip(read, ds["doc_id"])) / max(len(read), 1)
     out["bytes_per_doc"] = bank.nbytes / len(bank) if bank is not None and len(bank) else 0.0
     out["bank_bytes"] = bank.nbytes if bank is not None else 0

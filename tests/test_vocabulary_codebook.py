@@ -107,8 +107,8 @@ def test_a_question_reads_the_bank_document_that_holds_its_rare_tokens(base):
     bank = model.memorize(DOCS)
     questions = ["At what temperature does water boil?", "Where did the cat sit?"]
     batch = model.encode_questions(questions, ["100", "mat"])
-    read = model.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
-                                model.memory_from_bank(bank))
+    _, read = model.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
+                                   model.memory_from_bank(bank))
     assert read.tolist() == [[2], [0]]
     enc = model.encode_documents(DOCS)
     with torch.no_grad():  # reading the bank = reading the retrieved document alone
@@ -124,14 +124,14 @@ def test_read_documents_takes_the_best_k_and_respects_a_gold_only_mask():
     model = fitted_model(read_documents=2)
     batch = model.encode_questions(["At what temperature does water boil?"])
     memory = model.memory_from_bank(model.memorize(DOCS))
-    read = model.read_documents(batch["question_input_ids"], batch["question_attention_mask"], memory)
+    _, read = model.read_documents(batch["question_input_ids"], batch["question_attention_mask"], memory)
     assert read.shape == (1, 2) and read[0, 0].item() == 2
     T = model.config.num_context_tokens
     from dataclasses import replace
 
     only_first = replace(memory, mask=torch.arange(3 * T)[None] < T)  # the question may read document 0 only
     assert model.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
-                                only_first).tolist() == [[0]]
+                                only_first)[1].tolist() == [[0]]
 
 
 def test_answers_from_an_empty_bank_read_bos_only_and_save_load_keeps_idf_and_bank(tmp_path):
@@ -226,9 +226,9 @@ def test_ties_go_to_the_earlier_document_and_a_higher_score_wins_anywhere_in_a_l
     codes[5, 0] = codes[n - 1, 0] = rare  # two documents hold the question's rarest token
     codes[n - 1, 1] = rare2 = int(model.codebook.idf.topk(2).indices[1])  # the last one also holds another
     q = torch.tensor([[rare, rare2]])
-    assert model.read_documents(q, None, model.token_memory(codes)).tolist() == [[n - 1]]
+    assert model.read_documents(q, None, model.token_memory(codes))[1].tolist() == [[n - 1]]
     codes[n - 1, 1] = model.codebook.pad_code
-    assert model.read_documents(q, None, model.token_memory(codes)).tolist() == [[5]]
+    assert model.read_documents(q, None, model.token_memory(codes))[1].tolist() == [[5]]
 
 
 def test_question_tokens_for_retrieval_tokenize_the_first_word_as_inside_a_document():

@@ -25,12 +25,15 @@ class Memory:
         mask: (B, M) bool, True where a question may attend, or None for all.
         codes: (1, M) int64, the code of each vector, kept by a vocabulary codebook (``codebook_type="vocabulary"``,
             whose reader reads codes, not vectors), else None.
+        index: the bank's `mbc_hf.addressing.CodeIndex` (vocabulary codebook, a bank's memory), which addressing
+            searches instead of scoring every document; None to score by brute force.
     """
 
     vectors: torch.Tensor
     bias: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    index: object | None = None
 
     @classmethod
     def from_codebook(cls, codebook: torch.Tensor, counts: torch.Tensor) -> "Memory":

@@ -46,13 +46,27 @@ def load_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+# The embedded default's vocabulary codebook (issue: a memory that answers): 48 codes (96 bytes) per document chosen
+# by the trained selector and kept in document order, each question reading the 3 documents addressing picks, with
+# KV-LoRA on every layer. `None` options take these (vocabulary codebook) or the config's defaults (learned).
+VOCABULARY_DEFAULTS = {"num_context_tokens": 48, "read_documents": 3, "code_selector": "trained",
+                       "code_order": "document", "kv_lora_layers": None}
+
+
 def build_from_args(a):
     vocabulary = a.codebook_type == "vocabulary"
     reconstruction = a.reconstruction_weight if a.reconstruction_weight is not None else 0.0 if vocabulary else 0.5
+    pick = lambda name, value: value if value is not None or not vocabulary else VOCABULARY_DEFAULTS[name]  # noqa
+    layers = a.kv_lora_layers
+    if layers is None and vocabulary and not a.base_model.startswith("tiny"):
+        layers = 30  # SmolLM2's every layer: the LM reads the codes as tokens, so every layer's K/V adapts
     return build(a.base_model, a.encoder, reconstruction_loss_weight=reconstruction, codebook_type=a.codebook_type,
-                 read_documents=a.read_documents,
-                 reconstruction_length=a.reconstruction_length, num_context_tokens=a.num_context_tokens,
-                 kv_lora_layers=a.kv_lora_layers, freeze_encoders=not a.train_encoders,
+                 read_documents=pick("read_documents", a.read_documents),
+                 code_selector=pick("code_selector", a.code_selector), code_order=pick("code_order", a.code_order),
+                 whole_words=a.whole_words or None,
+                 reconstruction_length=a.reconstruction_length,
+                 num_context_tokens=pick("num_context_tokens", a.num_context_tokens),
+                 kv_lora_layers=layers, freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
@@ -93,7 +107,8 @@ def make_trainer(a, model, train, evaluation, **overrides):
     settings = dict(
         output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
         gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
-        encoder_learning_rate=a.encoder_learning_rate, lora_learning_rate=a.lora_learning_rate,
+        encoder_learning_rate=a.encoder_learning_rate,
+        lora_learning_rate=a.lora_learning_rate or (1e-3 if a.codebook_type == "vocabulary" else 1e-4),
         lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
         codebook_kmeans_docs=a.codebook_kmeans_docs, freeze_codebook=a.freeze_codebook,
         encoder_state_cache_mb=a.encoder_state_cache_mb, num_train_epochs=a.epochs, warmup_steps=a.warmup_steps,
@@ -101,6 +116,7 @@ def make_trainer(a, model, train, evaluation, **overrides):
         max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
         eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions,
         memory_gain_article_pairs=a.memory_gain_article_pairs, report_to="none",
+        read_retrieved=a.codebook_type == "vocabulary" and not a.no_read_retrieved,
         use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
         dataloader_num_workers=0)
     settings.update(overrides)
@@ -261,19 +277,30 @@ def add_train_options(p):
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=5e-4, help="LR of the MBC modules")
     p.add_argument("--encoder-learning-rate", type=float, default=5e-5)
-    p.add_argument("--lora-learning-rate", type=float, default=1e-4)
+    p.add_argument("--lora-learning-rate", type=float, help="LR of KV-LoRA (default: 1e-3 with the vocabulary "
+                   "codebook, 1e-4 with the learned one)")
     p.add_argument("--lora-start-step", type=int, default=0)
     p.add_argument("--gold-only-steps", type=int, default=0)
-    p.add_argument("--codebook-type", choices=["learned", "vocabulary"], default="learned", help="'learned': the "
-                   "paper's VQ codebook (K=512) read through the aggregator; 'vocabulary' (not in the paper): a "
-                   "document's codes are its T highest-IDF LM tokens, read by the LM (KV-LoRA) as soft tokens; "
-                   "--encoder is then unused")
+    p.add_argument("--codebook-type", choices=["learned", "vocabulary"], default="vocabulary", help="'vocabulary' "
+                   "(default; not in the paper): a document's codes are T of its LM tokens, picked by a selector "
+                   "trained on the training questions, read by the LM (KV-LoRA) as tokens from the documents that "
+                   "addressing picks; --encoder is then unused. 'learned': the paper's VQ codebook (K=512) read "
+                   "through the aggregator")
     p.add_argument("--read-documents", type=int, help="with --codebook-type vocabulary: documents of the bank each "
-                   "question reads (default: the config's, 1)")
+                   "question reads (default 3)")
+    p.add_argument("--code-selector", choices=["idf", "trained"], help="with --codebook-type vocabulary: codes by "
+                   "IDF or by the trained token scorer (default: trained)")
+    p.add_argument("--code-order", choices=["importance", "document"], help="with --codebook-type vocabulary: codes "
+                   "best first or in document order (default: document)")
+    p.add_argument("--whole-words", action="store_true", help="with --codebook-type vocabulary: select whole words")
+    p.add_argument("--no-read-retrieved", action="store_true", help="with --codebook-type vocabulary: train on the "
+                   "batch's documents instead of what addressing retrieves from all training documents")
     p.add_argument("--reconstruction-weight", type=float, help="weight of the reconstruction loss (default: 0.5; "
                    "0 with --codebook-type vocabulary, which has no aggregator for it)")
-    p.add_argument("--num-context-tokens", type=int, help="T (default: the model config's, 12)")
-    p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: 6)")
+    p.add_argument("--num-context-tokens", type=int, help="T, codes per document (default: 48 with the vocabulary "
+                   "codebook, 12 with the learned one)")
+    p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: all with the "
+                   "vocabulary codebook, 6 with the learned one)")
     p.add_argument("--train-encoders", action="store_true", help="also train the encoder backbones (the paper "
                    "does; about 3x slower per step on a CPU)")
     p.add_argument("--codebook-dim", type=int, default=32, help="factorized l2-normalised codes of this size "

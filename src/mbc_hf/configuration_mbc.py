@@ -8,6 +8,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 AGGREGATIONS = ("histogram", "dense")
+CODE_SELECTORS = ("idf", "trained")
+CODE_ORDERS = ("importance", "document")
 PREFIX_MODES = ("generator", "soft_tokens")
 CODEBOOK_TYPES = ("learned", "vocabulary")
 
@@ -50,7 +52,14 @@ class MBCConfig(PreTrainedConfig):
             encoder, aggregator or prefix generator is built. See README, "How it works" and "With the vocabulary
             codebook".
         read_documents (`int`, defaults to 1): with ``codebook_type="vocabulary"``, the documents of a bank that
-            each question reads (ranked by `VocabularyCodebook.score`).
+            each question reads (ranked by `mbc_hf.addressing`).
+        code_selector (`str`, defaults to "idf"): with ``codebook_type="vocabulary"``, how a document's T codes are
+            chosen: "idf" (its highest-IDF tokens) or "trained" (a token scorer fitted on the training questions and
+            answers; see `VocabularyCodebook`).
+        code_order (`str`, defaults to "importance"): with ``codebook_type="vocabulary"``, the order the codes are
+            stored and read in: "importance" (best first) or "document" (as they first occur in the document).
+        whole_words (`bool`, defaults to False): with ``codebook_type="vocabulary"``, select whole words instead of
+            word pieces.
         use_vq (`bool`, defaults to True): ``False`` bypasses the codebook (MAC-style float memory, for ablations).
         aggregator_layers (`int`, defaults to 4): cross-attention blocks of the aggregator (reference: 4).
         aggregator_heads (`int`, defaults to 8) / aggregator_head_dim (`int`, *optional*): attention shape of the
@@ -119,6 +128,9 @@ class MBCConfig(PreTrainedConfig):
     code_entropy_weight: float = 0.0
     codebook_type: str = "learned"
     read_documents: int = 1
+    code_selector: str = "idf"
+    code_order: str = "importance"
+    whole_words: bool = False
     use_vq: bool = True
     aggregator_layers: int = 4
     aggregator_heads: int = 8
@@ -149,6 +161,9 @@ class MBCConfig(PreTrainedConfig):
             raise ValueError(f"prefix_mode={self.prefix_mode!r} is not one of {PREFIX_MODES}.")
         if self.codebook_type not in CODEBOOK_TYPES:
             raise ValueError(f"codebook_type={self.codebook_type!r} is not one of {CODEBOOK_TYPES}.")
+        if self.code_selector not in CODE_SELECTORS or self.code_order not in CODE_ORDERS:
+            raise ValueError(f"code_selector must be one of {CODE_SELECTORS} and code_order one of {CODE_ORDERS}; got "
+                             f"{self.code_selector!r}, {self.code_order!r}.")
         if self.codebook_type == "vocabulary":
             self.codebook_size = self.text_config.get_text_config().vocab_size
             if not self.use_vq or self.reconstruction_loss_weight > 0:

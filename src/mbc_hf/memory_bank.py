@@ -646,11 +646,13 @@ class CompressedMemoryBank(_DocRowBank):
 
     # ---------------------------------------------------------------- counts
     def _rows_appended(self, rows: torch.Tensor) -> None:
+        self._code_index = None  # the addressing index (`mbc_hf.addressing.bank_index`) is rebuilt on next use
         if self._counts is not None:
             self._counts = self._counts + self._bincount(rows)
 
     def _invalidate(self) -> None:
         self._counts = None
+        self._code_index = None
 
     def _bincount(self, codes: torch.Tensor) -> torch.Tensor:
         counts = torch.zeros(self._codebook_size, dtype=torch.long)

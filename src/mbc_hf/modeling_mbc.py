@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .addressing import bank_index, top_k
 from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
@@ -139,7 +140,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             pad_code = text_config.eos_token_id if text_config.eos_token_id is not None else text_config.pad_token_id
             if isinstance(pad_code, list):
                 pad_code = pad_code[0]
-            self.codebook = VocabularyCodebook(config.codebook_size, T, pad_code or 0)
+            self.codebook = VocabularyCodebook(config.codebook_size, T, pad_code or 0, config.code_selector,
+                                               config.code_order, config.whole_words)
             self.amortization = self.question_encoder = self.aggregator = self.prefix_generator = None
         else:
             self.amortization = AmortizationNetwork(config.encoder_config, T, d)
@@ -385,19 +387,25 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return {"input_ids": enc["input_ids"][first].to(device),
                 "attention_mask": enc["attention_mask"][first].to(device)}
 
-    def encode_questions(self, questions: list[str], answers: list[str] | None = None,
-                         device=None) -> dict[str, torch.Tensor]:
+    def encode_questions(self, questions: list[str], answers: list[str] | None = None, device=None,
+                         contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Tokenize questions for both the LM and the question encoder.
 
         Returns ``input_ids``/``attention_mask`` (B, L) for the LM (prompt from ``config.prompt_template``; left
         padded for generation, or with ``answers``: right padded, `` answer<eos>`` appended and ``labels`` (B, L)
         with -100 everywhere but the answer tokens) and ``question_input_ids``/``question_attention_mask`` (B, S)
-        for the question encoder; questions keep their last ``config.max_question_length`` tokens.
+        for the question encoder; questions keep their last ``config.max_question_length`` tokens. ``contexts``
+        (hybrid reading): one passage per question put before its prompt as ``passage + "\n\n"`` (its first
+        ``config.max_document_length`` tokens; "" for none).
         """
         self._require_tokenizers()
         tok, n = self.tokenizer, self.config.max_question_length
         prompts = [self.config.prompt_template.format(question=q) for q in questions]
         prompt_ids = [ids[-n:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+        if contexts is not None:
+            passages = tok([c + "\n\n" if c else "" for c in contexts], add_special_tokens=False, truncation=True,
+                           max_length=self.config.max_document_length)["input_ids"]
+            prompt_ids = [c + p for c, p in zip(passages, prompt_ids)]
         bos = _bos(tok)
         if answers is None:
             seqs, labels = [bos + p for p in prompt_ids], None
@@ -593,7 +601,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 return self.token_memory(torch.zeros(0, 0, dtype=torch.long, device=self.device))
             self._check_bank(memory_bank)
             memory_bank.check_codes()
-            return self.token_memory(memory_bank.codes.to(self.device).long())
+            memory = self.token_memory(memory_bank.codes.to(self.device).long())
+            memory.index = bank_index(memory_bank)
+            return memory
         d = self.codebook.dim
         if memory_bank is None or len(memory_bank) == 0:
             return Memory(self.codebook.codebook.new_zeros(1, 0, d))
@@ -670,10 +680,12 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
         return self.prefix_from_latents(self.aggregator(latents, memory))
 
-    def read_documents(self, question_input_ids, question_attention_mask, memory: Memory) -> torch.Tensor:
-        """Vocabulary codebook: the documents each question reads, ``config.read_documents`` of them (fewer when
-        the memory, or a question's ``memory.mask``, holds fewer), ranked by `VocabularyCodebook.score` (ties: the
-        earlier document).
+    def read_documents(self, question_input_ids, question_attention_mask, memory: Memory,
+                       k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocabulary codebook: addressing (`mbc_hf.addressing`), the ``k`` documents (default
+        ``config.read_documents``; fewer when the memory, or a question's ``memory.mask``, holds fewer) each question
+        reads, ranked by the summed IDF of its tokens among their codes (ties: the earlier document). Through the
+        bank's `CodeIndex` when the memory has one, else by brute force; both give the same ranking.
 
         Args:
             question_input_ids / question_attention_mask: (B, S) int64, the questions in LM tokens
@@ -682,18 +694,22 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 optional (B, N·T) bool mask.
 
         Returns:
-            (B, k) int64 document indices into the memory, best first.
+            (scores (B, k) float64, document indices (B, k) int64 into the memory), best first.
         """
         T, B = self.config.num_context_tokens, question_input_ids.shape[0]
         codes = memory.codes.reshape(memory.codes.shape[0], -1, T)  # (1 or B, N, T)
         n = codes.shape[1]
+        k = min(k or self.config.read_documents, n)
+        weights = self.codebook.question_weights(question_input_ids, question_attention_mask)  # (B, V)
+        if memory.index is not None and memory.mask is None:
+            scores, docs = memory.index.search(weights, k)
+            return scores, docs.to(question_input_ids.device)
         scores = self.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
-        k = min(self.config.read_documents, n)
         if memory.mask is not None:
             allowed = memory.mask.reshape(B, n, T).any(-1)  # (B, N)
             scores = scores.masked_fill(~allowed, float("-inf"))
             k = min(k, int(allowed.sum(1).min()))
-        return scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k); ties: the earlier document
+        return top_k(scores, k)
 
     def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory):
         """Vocabulary codebook: (B, S) question LM tokens + mask and a `Memory` with ``codes`` -> L × (key, value),
@@ -712,7 +728,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         tokens = torch.full((B, 1), start, dtype=torch.long, device=question_input_ids.device)  # (B, 1)
         if memory.size > 0:
             codes = memory.codes.reshape(memory.codes.shape[0], -1, T).expand(B, -1, -1)  # (B, N, T)
-            docs = self.read_documents(question_input_ids, question_attention_mask, memory)  # (B, k)
+            _, docs = self.read_documents(question_input_ids, question_attention_mask, memory)  # (B, k)
             chosen = codes.gather(1, docs[..., None].expand(-1, -1, T)).reshape(B, -1)  # (B, k·T)
             tokens = torch.cat([tokens, chosen], dim=1)
         cache = self.lm.base_model(input_ids=tokens, use_cache=True).past_key_values
@@ -892,36 +908,69 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def answer(self, questions: list[str], memory_bank=None, max_new_tokens: int = 16, aggregation: str | None = None,
-               batch_size: int = 16, show_progress: bool = False, **generate_kwargs) -> list[str]:
+               batch_size: int = 16, show_progress: bool = False, return_sources: bool = False, text_store=None,
+               **generate_kwargs) -> list[str] | list[dict]:
         """Answer questions from a memory bank (greedy by default), one string per question.
 
-        The memory is prepared once for all questions (O(K) with histogram aggregation). The answer is the
-        generated text up to the first newline, stripped. Questions run ``batch_size`` at a time (a tqdm progress
-        bar with ``show_progress``).
+        The memory is prepared once for all questions (O(K) with histogram aggregation; a bank's addressing index
+        with a vocabulary codebook). The answer is the generated text up to the first newline, stripped. Questions
+        run ``batch_size`` at a time (a tqdm progress bar with ``show_progress``).
+
+        Args:
+            return_sources: return one dict per question instead: ``{"answer": str, "sources": [doc_id, ...],
+                "scores": [float, ...]}``, the bank documents read (best first) and their addressing scores
+                (vocabulary codebook), plus ``"passages"`` (doc ids) with ``text_store``.
+            text_store: hybrid reading (MAC's BM25 + memory row; off by default): a `mbc_hf.text_store.TextStore`
+                whose BM25 top-1 passage goes in the prompt before the question, on top of the bank's prefix.
 
         Raises:
-            ValueError: a bank built with another codebook, an unknown aggregation, empty questions.
+            ValueError: a bank built with another codebook, an unknown aggregation, empty questions,
+                ``return_sources`` without addressing (a learned codebook reads the whole bank).
         """
         questions = _check_texts(questions, "questions")
+        if return_sources and not self.uses_vocabulary_codebook:
+            raise ValueError("return_sources needs addressing, which a learned codebook does not do (its aggregator "
+                             "reads the whole bank's histogram): use codebook_type='vocabulary'.")
         memory = self.memory_from_bank(memory_bank, aggregation)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", _pad_id(self.tokenizer))
         was_training = self.training
         self.eval()
-        answers = []
+        answers, sources = [], []
         try:
             from tqdm.auto import tqdm
 
             for start in tqdm(range(0, len(questions), batch_size), desc="answer", disable=not show_progress):
-                batch = self.encode_questions(questions[start:start + batch_size])
+                chunk = questions[start:start + batch_size]
+                found = text_store.search(chunk, k=1) if text_store is not None else None
+                batch = self.encode_questions(chunk, contexts=None if found is None else
+                                              [text_store.get(ids[0]) if ids else "" for ids, _ in found])
+                if return_sources:
+                    sources += self._sources(batch, memory, memory_bank, found)
                 out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, **generate_kwargs)
                 new = out[:, batch["input_ids"].shape[1]:]
                 texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
                 answers += [_first_line(t) for t in texts]
         finally:
             self.train(was_training)
+        if return_sources:
+            return [{"answer": a, **src} for a, src in zip(answers, sources)]
         return answers
+
+    def _sources(self, batch, memory: Memory, memory_bank, found) -> list[dict]:
+        """Attribution of a question batch: the bank documents `read_documents` picks (ids, scores) and, in hybrid
+        reading, the text store's passages."""
+        out = [{"sources": [], "scores": []} for _ in range(batch["input_ids"].shape[0])]
+        if memory.size > 0:
+            scores, docs = self.read_documents(batch["question_input_ids"], batch["question_attention_mask"], memory)
+            ids = memory_bank.doc_ids
+            for row, (s, d) in enumerate(zip(scores.tolist(), docs.tolist())):
+                out[row] = {"sources": [ids[i] for i in d], "scores": s}
+        if found is not None:
+            for row, (passage_ids, _) in enumerate(found):
+                out[row]["passages"] = list(passage_ids)
+        return out
 
     @contextmanager
     def kv_lora_disabled(self):

@@ -51,6 +51,10 @@ class MBCTrainingArguments(TrainingArguments):
                 "whole eval set): eval_memory_gain_other_article (does the memory hold the topic?) and "
                 "eval_memory_gain_same_article (the paragraph?) instead of eval_memory_gain_unrelated (the next "
                 "document, mostly of the same article). Needs doc ids '<article>#<k>' and an even eval batch >= 4."})
+    read_retrieved: bool = field(default=False, metadata={
+        "help": "Vocabulary codebook: after the gold-only steps, each question reads the config.read_documents "
+                "documents that addressing picks from a bank of all training documents (wrong ones included), as at "
+                "test time, instead of the batch's documents."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
                                                                   "(EM/F1); 0 = memory gain and loss only."})
@@ -189,13 +193,31 @@ def first_row_per_document(rows, n: int | None = None) -> list[dict]:
 
 
 def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
-    """Fit a vocabulary codebook's IDF (`VocabularyCodebook.fit`) on the unique documents (``context`` column) of a
-    training set, in LM tokens truncated to ``config.max_document_length``; `MBCTrainer.train` calls it before the
-    first step when the IDF is not fitted yet. Returns the IDF (V,) float32."""
+    """Fit a vocabulary codebook on a training set (`MBCTrainer.train` calls it before the first step when the IDF
+    is not fitted yet): the IDF (`VocabularyCodebook.fit`) on the unique documents (``context`` column) in LM tokens
+    truncated to ``config.max_document_length``; with ``code_selector="trained"`` the token scorer
+    (`VocabularyCodebook.fit_selector`) on the tokens of each document's questions and answers; with
+    ``whole_words`` the word starts of the LM's vocabulary. Returns the IDF (V,) float32."""
+    tok, book = model.tokenizer, model.codebook
     texts = list(dict.fromkeys(row["context"] for row in dataset))
-    ids = model.tokenizer(texts, add_special_tokens=False, truncation=True,
-                          max_length=model.config.max_document_length)["input_ids"]
-    return model.codebook.fit(ids, special_ids=model.tokenizer.all_special_ids)
+    ids = tok(texts, add_special_tokens=False, truncation=True, max_length=model.config.max_document_length)["input_ids"]
+    idf = book.fit(ids, special_ids=tok.all_special_ids)
+    if book.whole_words:
+        book.fit_words(tok.convert_ids_to_tokens(list(range(book.codebook_size))))
+    if book.selector == "trained":
+        asked = {text: set() for text in texts}
+        for row in dataset:  # a leading space tokenizes a word as inside a text (" Paris", not "Pa" "ris")
+            pieces = [" " + row["question"], *(" " + a for a in row["answers"])]
+            for piece_ids in tok(pieces, add_special_tokens=False)["input_ids"]:
+                asked[row["context"]].update(piece_ids)
+        book.fit_selector(ids, [asked[t] for t in texts])
+    return idf
+
+
+def document_codes(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, T) int64 codes of documents under a fitted vocabulary codebook (what `memorize` would store)."""
+    return torch.cat([model.codebook.select(**model.encode_documents(texts[i:i + batch_size], device="cpu"))
+                      for i in range(0, len(texts), batch_size)])
 
 
 @torch.no_grad()
@@ -253,6 +275,7 @@ class MBCTrainer(Trainer):
         self.add_callback(LoraWarmStartCallback())
         self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
         self._parts = {}
+        self._retrieval_bank = None  # (N_train, T) codes of every training document, with read_retrieved
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, after the codebook set-up of ``codebook_kmeans_docs`` / ``freeze_codebook`` (a fresh run
@@ -273,6 +296,9 @@ class MBCTrainer(Trainer):
                                  "them.")
             if not model.codebook.fitted and not resume_from_checkpoint:
                 fit_vocabulary_idf(model, self.train_dataset)
+            if self.args.read_retrieved:
+                texts = list(dict.fromkeys(self.train_dataset["context"]))
+                self._retrieval_bank = document_codes(model, texts)  # (N_train, T)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         with contextlib.ExitStack() as stack:
             if self.args.encoder_state_cache_mb > 0:
@@ -344,6 +370,12 @@ class MBCTrainer(Trainer):
             inputs["contrastive_doc_index"] = inputs["question_doc_index"]  # used when contrastive_loss_weight > 0
         if self.state.global_step >= self.args.gold_only_steps or not model.training:
             inputs.pop("question_doc_index", None)
+            if model.training and self._retrieval_bank is not None:
+                # read what addressing picks from the bank of all training documents, wrong ones included
+                for key in ("context_input_ids", "context_attention_mask", "contrastive_doc_index"):
+                    inputs.pop(key, None)
+                unwrapped = self.accelerator.unwrap_model(model)
+                inputs["memory"] = unwrapped.token_memory(self._retrieval_bank.to(inputs["input_ids"].device))
         outputs = model(**inputs)
         if model.training:
             for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
