@@ -51,11 +51,19 @@ ROWS = {
     "closed_book": "closed-book base LM (no memory)",
     "empty": "MBC, empty memory (ablation)",
     "mbc": "MBC, compressed bank (histogram)",
+    "mbc_k1": "MBC, compressed bank, reading the top-1 document only",
+    "oracle": "MBC, oracle addressing (the gold document's codes alone)",
     "unrelated": "MBC, compressed bank of unrelated documents (ablation)",
+    "bank_t12": "MBC, compressed bank, T=12 codes per document (same reader)",
+    "bank_t24": "MBC, compressed bank, T=24 codes per document (same reader)",
+    "bank_t96": "MBC, compressed bank, T=96 codes per document (same reader)",
     "dense": "MBC, VQ bypassed (dense MAC-style bank)",
     "bm25": "BM25 top-1 passage in context",
+    "hybrid": "hybrid: BM25 top-1 passage in the prompt + the bank (same reader)",
     "gold": "gold passage in context (upper bound)",
 }
+# rows that need addressing, i.e. a vocabulary codebook (a learned codebook reads the whole bank's histogram)
+VOCABULARY_ROWS = ("mbc_k1", "oracle", "bank_t12", "bank_t24", "bank_t96", "hybrid")
 PROMPT_STYLES = ("chat-short", "plain")
 TINY, EMBEDDED_UNTRAINED = "tiny", "embedded-untrained"
 
@@ -77,7 +85,8 @@ CHAT_CLOSED_USER = "Question: {question}"
 COLUMNS = {  # table header -> results key
     "row": "label", "prompt": "prompt", "EM": "em", "F1": "f1", "prefix-EM": "prefix_em",
     "bank bytes/doc": "bytes_per_doc", "adapt ms/doc": "adapt_ms_per_doc", "query ms": "query_ms",
-    "peak RSS MiB": "peak_rss_mib", "top-1 retrieval acc": "retrieval_top1",
+    "code bytes/doc": "code_bytes_per_doc", "id bytes/doc": "id_bytes_per_doc",
+    "peak RSS MiB": "peak_rss_mib", "top-1 addressing acc": "retrieval_top1", "top-3 addressing acc": "retrieval_top3",
 }
 
 
@@ -176,13 +185,13 @@ def load_model(spec: str, seed: int = 0):
     return model.eval()
 
 
-def _base_lm_row(model, ds, opts: dict, name: str) -> dict:
+def _base_lm_row(model, ds, stream, opts: dict, name: str) -> dict:
     from mbc_hf.data import documents
     from mbc_hf.evaluation import score
 
     build = PromptBuilder(model.tokenizer, opts["prompt"], opts["passage_tokens"])
     questions, gold = list(ds["question"]), list(ds["context"])
-    docs = documents(ds)
+    docs = documents(stream)
     out = {"prompt": build.style, "adapt_ms_per_doc": 0.0, "bytes_per_doc": 0.0}
     if name in ("bm25", "gold"):  # the stored text: full passages, UTF-8
         out["bytes_per_doc"] = sum(len(t.encode("utf-8")) for _, t in docs) / max(len(docs), 1)
@@ -197,11 +206,11 @@ def _base_lm_row(model, ds, opts: dict, name: str) -> dict:
         index = BM25Okapi([tokenize_bm25(text) for _, text in docs])
         out["adapt_ms_per_doc"] = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
         start = time.perf_counter()
-        top = [int(np.argmax(index.get_scores(tokenize_bm25(q)))) for q in questions]
+        top3 = [np.argsort(-index.get_scores(tokenize_bm25(q)), kind="stable")[:3].tolist() for q in questions]
         extra_ms = (time.perf_counter() - start) * 1000  # retrieval counts as query time
-        passages = [docs[i][1] for i in top]
-        out["retrieved_doc_ids"] = [docs[i][0] for i in top]
-        out["retrieval_top1"] = sum(r == g for r, g in zip(out["retrieved_doc_ids"], ds["doc_id"])) / len(top)
+        passages = [docs[t[0]][1] for t in top3]
+        out["retrieved_doc_ids"] = [docs[t[0]][0] for t in top3]
+        out.update(_accuracy([[docs[i][0] for i in t] for t in top3], ds["doc_id"]))
     start = time.perf_counter()
     prompts = [build(q, p) for q, p in zip(questions, passages)]
     predictions = model.answer_with_base_lm(prompts, max_new_tokens=opts["max_new_tokens"],
@@ -212,47 +221,107 @@ def _base_lm_row(model, ds, opts: dict, name: str) -> dict:
     return {**out, **score(predictions, ds), "predictions": predictions}
 
 
-def _mbc_row(model, ds, opts: dict, name: str) -> dict:
+def _accuracy(ranked: list[list[str]], gold: list[str]) -> dict:
+    """Top-1 and top-3 addressing accuracy: the share of questions whose gold doc id is first / among the first 3
+    of ``ranked``."""
+    n = max(len(gold), 1)
+    return {"retrieval_top1": sum(bool(r) and r[0] == g for r, g in zip(ranked, gold)) / n,
+            "retrieval_top3": sum(g in r[:3] for r, g in zip(ranked, gold)) / n}
+
+
+def _bank_bytes(bank) -> dict:
+    """Bytes per document of a bank: all (``nbytes``), of its codes (or vectors), and of its doc ids."""
+    if bank is None or not len(bank):
+        return {"bytes_per_doc": 0.0, "code_bytes_per_doc": 0.0, "id_bytes_per_doc": 0.0, "bank_bytes": 0}
+    rows = bank.codes if hasattr(bank, "codes") else bank.vectors
+    code = rows.numel() * rows.element_size() / len(bank)
+    return {"bytes_per_doc": bank.nbytes / len(bank), "code_bytes_per_doc": code,
+            "id_bytes_per_doc": bank.nbytes / len(bank) - code, "bank_bytes": bank.nbytes}
+
+
+def _mbc_row(model, ds, stream, opts: dict, name: str) -> dict:
+    from mbc_hf.data import documents, load_qa_file
     from mbc_hf.evaluation import evaluate_online
 
     common = dict(max_new_tokens=opts["max_new_tokens"], batch_size=opts["batch_size"],
                   show_progress=opts["progress"])
-    if name == "empty":
-        r = evaluate_online(model, ds, adapt=False, **common)
-    elif name == "mbc":
-        r = evaluate_online(model, ds, aggregation="histogram", **common)
-    elif name == "unrelated":  # as many documents, from the end of the file (other articles), none of them asked about
-        from mbc_hf.data import documents, load_qa_file
-
-        asked = {text for _, text in documents(ds)}
-        n = len(asked)
-        others = [d for d in documents(load_qa_file(opts["data"])) if d[1] not in asked][-n:]
-        if not others:
-            raise ValueError(f"row 'unrelated' needs documents beyond the first {n} of {opts['data']}; lower "
-                             "--downsample-to or leave the row out with --rows.")
+    if name.startswith("bank_t"):  # the knob T: the same reader reads T codes selected per document
+        model.config.num_context_tokens = model.codebook.num_tokens = int(name.removeprefix("bank_t"))
+    if name == "mbc_k1":
+        model.config.read_documents = 1
+    docs = documents(stream)
+    if name == "unrelated":  # as many documents as the stream holds, from the end of the file (other articles)
+        asked = set(ds["context"])
+        docs = [d for d in documents(load_qa_file(opts["data"])) if d[1] not in asked][-len(docs):]
+        if not docs:
+            raise ValueError(f"row 'unrelated' needs documents beyond the ones asked about in {opts['data']}; "
+                             "lower --downsample-to or leave the row out with --rows.")
+    bank, adapt_ms, store = None, 0.0, None
+    if name != "empty":
         start = time.perf_counter()
-        bank = model.memorize([t for _, t in others], doc_ids=[i for i, _ in others], batch_size=opts["batch_size"],
-                              show_progress=opts["progress"])
-        adapt_ms = (time.perf_counter() - start) * 1000 / max(len(others), 1)
-        r = {**evaluate_online(model, ds, memory_bank=bank, adapt=False, aggregation="histogram", **common),
-             "adapt_ms_per_doc": adapt_ms, "bank_doc_ids": bank.doc_ids}
+        bank = model.memorize([t for _, t in docs], doc_ids=[i for i, _ in docs], batch_size=opts["batch_size"],
+                              compress=False if name == "dense" else None, show_progress=opts["progress"])
+        adapt_ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+    if name == "hybrid":
+        from mbc_hf.text_store import TextStore
+
+        start = time.perf_counter()
+        store = TextStore()
+        store.add([i for i, _ in docs], [t for _, t in docs])
+        store.search(["warm up"], k=1)  # builds the BM25 index: adaptation time, not query time
+        adapt_ms += (time.perf_counter() - start) * 1000 / max(len(docs), 1)
+    if name == "oracle":  # each question reads a bank of its gold document alone
+        from mbc_hf.memory_bank import CompressedMemoryBank
+
+        predictions, start = [None] * len(ds), time.perf_counter()
+        by_doc = {}
+        for row, doc_id in enumerate(ds["doc_id"]):
+            by_doc.setdefault(doc_id, []).append(row)
+        for doc_id, rows in by_doc.items():
+            alone = CompressedMemoryBank(bank.codebook_size, bank.num_tokens, bank.codebook_fingerprint)
+            alone.extend([doc_id], bank.get_codes([doc_id]))
+            for row, p in zip(rows, model.answer([ds["question"][r] for r in rows], memory_bank=alone,
+                                                 max_new_tokens=opts["max_new_tokens"])):
+                predictions[row] = p
+        from mbc_hf.evaluation import score
+
+        r = {**score(predictions, ds), "query_ms": (time.perf_counter() - start) * 1000 / max(len(ds), 1),
+             "predictions": predictions}
+    elif store is not None:
+        from mbc_hf.evaluation import score
+
+        start = time.perf_counter()
+        out = model.answer(list(ds["question"]), memory_bank=bank, text_store=store, return_sources=True,
+                           **{k: v for k, v in common.items() if k != "show_progress"})
+        r = {**score([o["answer"] for o in out], ds), "predictions": [o["answer"] for o in out],
+             "query_ms": (time.perf_counter() - start) * 1000 / max(len(ds), 1),
+             **_accuracy([o["passages"] for o in out], ds["doc_id"])}
     else:
-        r = evaluate_online(model, ds, compress=False, aggregation="dense", **common)
-    bank = r.pop("memory_bank")
-    out = {k: r[k] for k in ("em", "f1", "prefix_em", "adapt_ms_per_doc", "query_ms", "predictions", "bank_doc_ids")
+        r = evaluate_online(model, ds, memory_bank=bank, adapt=False,
+                            aggregation="dense" if name == "dense" else "histogram" if name == "mbc" and not
+                            model.uses_vocabulary_codebook else None, **common)
+    out = {k: r[k] for k in ("em", "f1", "prefix_em", "query_ms", "predictions", "retrieval_top1", "retrieval_top3")
            if k in r}
-    if model.uses_vocabulary_codebook and name == "mbc":  # the document each question reads: the gold one?
-        memory, read = model.memory_from_bank(bank), []
-        for i in range(0, len(ds), opts["batch_size"]):
-            q = model.encode_questions(ds["question"][i:i + opts["batch_size"]])
-            read += model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory)[1][:, 0].tolist()
-        out["retrieval_top1"] = sum(bank.doc_ids[j] == g for j, g in zip(read, ds["doc_id"])) / max(len(read), 1)
-    out["bytes_per_doc"] = bank.nbytes / len(bank) if bank is not None and len(bank) else 0.0
-    out["bank_bytes"] = bank.nbytes if bank is not None else 0
+    out["adapt_ms_per_doc"] = adapt_ms
+    if name == "unrelated":
+        out["bank_doc_ids"] = bank.doc_ids
+    if model.uses_vocabulary_codebook and bank is not None and name not in ("unrelated", "oracle", "hybrid"):
+        out.update(_addressing(model, bank, ds, opts["batch_size"]))  # is the document read the gold one?
+    out.update(_bank_bytes(bank))
     out["bank_type"] = type(bank).__name__ if bank is not None else None
-    out["prompt"] = "memory prefix + model template"
+    out["prompt"] = "memory prefix + model template" + (" after the BM25 passage" if store is not None else "")
     out["prompt_template"] = model.config.prompt_template
     return out
+
+
+def _addressing(model, bank, ds, batch_size: int) -> dict:
+    """Top-1 / top-3 addressing accuracy of the bank's own ranking on the questions of ``ds``."""
+    memory, ranked = model.memory_from_bank(bank), []
+    for i in range(0, len(ds), batch_size):
+        q = model.encode_questions(ds["question"][i:i + batch_size])
+        _, docs = model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory, k=3)
+        ranked += [[bank.doc_ids[j] for j in row] for row in docs.tolist()]
+    return _accuracy(ranked, ds["doc_id"])
 
 
 def _exit_with_parent(parent_pid: int, every: float = 2.0) -> None:
@@ -269,6 +338,16 @@ def _exit_with_parent(parent_pid: int, every: float = 2.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def sample_questions(stream, n: int, seed: int):
+    """``n`` questions of the stream drawn without replacement by ``random.Random(seed)``, in stream order (all of
+    them for ``n`` = 0 or ``n`` >= the stream's questions): spread over the whole stream, fixed by the seed."""
+    import random
+
+    if not n or n >= len(stream):
+        return stream
+    return stream.select(sorted(random.Random(seed).sample(range(len(stream)), n)))
+
+
 def run_row(name: str, opts: dict) -> dict:
     """Run one benchmark row (in a fresh process) and return its metrics (JSON-serialisable)."""
     if opts.get("parent_pid") and os.getpid() != opts["parent_pid"]:
@@ -279,19 +358,22 @@ def run_row(name: str, opts: dict) -> dict:
         torch.set_num_threads(opts["threads"])
     from mbc_hf.data import documents, load_qa_file
 
-    ds = load_qa_file(opts["data"], downsample_to=opts["downsample_to"])
+    stream = load_qa_file(opts["data"], downsample_to=opts["downsample_to"])
+    ds = sample_questions(stream, opts["questions"], opts["question_seed"])
     model = load_model(opts["model"], opts["seed"])
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.inference_mode():
-            result = (_base_lm_row if name in ("closed_book", "bm25", "gold") else _mbc_row)(model, ds, opts, name)
+            result = (_base_lm_row if name in ("closed_book", "bm25", "gold") else _mbc_row)(model, ds, stream, opts,
+                                                                                            name)
     for w in caught:  # show them once, after the row, and keep them in the results
         print(f"[{name}] warning: {w.category.__name__}: {w.message}", file=sys.stderr)
     label = ROWS[name]
     if getattr(model.config, "codebook_type", "learned") == "vocabulary" and name in COMPRESSED_ROWS:
-        label = label.replace("(histogram)", "(vocabulary codebook: reads the best-matching document's codes)")
-    result.update(row=name, label=label, n_docs=len(documents(ds)), n_questions=len(ds),
+        label = label.replace("(histogram)", f"(vocabulary codebook: reads the codes of the "
+                              f"{model.config.read_documents} documents addressing picks)")
+    result.update(row=name, label=label, n_docs=len(documents(stream)), n_questions=len(ds),
                   question_ids=list(ds["question_id"]), row_seconds=time.perf_counter() - start,
                   peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
                   warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
@@ -304,7 +386,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"saved MBC checkpoint dir, '{TINY}' or '{EMBEDDED_UNTRAINED}'")
     p.add_argument("--data", required=True, help="QA file (e.g. shared/data/squad/dev.minus-holdout.paragraphs.jsonl)")
-    p.add_argument("--downsample-to", type=int, default=200, help="first N unique documents in file order")
+    p.add_argument("--downsample-to", type=int, default=200, help="first N unique documents in file order: the "
+                   "stream every bank holds (the papers' size: 1665)")
+    p.add_argument("--questions", type=int, default=0, help="answer N questions spread over the stream, drawn by "
+                   "--question-seed (default 0: every question of the stream)")
+    p.add_argument("--question-seed", type=int, default=0)
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all; for a model trained "
                    "with --no-vq all but the compressed-bank rows mbc and unrelated; for a vocabulary codebook all "
@@ -322,7 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.rows is None:
         uses_vq, vocabulary = _uses_vq(a.model), _codebook_type(a.model) == "vocabulary"
-        a.rows = [r for r in ROWS if (r not in COMPRESSED_ROWS or uses_vq) and not (r == "dense" and vocabulary)]
+        a.rows = [r for r in ROWS if (r not in COMPRESSED_ROWS or uses_vq) and not (r == "dense" and vocabulary)
+                  and (vocabulary or r not in VOCABULARY_ROWS)]
     else:
         a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]
@@ -385,9 +472,9 @@ def _command_line(argv) -> str:
 def _fmt_cell(key: str, value):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    if key in ("bytes_per_doc", "peak_rss_mib") and isinstance(value, float):
+    if key in ("bytes_per_doc", "code_bytes_per_doc", "id_bytes_per_doc", "peak_rss_mib") and isinstance(value, float):
         return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
-    if key == "retrieval_top1":
+    if key in ("retrieval_top1", "retrieval_top3"):
         return f"{100 * value:.1f}%"
     return value
 
@@ -432,7 +519,8 @@ def main(argv=None) -> dict:
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
                        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)  # inherited by the children
-    opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "prompt": a.prompt,
+    opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "questions": a.questions,
+            "question_seed": a.question_seed, "prompt": a.prompt,
             "passage_tokens": a.passage_tokens, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
             "threads": a.threads, "seed": a.seed, "progress": a.progress, "parent_pid": os.getpid()}
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -51,7 +51,11 @@ class ModelArguments:
     encoder: str = field(default="embedded", metadata={
         "help": "Document encoder of a new model: 'embedded' (all-MiniLM-L6-v2), a path or Hub id (BERT-like or "
                 "T5), or 'tiny-bert' / 'tiny-t5' with a tiny base model."})
-    num_context_tokens: int | None = field(default=None, metadata={"help": "T of a new model (default: config's)."})
+    codebook_type: str = field(default="vocabulary", metadata={
+        "help": "'vocabulary' (default; codes are LM tokens picked by a trained selector, read from the documents "
+                "addressing picks) or 'learned' (the paper's VQ codebook)."})
+    num_context_tokens: int | None = field(default=None, metadata={
+        "help": "T of a new model (default: 48 with the vocabulary codebook, the config's 12 with the learned one)."})
     kv_lora_layers: int | None = field(default=None, metadata={"help": "KV-LoRA on the last N layers (new model)."})
     codebook_dim: int | None = field(default=32, metadata={
         "help": "Factorized l2-normalised codes of this size for a new model (0 = the paper's direct codebook)."})
@@ -110,9 +114,11 @@ def main(argv=None):
     if model_args.model_name_or_path:
         model = load_model(model_args.model_name_or_path).train()
     else:
-        model = build(model_args.base_model, model_args.encoder, num_context_tokens=model_args.num_context_tokens,
-                      kv_lora_layers=model_args.kv_lora_layers, codebook_dim=model_args.codebook_dim or None,
-                      reconstruction_loss_weight=model_args.reconstruction_weight,
+        learned = model_args.codebook_type == "learned"  # the vocabulary codebook has no encoder-side options
+        model = build(model_args.base_model, model_args.encoder, codebook_type=model_args.codebook_type,
+                      num_context_tokens=model_args.num_context_tokens, kv_lora_layers=model_args.kv_lora_layers,
+                      codebook_dim=model_args.codebook_dim or None if learned else None,
+                      reconstruction_loss_weight=model_args.reconstruction_weight if learned else None,
                       freeze_encoders=not model_args.train_encoders)
     trainer = MBCTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation)
 

@@ -219,8 +219,9 @@ def test_default_rows_leave_out_the_compressed_bank_for_a_model_trained_without_
     tiny_mbc_model().save_pretrained(tmp_path / "vq")
     data = str(write_fixture(tmp_path / "dev.paragraphs.jsonl"))
     novq = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data])
-    assert novq.rows == [r for r in bench.ROWS if r not in ("mbc", "unrelated")]
-    assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == list(bench.ROWS)
+    learned = [r for r in bench.ROWS if r not in bench.VOCABULARY_ROWS]  # no addressing: no addressing rows
+    assert novq.rows == [r for r in learned if r not in ("mbc", "unrelated")]
+    assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == learned
     asked = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data, "--rows", "mbc"])
     assert asked.rows == ["mbc"]  # asked for explicitly: kept, and the row itself raises its clear error
 
@@ -348,11 +349,18 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
         [r for r in bench.ROWS if r != "dense"]
     bench.main(["--model", str(tmp_path / "model"), "--data", str(data), "--downsample-to", "4", "--output-dir",
                 str(tmp_path / "results"), "--in-process", "--threads", "1", "--max-new-tokens", "3",
-                "--rows", "empty,mbc"])
-    rows = {r["row"]: r for r in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
-    check_row(rows["mbc"])
+                "--rows", "empty,mbc,mbc_k1,oracle,bank_t12,hybrid", "--questions", "5", "--question-seed", "1"])
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    rows = {r["row"]: r for r in results["rows"]}
+    assert results["n_docs"] == 4 and results["n_questions"] == 5  # the bank holds the whole stream
+    for name in ("mbc", "mbc_k1", "oracle", "bank_t12", "hybrid"):
+        check_row(rows[name])
     assert "vocabulary codebook" in rows["mbc"]["label"] and rows["mbc"]["bank_type"] == "CompressedMemoryBank"
     assert rows["mbc"]["retrieval_top1"] >= 0.5  # the fixture's questions share rare words with their paragraph
+    assert rows["mbc"]["retrieval_top1"] <= rows["mbc"]["retrieval_top3"] == rows["mbc_k1"]["retrieval_top3"]
+    T = model.config.num_context_tokens
+    assert rows["mbc"]["code_bytes_per_doc"] == 2 * T and rows["bank_t12"]["code_bytes_per_doc"] == 2 * 12
+    assert rows["mbc"]["id_bytes_per_doc"] > 0 and 0 <= rows["hybrid"]["retrieval_top1"] <= 1
     assert "retrieval_top1" not in rows["empty"]
     spec = importlib.util.spec_from_file_location("memory_gain", BENCH.parent / "memory_gain.py")
     gain = importlib.util.module_from_spec(spec)

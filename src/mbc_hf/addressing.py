@@ -48,8 +48,9 @@ class CodeIndex:
         codes: (N, T) integer codes in [0, V) (a `CompressedMemoryBank`'s ``codes``).
         vocab_size: V.
 
-    ``search`` equals ``top_k(score_codes(weights, codes[None]), k)``: the same scores (float64, summed in the same
-    order for a document's distinct codes) and the same order, ties included.
+    ``search`` equals ``top_k(score_codes(weights, codes[None]), k)``, ties included, when every sum of weights is
+    exact in float64 (as `VocabularyCodebook.question_weights`, multiples of 2^-20, guarantees): the two add a
+    document's weights in different orders.
     """
 
     def __init__(self, codes: torch.Tensor, vocab_size: int):

@@ -25,9 +25,18 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+# The vocabulary codebook's defaults (issue: a memory that answers): 48 codes (96 bytes) per document chosen by the
+# trained selector and kept in document order, each question reading the 3 documents addressing picks; KV-LoRA on
+# every layer of a pretrained LM (`embedded.build_model`). Options left None take these.
+VOCABULARY_DEFAULTS = {"num_context_tokens": 48, "read_documents": 3, "code_selector": "trained",
+                       "code_order": "document"}
+
+
 def build(base_model: str, encoder: str, **config_kwargs):
     """A fresh MBC model: ``tiny``/``tiny-gpt2`` (random, for smoke tests) or pretrained parts (see embedded).
-    ``None`` config values are left at their defaults."""
+    ``None`` config values are left at their defaults (`VOCABULARY_DEFAULTS` with ``codebook_type="vocabulary"``)."""
+    if config_kwargs.get("codebook_type") == "vocabulary":
+        config_kwargs = {**VOCABULARY_DEFAULTS, **{k: v for k, v in config_kwargs.items() if v is not None}}
     config_kwargs = {k: v for k, v in config_kwargs.items() if v is not None}
     if base_model.startswith("tiny"):
         from .testing import tiny_mbc_model
@@ -46,27 +55,14 @@ def load_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-# The embedded default's vocabulary codebook (issue: a memory that answers): 48 codes (96 bytes) per document chosen
-# by the trained selector and kept in document order, each question reading the 3 documents addressing picks, with
-# KV-LoRA on every layer. `None` options take these (vocabulary codebook) or the config's defaults (learned).
-VOCABULARY_DEFAULTS = {"num_context_tokens": 48, "read_documents": 3, "code_selector": "trained",
-                       "code_order": "document", "kv_lora_layers": None}
-
-
 def build_from_args(a):
     vocabulary = a.codebook_type == "vocabulary"
     reconstruction = a.reconstruction_weight if a.reconstruction_weight is not None else 0.0 if vocabulary else 0.5
-    pick = lambda name, value: value if value is not None or not vocabulary else VOCABULARY_DEFAULTS[name]  # noqa
-    layers = a.kv_lora_layers
-    if layers is None and vocabulary and not a.base_model.startswith("tiny"):
-        layers = 30  # SmolLM2's every layer: the LM reads the codes as tokens, so every layer's K/V adapts
     return build(a.base_model, a.encoder, reconstruction_loss_weight=reconstruction, codebook_type=a.codebook_type,
-                 read_documents=pick("read_documents", a.read_documents),
-                 code_selector=pick("code_selector", a.code_selector), code_order=pick("code_order", a.code_order),
-                 whole_words=a.whole_words or None,
-                 reconstruction_length=a.reconstruction_length,
-                 num_context_tokens=pick("num_context_tokens", a.num_context_tokens),
-                 kv_lora_layers=layers, freeze_encoders=not a.train_encoders,
+                 read_documents=a.read_documents, code_selector=a.code_selector, code_order=a.code_order,
+                 whole_words=a.whole_words or None, reconstruction_length=a.reconstruction_length,
+                 num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers,
+                 freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
@@ -401,9 +397,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-docs", type=int, default=200, help="dev documents streamed into the bank")
     p.add_argument("--questions-per-doc", type=int, default=1, help="questions answered per dev document (0 = all)")
     p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--output", help="the demo's JSON report (default: OUTPUT_DIR/demo.json)")
+    p.add_argument("--no-pretrained", action="store_true", help="answer with this run's short training only, not "
+                   "with the reader shipped in the package")
     add_model_options(p)
     add_train_options(p)
-    p.set_defaults(func=cmd_demo, max_minutes=7.0, eval_steps=100, save_steps=100000)
+    p.set_defaults(func=cmd_demo, max_minutes=4.0, eval_steps=100, save_steps=100000)
     return root
 
 

@@ -92,6 +92,8 @@ def build_model(base_model: str = EMBEDDED, encoder: str = EMBEDDED, **config_kw
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if config_kwargs.get("codebook_type") == "vocabulary":  # documents and questions are read in LM tokens
         enc = encoder_tokenizer = None
+        if config_kwargs.get("kv_lora_layers") is None:  # the LM reads the codes as tokens: adapt every layer's K/V
+            config_kwargs["kv_lora_layers"] = lm.config.num_hidden_layers
     else:
         encoder_path = resolve(encoder, "encoder")
         enc = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)

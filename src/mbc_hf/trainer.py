@@ -296,9 +296,7 @@ class MBCTrainer(Trainer):
                                  "them.")
             if not model.codebook.fitted and not resume_from_checkpoint:
                 fit_vocabulary_idf(model, self.train_dataset)
-            if self.args.read_retrieved:
-                texts = list(dict.fromkeys(self.train_dataset["context"]))
-                self._retrieval_bank = document_codes(model, texts)  # (N_train, T)
+            self._retrieval_bank = None  # built at the first step, after a resumed checkpoint restored the codebook
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         with contextlib.ExitStack() as stack:
             if self.args.encoder_state_cache_mb > 0:
@@ -370,11 +368,14 @@ class MBCTrainer(Trainer):
             inputs["contrastive_doc_index"] = inputs["question_doc_index"]  # used when contrastive_loss_weight > 0
         if self.state.global_step >= self.args.gold_only_steps or not model.training:
             inputs.pop("question_doc_index", None)
-            if model.training and self._retrieval_bank is not None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if model.training and self.args.read_retrieved and unwrapped.uses_vocabulary_codebook:
                 # read what addressing picks from the bank of all training documents, wrong ones included
+                if self._retrieval_bank is None:
+                    texts = list(dict.fromkeys(self.train_dataset["context"]))
+                    self._retrieval_bank = document_codes(unwrapped, texts)  # (N_train, T)
                 for key in ("context_input_ids", "context_attention_mask", "contrastive_doc_index"):
                     inputs.pop(key, None)
-                unwrapped = self.accelerator.unwrap_model(model)
                 inputs["memory"] = unwrapped.token_memory(self._retrieval_bank.to(inputs["input_ids"].device))
         outputs = model(**inputs)
         if model.training:

@@ -32,6 +32,7 @@ from torch import nn
 from .configuration_mbc import CODE_ORDERS, CODE_SELECTORS as SELECTORS
 
 NUM_FEATURES = 4  # idf, log(1 + count), first position / length, 1
+WEIGHT_SCALE = 2.0 ** 20  # addressing weights are multiples of 1 / WEIGHT_SCALE: their sums are exact in float64
 
 
 class VocabularyCodebook(nn.Module):
@@ -89,6 +90,7 @@ class VocabularyCodebook(nn.Module):
         self.idf[[self.pad_code, *special_ids]] = 0.0
         if self.selector == "trained":  # until fit_selector, the trained selector ranks by IDF alone
             self.selector_weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+            self.selector_bias.zero_()
         return self.idf
 
     def _unique(self, ids: list[int]) -> torch.Tensor:
@@ -168,7 +170,7 @@ class VocabularyCodebook(nn.Module):
         unique, first, score = self.token_scores(ids)
         ranked = torch.argsort(-score, stable=True)  # ties: lower token id first
         ranked = ranked[score[ranked] > float("-inf")]
-        if not self.whole_words:
+        if not self.whole_words or not len(ids):
             chosen = ranked[:self.num_tokens]
         else:  # a word scores as its best token; take whole words, best first, while they fit
             slot = torch.searchsorted(unique, ids)  # position of each document token in `unique`
@@ -208,8 +210,11 @@ class VocabularyCodebook(nn.Module):
 
     def question_weights(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, S) int64 question LM tokens (+ mask, 0 = padding) -> (B, V) float64 addressing weights: the IDF of
-        each distinct question token, 0 elsewhere (a token repeated in the question counts once)."""
-        idf = self.idf.double().to(question_ids.device)[question_ids]  # (B, S)
+        each distinct question token, 0 elsewhere (a token repeated in the question counts once), rounded to a
+        multiple of 2^-20 so that any sum of a document's weights is exact in float64 whatever the order of its
+        codes: brute-force scoring and the inverted index (`mbc_hf.addressing`) then agree to the bit."""
+        idf = torch.round(self.idf.double() * WEIGHT_SCALE) / WEIGHT_SCALE
+        idf = idf.to(question_ids.device)[question_ids]  # (B, S)
         if question_mask is not None:
             idf = idf * question_mask.to(idf.dtype)
         weights = torch.zeros(question_ids.shape[0], self.codebook_size, dtype=torch.float64,
