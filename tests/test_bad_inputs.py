@@ -92,6 +92,53 @@ def test_long_documents_are_truncated_with_a_warning(model):
     assert torch.equal(a, b)  # ...but only their first `window` tokens were encoded: the differing ends are lost
 
 
+def test_the_truncation_warning_counts_every_batch_and_a_huge_document_is_cut_before_tokenizing(model):
+    import warnings
+    from unittest import mock
+
+    window = model.config.max_document_length
+    docs = [" ".join(f"w{i}x{k}" for k in range(3 * window)) for i in range(10)]
+    with pytest.warns(UserWarning, match=rf"^10 of 10 documents exceed max_document_length={window}") as caught:
+        bank = model.memorize(docs, batch_size=4)  # three batches: one warning, counting all of them
+    assert len([w for w in caught if "exceed" in str(w.message)]) == 1 and len(bank) == 10
+    huge = "Rome is far. " * 400_000  # 5 MB
+    tokenize = model.encoder_tokenizer.__call__
+    with mock.patch.object(type(model.encoder_tokenizer), "__call__", autospec=True,
+                           side_effect=lambda self, text, **kw: tokenize(text, **kw)) as spy:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enc = model.encode_documents([huge])
+    longest = max(len(t) for call in spy.call_args_list for t in ([call.args[1]] if isinstance(call.args[1], str)
+                                                                    else call.args[1]))
+    assert longest <= 64 * window  # never the whole 5 MB
+    assert enc["input_ids"].shape[1] == window  # still a full window of tokens
+    assert torch.equal(enc["input_ids"], model.encode_documents(["Rome is far. " * 4 * window])["input_ids"])
+
+
+# ------------------------------------------------------------------------------------- invalid ids, metadata, sizes
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, b: m.memorize(["A new text."], memory_bank=b, doc_ids=["\udc00"]),
+    lambda m, b: m.memorize(["A new text.", "Another."], memory_bank=b, metadata=[{}, {"title": "\ud800"}]),
+    lambda m, b: b.extend(["\ud800"], b.get_codes([b.doc_ids[0]])),
+    lambda m, b: b.append("ok", b.get_codes([b.doc_ids[0]])[0], metadata={"k": "\udfff"}),
+    lambda m, b: m.memorize(["x y", "y z"], memory_bank=b, batch_size=-1),
+    lambda m, b: m.memorize(["x y", "y z"], memory_bank=b, batch_size=0),
+    lambda m, b: m.memorize(["one text", "another text"], memory_bank=b, doc_ids=["same", "same"]),
+], ids=["surrogate-id", "surrogate-metadata", "extend-surrogate-id", "append-surrogate-metadata", "batch-size-neg",
+        "batch-size-zero", "one-id-two-texts"])
+def test_a_mutating_call_that_raises_leaves_the_bank_saveable_and_as_it_was(model, tmp_path, call):
+    bank = model.memorize(DOCS[:3])
+    before = (list(bank.doc_ids), bank.codes.clone())
+    with pytest.raises(ValueError, match=r"surrogate|batch_size|another text"):
+        call(model, bank)
+    assert (bank.doc_ids, bank.codes.tolist()) == (before[0], before[1].tolist())
+    bank.save(tmp_path / "bank.safetensors")  # a failed call never poisons later saves
+    bank.remove(bank.doc_ids[0])
+    assert len(CompressedMemoryBank.load(tmp_path / "bank.safetensors")) == 3
+
+
 # ------------------------------------------------------------------------------------- codes out of range at use time
 
 

@@ -202,7 +202,9 @@ def test_cli_trains_adapts_asks_and_evaluates_a_vocabulary_codebook_model(tmp_pa
     assert len(CompressedMemoryBank.load(bank)) == 2
     capsys.readouterr()
     main(["ask", "--model", str(out), "--bank", str(bank), "--max-new-tokens", "3", "Where is the red door?"])
-    assert "A:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    red = CompressedMemoryBank.load(bank).doc_ids[0]  # the document that holds "red" and "Rome"
+    assert "A:" in printed and f"sources: {red} (" in printed
     main(["eval", "--model", str(out), "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "m.json"),
           "--max-new-tokens", "3"])
     metrics = json.loads((tmp_path / "m.json").read_text())

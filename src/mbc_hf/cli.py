@@ -177,9 +177,15 @@ def cmd_ask(a) -> None:
 
     model = load_model(a.model)
     bank = load_bank(a.bank)
-    for question, answer in zip(a.question, model.answer(a.question, memory_bank=bank,
-                                                         max_new_tokens=a.max_new_tokens)):
-        print(f"Q: {question}\nA: {answer}")
+    if not model.uses_vocabulary_codebook:  # no addressing: the learned codebook reads the whole bank
+        for question, answer in zip(a.question, model.answer(a.question, memory_bank=bank,
+                                                             max_new_tokens=a.max_new_tokens)):
+            print(f"Q: {question}\nA: {answer}")
+        return
+    for question, out in zip(a.question, model.answer(a.question, memory_bank=bank, max_new_tokens=a.max_new_tokens,
+                                                      return_sources=True)):
+        sources = ", ".join(f"{doc_id} ({score:.2f})" for doc_id, score in zip(out["sources"], out["scores"]))
+        print(f"Q: {question}\nA: {out['answer']}\nsources: {sources or '(empty bank)'}")
 
 
 def cmd_eval(a) -> dict:

@@ -85,6 +85,11 @@ def _normalise_metadata(item: Any, position: int) -> dict:
         text = json.dumps(item, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metadata[{position}] is not JSON-serialisable: {exc}") from exc
+    try:  # the header is UTF-8: a lone surrogate (U+D800-U+DFFF) would only fail at save()
+        json.dumps(item, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"metadata[{position}] holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), which "
+                         "is not valid Unicode and cannot be saved; decode its source with errors='replace'") from None
     normalised = json.loads(text)
     if normalised != item:
         raise TypeError(
@@ -92,6 +97,37 @@ def _normalise_metadata(item: Any, position: int) -> dict:
             "(use str keys, lists instead of tuples)"
         )
     return normalised
+
+
+def check_doc_ids_and_metadata(doc_ids: Sequence[str], metadata: Sequence[dict | None] | None
+                               ) -> tuple[list[str], list[dict]]:
+    """Validate what a bank will store for a batch of documents, before anything changes: ids must be non-empty
+    valid Unicode str (UTF-8 encodable: they are saved in the header and hashed), metadata one JSON dict (or None) per
+    id. Returns the ids as a list and the normalised metadata (`_normalise_metadata`).
+
+    Raises:
+        TypeError: a single str for ``doc_ids``, a dict for ``metadata``, metadata that is not JSON.
+        ValueError: an empty, non-str or lone-surrogate id, a lone surrogate in metadata, or lengths that differ.
+    """
+    if isinstance(doc_ids, str):
+        raise TypeError("doc_ids must be a list of str, not a single str (use append() for one document)")
+    doc_ids = list(doc_ids)
+    for i, d in enumerate(doc_ids):
+        if not isinstance(d, str) or not d:
+            raise ValueError(f"doc_ids[{i}] must be a non-empty str, got {d!r}")
+        try:
+            d.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"doc_ids[{i}] = {d!r} holds a lone surrogate, which is not valid Unicode and cannot be "
+                             "saved; decode the source with errors='replace' or pick another id") from None
+    if metadata is None:
+        return doc_ids, [_NO_METADATA] * len(doc_ids)
+    if isinstance(metadata, dict):
+        raise TypeError("metadata must be a list of dicts (one per document), not a dict")
+    meta = list(metadata)
+    if len(meta) != len(doc_ids):
+        raise ValueError(f"got {len(meta)} metadata dicts for {len(doc_ids)} doc_ids")
+    return doc_ids, [_normalise_metadata(m, i) for i, m in enumerate(meta)]
 
 
 class _DocRowBank:
@@ -211,20 +247,8 @@ class _DocRowBank:
             raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
         if isinstance(doc_ids, str):
             raise TypeError("doc_ids must be a list of str, not a single str (use append() for one document)")
-        doc_ids = list(doc_ids)
-        for i, d in enumerate(doc_ids):
-            if not isinstance(d, str) or not d:
-                raise ValueError(f"doc_ids[{i}] must be a non-empty str, got {d!r}")
+        doc_ids, meta = check_doc_ids_and_metadata(doc_ids, metadata)
         rows = self._coerce_rows(rows, doc_ids)
-        if metadata is None:
-            meta = [_NO_METADATA] * len(doc_ids)
-        else:
-            if isinstance(metadata, dict):
-                raise TypeError("metadata must be a list of dicts (one per document), not a dict")
-            meta = list(metadata)
-            if len(meta) != len(doc_ids):
-                raise ValueError(f"got {len(meta)} metadata dicts for {len(doc_ids)} doc_ids")
-            meta = [_normalise_metadata(m, i) for i, m in enumerate(meta)]
 
         # Plan everything before mutating, so errors leave the bank untouched.
         n_old = len(self._doc_ids)

