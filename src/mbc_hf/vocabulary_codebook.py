@@ -173,16 +173,17 @@ class VocabularyCodebook(nn.Module):
         if not self.whole_words or not len(ids):
             chosen = ranked[:self.num_tokens]
         else:  # a word scores as its best token; take whole words, best first, while they fit
-            slot = torch.searchsorted(unique, ids)  # position of each document token in `unique`
-            word = torch.cumsum(self.word_start.cpu()[ids].long(), 0)  # word number of each token
-            word_score = torch.full((int(word.max()) + 1,), float("-inf")).scatter_reduce(0, word, score[slot], "amax")
+            slots = torch.searchsorted(unique, ids).tolist()  # position of each document token in `unique`
+            starts, scores = self.word_start.cpu()[ids].tolist(), score.tolist()
+            words: list[list[int]] = []
+            for slot, start in zip(slots, starts):
+                if start or not words:
+                    words.append([])
+                words[-1].append(slot)
             taken, chosen = set(), []
-            for w in torch.argsort(-word_score, stable=True).tolist():
-                if word_score[w] == float("-inf"):
-                    break
-                pieces = [s for s in dict.fromkeys(slot[word == w].tolist()) if s not in taken
-                          and score[s] > float("-inf")]
-                if len(chosen) + len(pieces) <= self.num_tokens:
+            for word in sorted(words, key=lambda w: -max(scores[s] for s in w)):  # stable: earlier words first
+                pieces = [s for s in dict.fromkeys(word) if s not in taken and scores[s] > float("-inf")]
+                if pieces and len(chosen) + len(pieces) <= self.num_tokens:
                     chosen += pieces
                     taken.update(pieces)
             chosen = torch.tensor(chosen, dtype=torch.long)
