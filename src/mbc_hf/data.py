@@ -856,3 +856,6 @@ def load_documents_file(
     doc_ids = _canonical_doc_ids(path, rows)
     out = documents({"doc_id": doc_ids, "context": [r.context for r in rows]})
     return out if downsample_to is None else out[:downsample_to]
+
+
+from .synthetic_facts import chance_em, synthetic_facts, write_synthetic_facts  # noqa: E402,F401  (re-exported)
