@@ -16,6 +16,7 @@ ids and scores are also the answer's attribution (``answer(..., return_sources=T
 import numpy as np
 import torch
 from scipy import sparse
+from torch import nn
 
 
 def score_codes(weights: torch.Tensor, codes: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -95,3 +96,56 @@ def bank_index(bank) -> CodeIndex:
         cached = CodeIndex(bank.codes, bank.codebook_size)
         bank._code_index = cached
     return cached
+
+
+class LearnedAddressing(nn.Module):
+    """Top-k addressing for a learned codebook (``aggregation="topk"``; CMT's top-k aggregation, not in MBC).
+
+    A document's key is computed from its codes alone (the mean of its T decoded code vectors, LayerNorm, linear),
+    so the bank stays codes-only; a question's key comes from its question-encoder latents the same way. Each
+    question reads the k documents of highest ``score = q · key / sqrt(a)``; the selection itself passes no
+    gradient, so the keys are trained by the addressing loss (`loss`): cross-entropy of the gold document among the
+    batch's documents.
+
+    Args:
+        dim: width of the code vectors and of the question latents (the LM's hidden size).
+        key_dim: a, the width of the keys.
+    """
+
+    def __init__(self, dim: int, key_dim: int = 64):
+        super().__init__()
+        self.document_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
+        self.question_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
+        self.scale = key_dim ** -0.5
+
+    def document_keys(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, T, d) float code vectors of N documents -> (N, a) keys."""
+        return self.document_key(vectors.mean(1))
+
+    def scores(self, latents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) question latents and (N, a) document keys -> (B, N) float scores."""
+        return self.question_key(latents.mean(1)) @ keys.T * self.scale
+
+    @staticmethod
+    def select(vectors: torch.Tensor, scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best documents of each question and their code vectors.
+
+        Args:
+            vectors: (N, T, d) float, the documents' code vectors. scores: (B, N). k: documents read per question
+                (fewer when N, or a row of ``allowed``, holds fewer). allowed: (B, N) bool or None.
+
+        Returns:
+            (indices (B, k) int64 best first, ties: the earlier document; vectors (B, k·T, d)).
+        """
+        scores = scores.detach()
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            k = min(k, int(allowed.sum(1).min()))
+        _, docs = top_k(scores, min(k, vectors.shape[0]))
+        return docs, vectors[docs].flatten(1, 2)  # (B, k, T, d) -> (B, k·T, d)
+
+    @staticmethod
+    def loss(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """Addressing loss: mean cross-entropy of each question's gold document (B,) int64 among the (B, N) scores."""
+        return nn.functional.cross_entropy(scores.float(), gold)

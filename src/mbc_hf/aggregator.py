@@ -27,6 +27,8 @@ class Memory:
             whose reader reads codes, not vectors), else None.
         index: the bank's `mbc_hf.addressing.CodeIndex` (vocabulary codebook, a bank's memory), which addressing
             searches instead of scoring every document; None to score by brute force.
+        keys: (N, a) float document keys of learned top-k addressing (``aggregation="topk"``; the vectors are then
+            N documents' T vectors one document after another), else None.
     """
 
     vectors: torch.Tensor
@@ -34,6 +36,7 @@ class Memory:
     mask: torch.Tensor | None = None
     codes: torch.Tensor | None = None
     index: object | None = None
+    keys: torch.Tensor | None = None
 
     @classmethod
     def from_codebook(cls, codebook: torch.Tensor, counts: torch.Tensor) -> "Memory":

@@ -66,7 +66,8 @@ def build_from_args(a):
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
-                 distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None)
+                 distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
+                 aggregation=a.aggregation, topk_documents=a.topk_documents)
 
 
 def stop_after_minutes(minutes: float):
@@ -294,6 +295,10 @@ def add_train_options(p):
                    "IDF or by the trained token scorer (default: trained)")
     p.add_argument("--code-order", choices=["importance", "document"], help="with --codebook-type vocabulary: codes "
                    "best first or in document order (default: document)")
+    p.add_argument("--aggregation", choices=["histogram", "dense", "topk"], help="with --codebook-type learned: how "
+                   "the bank is read by default; 'topk' builds learned addressing (each question reads its "
+                   "--topk-documents best documents; not in the paper)")
+    p.add_argument("--topk-documents", type=int, help="k of --aggregation topk (default 1)")
     p.add_argument("--whole-words", action="store_true", help="with --codebook-type vocabulary: select whole words")
     p.add_argument("--no-read-retrieved", action="store_true", help="with --codebook-type vocabulary: train on the "
                    "batch's documents instead of what addressing retrieves from all training documents")
@@ -379,7 +384,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample-to", type=int, help="first N unique documents in file order (paper: 1665)")
     p.add_argument("--output", help="metrics.json")
     p.add_argument("--predictions", help="predictions .jsonl (with --output)")
-    p.add_argument("--aggregation", choices=["histogram", "dense"])
+    p.add_argument("--aggregation", choices=["histogram", "dense", "topk"], help="how a learned codebook's bank is "
+                   "read (default: the model's); 'topk' needs a model trained with --aggregation topk")
     p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed; the "
                    "default for a model trained with --no-vq)")
     p.add_argument("--max-new-tokens", type=int, default=16)

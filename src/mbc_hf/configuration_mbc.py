@@ -7,7 +7,7 @@ sensible for a small LM; see ``../shared/docs/method-and-anchors.md`` §1.5 for 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-AGGREGATIONS = ("histogram", "dense")
+AGGREGATIONS = ("histogram", "dense", "topk")
 CODE_SELECTORS = ("idf", "trained")
 CODE_ORDERS = ("importance", "document")
 PREFIX_MODES = ("generator", "soft_tokens")
@@ -72,6 +72,13 @@ class MBCConfig(PreTrainedConfig):
             last LM layers adapted (reference: 16 / 32 / 0.05 / 6 for DistilGPT2). ``kv_lora_layers=0`` disables it.
         aggregation (`str`, defaults to "histogram"): default way to read a compressed bank; ``"histogram"`` is the
             exact O(K) form, ``"dense"`` attends over every decoded vector as the reference does.
+            ``"topk"`` (learned codebook; CMT's top-k aggregation, not in the paper) builds learned addressing
+            (`mbc_hf.addressing.LearnedAddressing`): each question reads only the ``topk_documents`` documents
+            whose key, computed from their codes alone, best matches its question key.
+        topk_documents (`int`, defaults to 1): k of ``aggregation="topk"``.
+        addressing_dim (`int`, defaults to 64): width of the learned addressing keys.
+        addressing_loss_weight (`float`, defaults to 1.0): weight of the addressing loss (cross-entropy of the gold
+            document among the batch's documents) with ``aggregation="topk"``.
         max_document_length (`int`, defaults to 256): encoder tokens kept per document (longer ones are truncated
             with a warning by `memorize`).
         max_question_length (`int`, defaults to 128): LM and encoder tokens kept per question (its last tokens).
@@ -142,6 +149,9 @@ class MBCConfig(PreTrainedConfig):
     kv_lora_dropout: float = 0.05
     kv_lora_layers: int = 6
     aggregation: str = "histogram"
+    topk_documents: int = 1
+    addressing_dim: int = 64
+    addressing_loss_weight: float = 1.0
     max_document_length: int = 256
     max_question_length: int = 128
     prompt_template: str = "Question: {question}\nAnswer:"
@@ -173,7 +183,7 @@ class MBCConfig(PreTrainedConfig):
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
         for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank",
-                     "read_documents"):
+                     "read_documents", "topk_documents", "addressing_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.codebook_size > 65536:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .addressing import bank_index, top_k
+from .addressing import LearnedAddressing, bank_index, top_k
 from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
@@ -54,6 +54,8 @@ class MBCOutput(ModelOutput):
         contrastive_loss: scalar, the memory-contrastive hinge (``config.contrastive_loss_weight``; optional).
         distillation_loss: scalar, KL from the base LM reading the gold document in context to the LM reading the
             memory (``config.distillation_loss_weight``; optional).
+        addressing_loss: scalar, cross-entropy of each question's gold document among the batch's documents under
+            learned top-k addressing (``config.aggregation="topk"``, training with context ids).
     """
 
     loss: torch.Tensor | None = None
@@ -64,6 +66,7 @@ class MBCOutput(ModelOutput):
     reconstruction_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
     distillation_loss: torch.Tensor | None = None
+    addressing_loss: torch.Tensor | None = None
 
 
 def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -143,6 +146,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             self.codebook = VocabularyCodebook(config.codebook_size, T, pad_code or 0, config.code_selector,
                                                config.code_order, config.whole_words)
             self.amortization = self.question_encoder = self.aggregator = self.prefix_generator = None
+            self.addressing = None  # addressing of token codes: `read_documents` (mbc_hf.addressing.CodeIndex)
         else:
             self.amortization = AmortizationNetwork(config.encoder_config, T, d)
             self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T,
@@ -160,6 +164,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
                                                         kv_heads, kv_head_dim)
             self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
+            # learned top-k addressing (aggregation="topk"), chosen once here; "histogram"/"dense" still read a bank
+            self.addressing = LearnedAddressing(d, config.addressing_dim) if config.aggregation == "topk" else None
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():
@@ -640,14 +646,20 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if memory_bank is None or len(memory_bank) == 0:
             return Memory(self.codebook.codebook.new_zeros(1, 0, d))
         self._check_bank(memory_bank)
+        if aggregation == "topk" and self.addressing is None:
+            raise ValueError("aggregation='topk' needs learned addressing, which this model was not built with: "
+                             "build and train it with MBCConfig(aggregation='topk') (CLI: --aggregation topk).")
         if isinstance(memory_bank, DenseMemoryBank):
             if requested == "histogram":
                 raise ValueError("aggregation='histogram' needs a CompressedMemoryBank; use 'dense' for a dense bank.")
-            return Memory(memory_bank.vectors.to(self.device, self.codebook.codebook.dtype).reshape(1, -1, d))
-        if aggregation == "histogram":
+            vectors = memory_bank.vectors.to(self.device, self.codebook.codebook.dtype)  # (N, T, d)
+        elif aggregation == "histogram":
             return Memory.from_codebook(self.codebook.codebook, memory_bank.code_counts())
-        memory_bank.check_codes()  # codes >= K (edited in place) would index past the codebook
-        return Memory(self.codebook.decode(memory_bank.codes.to(self.device).long()).reshape(1, -1, d))
+        else:
+            memory_bank.check_codes()  # codes >= K (edited in place) would index past the codebook
+            vectors = self.codebook.decode(memory_bank.codes.to(self.device).long())  # (N, T, d)
+        keys = self.addressing.document_keys(vectors) if aggregation == "topk" else None  # from the codes alone
+        return Memory(vectors.reshape(1, -1, d), keys=keys)
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
         """Training memory (MBC §3.4): the batch's own documents, quantized with straight-through gradients.
@@ -678,7 +690,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         mask = None
         if question_doc_index is not None:
             mask = slot_documents(n, T, z.device)[None, :] == question_doc_index[:, None]  # (B, N·T)
-        return Memory(vectors.reshape(1, n * T, d), mask=mask), vq_loss, perplexity
+        keys = self.addressing.document_keys(vectors) if self.addressing is not None else None  # (N, a)
+        return Memory(vectors.reshape(1, n * T, d), mask=mask, keys=keys), vq_loss, perplexity
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         """Vocabulary codebook: (N, T) int64 codes (+ an optional (B, N·T) bool mask) -> `Memory` with ``codes``
@@ -701,16 +714,29 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels).loss
 
     # ------------------------------------------------------------------ prefix
-    def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory):
+    def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory,
+                          return_address_scores: bool = False):
         """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim); with a
-        vocabulary codebook, `token_prefix` (P = 1 + k·T)."""
+        vocabulary codebook, `token_prefix` (P = 1 + k·T). With learned top-k addressing (``memory.keys``) the
+        aggregator reads only each question's ``config.topk_documents`` best documents (`LearnedAddressing`);
+        ``return_address_scores`` also returns their (B, N) scores (None without it), for the addressing loss."""
         if question_input_ids is None:
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
         if self.uses_vocabulary_codebook:
-            return self.token_prefix(question_input_ids, question_attention_mask, memory)
+            prefix = self.token_prefix(question_input_ids, question_attention_mask, memory)
+            return (prefix, None) if return_address_scores else prefix
         latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
-        return self.prefix_from_latents(self.aggregator(latents, memory))
+        scores = None
+        if memory.keys is not None:
+            B, T, n = latents.shape[0], self.config.num_context_tokens, memory.keys.shape[0]
+            scores = self.addressing.scores(latents, memory.keys)  # (B, N)
+            allowed = None if memory.mask is None else memory.mask.reshape(B, n, T).any(-1)
+            _, vectors = self.addressing.select(memory.vectors.reshape(n, T, -1), scores,
+                                                self.config.topk_documents, allowed)
+            memory = Memory(vectors)  # (B, k·T, d): each question its own documents
+        prefix = self.prefix_from_latents(self.aggregator(latents, memory))
+        return (prefix, scores) if return_address_scores else prefix
 
     def read_documents(self, question_input_ids, question_attention_mask, memory: Memory,
                        k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -782,11 +808,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return cache, torch.cat([ones, attention_mask], dim=1)
 
     def _lm_reading(self, memory: Memory, input_ids, attention_mask, question_input_ids, question_attention_mask,
-                    labels=None):
-        """The LM's output on (B, L) tokens after the prefix key/values of ``memory`` read for these questions."""
-        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
+                    labels=None, return_address_scores: bool = False):
+        """The LM's output on (B, L) tokens after the prefix key/values of ``memory`` read for these questions (and
+        the addressing scores, see `prefix_key_values`)."""
+        prefix, scores = self.prefix_key_values(question_input_ids, question_attention_mask, memory,
+                                                return_address_scores=True)
         cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0])
-        return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
+        out = self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels)
+        return (out, scores) if return_address_scores else out
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, question_input_ids: torch.LongTensor | None = None,
@@ -811,10 +840,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             aggregation: "histogram" | "dense" for ``memory_bank``.
             reconstruction_input_ids / reconstruction_attention_mask: (N, R) LM tokens of the N context documents
                 for the auxiliary reconstruction loss (training, with context ids; see `reconstruction_loss`).
-            contrastive_doc_index: (B,) int64, the gold document of each question (training, with context ids and
-                labels): with ``config.contrastive_loss_weight`` > 0 and N >= 2 the answers are scored once more
-                with a memory that lacks the gold document (the batch's other documents; in gold-only mode the next
-                document) for the contrastive hinge (see `MBCConfig`).
+            contrastive_doc_index: (B,) int64, the gold document of each question (training, with context ids): the
+                target of the addressing loss with ``aggregation="topk"``; with labels, ``contrastive_loss_weight``
+                > 0 and N >= 2 the answers are also scored with a memory that lacks the gold document (the batch's
+                other documents; in gold-only mode the next document) for the contrastive hinge (see `MBCConfig`).
             teacher_input_ids / teacher_attention_mask / teacher_target_mask / target_mask: the distillation
                 teacher's input and the distilled tokens (from `encode_in_context`; training, with
                 ``config.distillation_loss_weight`` > 0; see `distillation_loss`).
@@ -833,7 +862,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 memory = self.memory_from_bank(memory_bank, aggregation)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self._lm_reading(memory, input_ids, attention_mask, question_input_ids, question_attention_mask, labels)
+        out, address_scores = self._lm_reading(memory, input_ids, attention_mask, question_input_ids,
+                                               question_attention_mask, labels, return_address_scores=True)
+        addressing_loss = None
+        if address_scores is not None and contrastive_doc_index is not None and context_input_ids is not None:
+            addressing_loss = LearnedAddressing.loss(address_scores, contrastive_doc_index)
         rec_loss = None
         if reconstruction_input_ids is not None:
             rec_loss = self.reconstruction_loss(memory, reconstruction_input_ids, reconstruction_attention_mask)
@@ -857,8 +890,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.contrastive_loss_weight * con_loss
             if dist_loss is not None:
                 loss = loss + self.config.distillation_loss_weight * dist_loss
+            if addressing_loss is not None:
+                loss = loss + self.config.addressing_loss_weight * addressing_loss
         return MBCOutput(loss=loss, logits=out.logits, qa_loss=out.loss, vq_loss=vq_loss, perplexity=perplexity,
-                         reconstruction_loss=rec_loss, contrastive_loss=con_loss, distillation_loss=dist_loss)
+                         reconstruction_loss=rec_loss, contrastive_loss=con_loss, distillation_loss=dist_loss,
+                         addressing_loss=addressing_loss)
 
     def distillation_loss(self, logits, target_mask, teacher_input_ids, teacher_attention_mask,
                           teacher_target_mask) -> torch.Tensor:

@@ -380,7 +380,7 @@ class MBCTrainer(Trainer):
         outputs = model(**inputs)
         if model.training:
             for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
-                        "distillation_loss"):
+                        "distillation_loss", "addressing_loss"):
                 value = getattr(outputs, key)
                 if value is not None:
                     total, count = self._parts.get(key, (0.0, 0))
