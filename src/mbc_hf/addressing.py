@@ -69,7 +69,9 @@ class CodeIndex:
         """(B, V) float64 question weights -> (scores (B, k') float64, indices (B, k') int64), best first, ties: the
         earlier document; k' = min(k, N)."""
         k = min(k, self.num_docs)
-        w = sparse.csr_matrix(weights.detach().cpu().double().numpy())
+        w = weights.detach().cpu().double()
+        rows, cols = w.nonzero(as_tuple=True)  # a question has a few dozen nonzero weights out of V
+        w = sparse.csr_matrix((w[rows, cols].numpy(), (rows.numpy(), cols.numpy())), shape=tuple(w.shape))
         matched = (w @ self.postings).tocsr()  # (B, N), nonzero only where a question token is among the codes
         out_scores = np.zeros((weights.shape[0], k))
         out_index = np.zeros((weights.shape[0], k), dtype=np.int64)
