@@ -370,3 +370,24 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
     result = json.loads((tmp_path / "pairs.json").read_text())
     assert result["memory_gain_other_article"] == pytest.approx(result["nll_other_article"] - result["nll_gold"])
     assert "reconstruction_gain" not in result and 1 <= result["distinct_codes_per_doc"] <= 4
+
+
+def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
+    """benchmarks/synthetic_facts.py on the tiny model: every memory trains, each bank size gets a row, the JSON
+    has the keys of the issue (rows of memory/addressing/bank_docs/em/f1/answer_nll, chance_em)."""
+    spec = importlib.util.spec_from_file_location("synthetic_facts_bench", BENCH.parent / "synthetic_facts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "synthetic.json"
+    bench.main(["--model", "tiny", "--max-steps", "2", "--minutes", "0", "--train-entities", "16",
+                "--test-entities", "10", "--bank-sizes", "1,4,10", "--questions-docs", "4",
+                "--memories", "learned,learned_topk,vocabulary", "--work-dir", str(tmp_path / "w"),
+                "--output", str(out)])
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert {(r["memory"], r["bank_docs"]) for r in rows} >= {(m, n) for m in ("learned", "learned_topk", "vocabulary")
+                                                              for n in (1, 4, 10)}
+    assert {"empty", "closed_book"} <= {r["memory"] for r in rows}
+    assert all(set(r) == {"memory", "addressing", "bank_docs", "em", "f1", "answer_nll"} for r in rows)
+    assert 1 < record["chance_em"] < 7
+    assert all(math.isfinite(r["answer_nll"]) for r in rows if r["memory"] != "closed_book")
