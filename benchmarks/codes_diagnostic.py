@@ -8,7 +8,8 @@ T), addressing accuracy of the codes against BM25 over the full text, and answer
                                space, as inside a text) are all among the gold document's T codes
 
 The IDF and the trained selector are fitted on the training file (`mbc_hf.trainer.fit_vocabulary_idf`, as
-`MBCTrainer.train` does). Only tokenization and scoring run: a few minutes on one core.
+`MBCTrainer.train` does). Only tokenization and scoring run: a few minutes on one core (query times are measured
+by qa_squad.py, on a quiet machine).
 
     python benchmarks/codes_diagnostic.py --output benchmarks/results/codes_diagnostic.json
 """
@@ -16,7 +17,6 @@ The IDF and the trained selector are fitted on the training file (`mbc_hf.traine
 import argparse
 import json
 import random
-import time
 from types import SimpleNamespace
 
 import torch
@@ -62,11 +62,10 @@ def main(argv=None) -> dict:
 
     store = TextStore()
     store.add([d for d, _ in docs], [t for _, t in docs])
-    start = time.perf_counter()
     bm25 = torch.tensor([[position[d] for d in ids] for ids, _ in store.search(list(qs["question"]), k=3)])
     rows = [{"codes": "BM25 over the full text", "T": "—", "bytes/doc": round(sum(len(t.encode()) for _, t in docs)
                                                                                / len(docs)),
-             **accuracy(bm25), "answer_recall": 1.0, "query_ms": (time.perf_counter() - start) * 1000 / len(qs)}]
+             **accuracy(bm25), "answer_recall": 1.0}]
     for selector in ("idf", "trained"):
         for whole in (False, True):
             for T in map(int, a.sizes.split(",")):
@@ -77,16 +76,14 @@ def main(argv=None) -> dict:
                     k: v for k, v in tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt",
                                          add_special_tokens=False).items() if k != "token_type_ids"}
                 codes = document_codes(holder, [t for _, t in docs])  # (N, T)
-                start = time.perf_counter()
                 _, ranked = CodeIndex(codes, len(tok)).search(book.question_weights(q["input_ids"],
                                                                                     q["attention_mask"]), 3)
-                ms = (time.perf_counter() - start) * 1000 / len(qs)
                 held = [set(codes[i].tolist()) for i in gold.tolist()]
                 recall = sum(ans <= h for ans, h in zip(answers, held)) / len(qs)
                 rows.append({"codes": f"{selector}{', whole words' if whole else ''}", "T": T, "bytes/doc": 2 * T,
-                             **accuracy(ranked), "answer_recall": recall, "query_ms": ms})
+                             **accuracy(ranked), "answer_recall": recall})
                 print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
-    table = markdown_table(rows, ["codes", "T", "bytes/doc", "top1", "top3", "answer_recall", "query_ms"])
+    table = markdown_table(rows, ["codes", "T", "bytes/doc", "top1", "top3", "answer_recall"])
     print(f"\n{len(docs)} documents, {len(qs)} questions (seed {a.seed})\n\n{table}")
     record = {"rows": rows, "n_docs": len(docs), "n_questions": len(qs), "args": vars(a)}
     if a.output:

@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     write_paragraphs(tmp / "train.jsonl")
     out = tmp / "model"
     main(["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
-          "--encoder", "tiny-bert", "--max-steps", "3", "--batch-size", "2", "--eval-docs", "2",
+          "--encoder", "tiny-bert", "--codebook-type", "learned", "--max-steps", "3", "--batch-size", "2",
+          "--eval-docs", "2",
           "--memory-gain-questions", "2", "--eval-steps", "2", "--logging-steps", "1", "--save-steps", "2"])
     return tmp, out
 
@@ -119,7 +120,8 @@ def test_model_trained_without_vq_keeps_float_memory_everywhere(trained, tmp_pat
     tmp, compressed = trained
     out = tmp_path / "no-vq"
     main(["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
-          "--encoder", "tiny-bert", "--max-steps", "2", "--batch-size", "2", "--eval-docs", "2", "--no-vq",
+          "--encoder", "tiny-bert", "--codebook-type", "learned", "--max-steps", "2", "--batch-size", "2",
+          "--eval-docs", "2", "--no-vq",
           "--memory-gain-questions", "2", "--eval-steps", "2", "--save-steps", "2"])
     model = load_model(str(out))
     assert model.config.use_vq is False
@@ -212,8 +214,8 @@ def test_train_resume_after_a_finished_run_continues_with_the_same_frozen_parts(
     tmp, _ = trained
     out = tmp_path / "run"
     flags = ["train", "--train-file", str(tmp / "train.jsonl"), "--output-dir", str(out), "--base-model", "tiny",
-             "--encoder", "tiny-bert", "--batch-size", "2", "--eval-docs", "2", "--memory-gain-questions", "2",
-             "--eval-steps", "100", "--save-steps", "2", "--freeze-amortization"]
+             "--encoder", "tiny-bert", "--codebook-type", "learned", "--batch-size", "2", "--eval-docs", "2",
+             "--memory-gain-questions", "2", "--eval-steps", "100", "--save-steps", "2", "--freeze-amortization"]
     main([*flags, "--max-steps", "2"])
     first = load_model(str(out))
     shutil.copytree(out, tmp_path / "first")

@@ -125,7 +125,8 @@ def test_two_processes_train_and_build_the_single_process_bank(tmp_path):
 def test_run_mbc_qa_under_accelerate_launch(tmp_path):
     write_paragraphs(tmp_path / "train.jsonl", 8)
     write_paragraphs(tmp_path / "dev.jsonl", 9, offset=100)
-    out = launch(EXAMPLES / "run_mbc_qa.py", "--base_model", "tiny", "--encoder", "tiny-bert", "--train_file",
+    out = launch(EXAMPLES / "run_mbc_qa.py", "--base_model", "tiny", "--encoder", "tiny-bert",
+                 "--codebook_type", "learned", "--train_file",
                  "train.jsonl", "--validation_file", "dev.jsonl", "--do_train", "--do_eval", "--max_steps", "3",
                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
                  "--memory_gain_questions", "2", "--eval_max_questions", "18", "--output_dir", "model",

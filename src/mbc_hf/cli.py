@@ -55,8 +55,17 @@ def load_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+LEARNED_ONLY = ("no_vq", "freeze_amortization", "freeze_codebook", "codebook_kmeans_docs", "train_encoders",
+                "contrastive_weight", "distillation_weight", "reconstruction_weight", "prefix_mode", "prefix_length",
+                "code_entropy_weight")
+
+
 def build_from_args(a):
     vocabulary = a.codebook_type == "vocabulary"
+    given = [name for name in LEARNED_ONLY if getattr(a, name, None) not in (None, False, 0, 0.0)]
+    if vocabulary and given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to the paper's learned codebook; add "
+                         "--codebook-type learned (the default is the vocabulary codebook).")
     reconstruction = a.reconstruction_weight if a.reconstruction_weight is not None else 0.0 if vocabulary else 0.5
     return build(a.base_model, a.encoder, reconstruction_loss_weight=reconstruction, codebook_type=a.codebook_type,
                  read_documents=a.read_documents, code_selector=a.code_selector, code_order=a.code_order,
