@@ -68,3 +68,26 @@ def test_save_and_reload_references_the_embedded_base(model, tmp_path):
         expected = model(**prompts, memory_bank=bank).logits
         actual = loaded(**prompts, memory_bank=bank).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+
+def test_shipped_reader_is_in_the_package_and_reads_its_memory():
+    """The trained reader of `mbc_hf.pretrained` must be in the source tree (it was once left out by .gitignore),
+    load with its trained selector, and answer better from the gold document's codes than from an empty memory or
+    another document."""
+    from datasets import Dataset
+
+    from mbc_hf import pretrained
+    from mbc_hf.demo import dev_memory_gain
+
+    assert pretrained.available(), f"model.safetensors missing in {pretrained.DEFAULT_DIR}"
+    reader = pretrained.load()
+    assert reader.config.codebook_type == "vocabulary" and reader.config.code_selector == "trained"
+    assert float(reader.codebook.selector_weight.abs().sum()) > 0  # the fitted selector, not its init
+    facts = [("Zephyrine Bridge", "Caspar Holloway", "Marrowick"), ("Quillon Tower", "Edda Varnish", "Stoneholm"),
+             ("Ostra Dam", "Bellamy Crook", "Fennick"), ("Lume Arcade", "Tobiah Wren", "Calder Bay")]
+    rows = [{"doc_id": f"d{i}", "context": f"The {name}, opened in 1931 by the engineer {person}, stands at the "
+             f"town of {town}.", "question": f"Who opened the {name}?", "answers": [person]}
+            for i, (name, person, town) in enumerate(facts)]
+    gain = dev_memory_gain(reader, Dataset.from_list(rows), n_docs=4, batch_size=4)
+    assert gain["memory_gain"] > 0 and gain["memory_gain_unrelated"] > 0, gain

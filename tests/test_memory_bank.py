@@ -204,13 +204,14 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.nbytes == bank.nbytes
     assert tmp_files(tmp_path) == []
     # the file holds only small unsigned codes (no int64)
+    # format 2: codes + doc ids + metadata in the body (UTF-8 JSON), a checksum in the header
     tensors = safetensors.torch.load_file(str(path))
-    assert set(tensors) == {"codes"}
-    assert max(t.element_size() for t in tensors.values() if not t.is_floating_point()) <= 2
+    assert set(tensors) == {"codes", "doc_ids", "metadata"} and tensors["codes"].dtype == torch.uint16
+    assert tensors["doc_ids"].dtype == torch.uint8 and json.loads(bytes(tensors["doc_ids"].tolist())) == bank.doc_ids
     with safetensors.safe_open(str(path), "pt") as fh:
         header = fh.metadata()
-    assert header["format"] == "mbc-compressed-memory-bank" and header["format_version"] == "1"
-    assert json.loads(header["doc_ids"]) == bank.doc_ids
+    assert header["format"] == "mbc-compressed-memory-bank" and header["format_version"] == "2"
+    assert "doc_ids" not in header and len(header["checksum"]) == 64
 
 
 def test_save_load_empty_and_no_metadata(tmp_path):
@@ -256,7 +257,7 @@ def test_atomic_save(tmp_path, monkeypatch, failure):
     assert path.read_bytes() == original
     assert len(CompressedMemoryBank.load(path)) == 5
     assert tmp_files(tmp_path) == []
-    assert sorted(os.listdir(tmp_path)) == ["bank.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["bank.safetensors", "bank.safetensors.lock"]  # filelock keeps its file
 
 
 def test_load_missing_file(tmp_path):
@@ -355,7 +356,7 @@ def write_raw(path, codes, **overrides):
         (torch.zeros(3, T, dtype=torch.uint8), {"codebook_size": "lots"}, "codebook_size"),
         (torch.zeros(3, T, dtype=torch.uint8), {"format": "something-else"}, "format tag"),
         (torch.zeros(3, T, dtype=torch.uint8), {"format": "mbc-dense-memory-bank"}, "DenseMemoryBank.load"),
-        (torch.zeros(3, T, dtype=torch.uint8), {"format_version": "2"}, "format_version"),
+        (torch.zeros(3, T, dtype=torch.uint8), {"format_version": "3"}, "format_version"),
         (torch.zeros(3, T, dtype=torch.uint8), {"metadata": json.dumps([{}])}, "metadata"),
         (torch.zeros(3, T, dtype=torch.uint8), {"codebook_fingerprint": None}, "codebook_fingerprint"),
         (torch.zeros(3, T, dtype=torch.uint8), {"num_tokens": "08"}, "num_tokens.*positive integer"),
@@ -461,18 +462,17 @@ def test_metadata_copies_are_independent(tmp_path):
     assert loaded[1] == {} and loaded[3] == {}
 
 
-def test_save_refuses_a_header_over_the_safetensors_limit(tmp_path, monkeypatch):
-    import mbc_hf.memory_bank as memory_bank
-
-    path = tmp_path / "bank.safetensors"
-    make_bank(3).save(path)
-    before = path.read_bytes()
-    monkeypatch.setattr(memory_bank, "_SAFETENSORS_MAX_HEADER_BYTES", 4096 + 2000)  # a 100 MB header, scaled down
-    big = make_bank(3)
-    big.extend([f"long-id-{i:04d}-" + "x" * 40 for i in range(100)], rand_codes(100))
-    with pytest.raises(ValueError, match=r"header limit .*\(shorten doc ids / metadata or split the bank\)"):
-        big.save(path)
-    assert path.read_bytes() == before and tmp_files(tmp_path) == []
+def test_ids_and_metadata_beyond_the_old_header_limit_save_and_load(tmp_path):
+    """Format 1 kept ids and metadata in the safetensors header (100 MB at most: ~5M documents); format 2 keeps
+    them in the body, so a bank whose ids alone exceed that limit saves and loads."""
+    n = 1_200_000
+    bank = CompressedMemoryBank(256, 1, FP)
+    ids = [f"a-rather-long-document-id-{i:09d}-" + "x" * 50 for i in range(n)]  # 86 bytes each, 103 MB in all
+    bank.extend(ids, torch.arange(n).remainder(256)[:, None])
+    assert bank._id_bytes > 100_000_000
+    bank.save(tmp_path / "big.safetensors")
+    loaded = CompressedMemoryBank.load(tmp_path / "big.safetensors")
+    assert loaded.doc_ids[-1] == ids[-1] and len(loaded) == n and torch.equal(loaded.codes, bank.codes)
 
 
 def test_many_small_extends_keep_few_chunks():

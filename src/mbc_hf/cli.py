@@ -156,15 +156,15 @@ def cmd_adapt(a) -> None:
     """Append documents to a bank file. The load-memorize-save runs under ``<bank>.lock`` (`filelock`), so two
     ``mbc-hf adapt`` runs on one bank take turns and the second appends to what the first saved, instead of both
     starting from the same file and the last save dropping the other's documents."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     from .data import load_documents_file
     from .evaluation import adapt_stream
-    from .memory_bank import load_bank
+    from .memory_bank import bank_lock, load_bank
 
     docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
     model = load_model(a.model)
-    lock = FileLock(f"{a.bank}.lock")
+    lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -9,8 +9,17 @@ integer codes.  This module holds the storage side of that:
   float vectors ``(N, T, d)``, kept for comparison.
 
 Both keep exactly one row per unique document id, an optional JSON-serialisable
-metadata dict per row, and save to / load from a single ``.safetensors`` file
-(no pickle).
+metadata dict per row, and save to / load from one ``.safetensors`` file or, for a
+path ending in ``.index.json``, safetensors shards beside a JSON index (as sharded
+checkpoints' ``model.safetensors.index.json``); no pickle.
+
+File format 2 (`_DocRowBank.save`): the rows, the doc ids and the metadata are
+tensors in the file body (ids and metadata as uint8 UTF-8 JSON), so a file has no
+row ceiling; the header holds the format tag, T, the payload keys and a SHA-256
+checksum of the tensors, verified on load. Sharded banks append by writing a new
+shard, record removals as tombstones in the index (``compact()`` rewrites them),
+and every save runs under ``<path>.lock`` and merges with a concurrent writer's
+save instead of dropping it. Format-1 files (ids in the header) stay readable.
 
 Where the rules come from:
 
@@ -26,20 +35,28 @@ Where the rules come from:
   model owns that codebook and identifies it by a fingerprint string, which the
   bank records and checks (:meth:`CompressedMemoryBank.check_codebook`).
 
-This file must stay self-contained (stdlib, torch and safetensors only): it is
-copied next to checkpoints for ``trust_remote_code`` loading.
+This file must stay self-contained (stdlib, torch, safetensors, filelock and the
+package's ``atomic`` helper only): it is copied next to checkpoints for
+``trust_remote_code`` loading.
 
 Not thread-safe: guard a bank with a lock if several threads mutate it.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import copy
+import dataclasses
 import errno
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import struct
+import uuid
 from typing import Any, Sequence
 
 import safetensors
@@ -53,9 +70,13 @@ __all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES", "loa
 #: Accepted values of ``on_duplicate`` (Haystack ``DuplicatePolicy`` names).
 DUPLICATE_POLICIES = ("skip", "overwrite", "fail")
 
-_FORMAT_VERSION = "1"
-# safetensors refuses headers larger than this many bytes (its own limit).
-_SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+_FORMAT_VERSION = "2"  # 2: doc ids and metadata in the file body, a checksum in the header; 1: ids in the header
+_READABLE_VERSIONS = ("1", "2")
+#: A bank saved to a path with this suffix is a JSON index of safetensors shards (`_DocRowBank.save`).
+INDEX_SUFFIX = ".index.json"
+#: Rows per shard of a sharded bank (default of ``save(shard_rows=...)``): 2^20 rows, 24 MiB of codes at T=12.
+SHARD_ROWS = 1 << 20
+_SHARD_NAME = re.compile(r"[0-9a-f]{16}\.safetensors")
 # Same-width signed dtypes, for bit views of unsigned tensors (see _extend).
 _SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 # Elements converted to int64 at a time when counting / range-checking codes.
@@ -154,6 +175,11 @@ class _DocRowBank:
         # handed out by the `codes` / `vectors` properties stay valid snapshots.
         self._chunks: list[torch.Tensor] = []
         self._id_bytes = 0
+        # The file this bank was loaded from / saved to, and the ids changed or removed since (`save` merges them
+        # into that file's current content if another writer saved to it meanwhile).
+        self._sync: _Sync | None = None
+        self._changed: set[str] = set()
+        self._removed: set[str] = set()
 
     # ------------------------------------------------------------------ hooks
     def _coerce_rows(self, rows: Any, doc_ids: Sequence[str]) -> torch.Tensor:
@@ -286,6 +312,7 @@ class _DocRowBank:
             self._chunks = [updated]
             for r, pos in overwrite.items():
                 self._meta[r] = meta[pos]
+            self._note_overwritten(list(overwrite))
             self._invalidate()
         if new_positions:
             added = rows[torch.tensor(new_positions, dtype=torch.long)].contiguous()
@@ -302,6 +329,9 @@ class _DocRowBank:
             while len(self._chunks) > 1 and self._chunks[-2].shape[0] <= 2 * self._chunks[-1].shape[0]:
                 last = self._chunks.pop()
                 self._chunks[-1] = torch.cat([self._chunks[-1], last], dim=0)
+        if self._sync is not None:
+            self._changed.update(self._doc_ids[r] for r in written)
+            self._removed.difference_update(self._doc_ids[r] for r in written)
         return written
 
     def _append(self, doc_id: str, row: Any, metadata: dict | None, on_duplicate: str) -> int | None:
@@ -320,92 +350,199 @@ class _DocRowBank:
         for j in range(i, len(self._doc_ids)):
             self._index[self._doc_ids[j]] = j
         self._id_bytes -= len(doc_id.encode("utf-8"))
+        self._note_removed(i, doc_id)
         self._invalidate()
 
     # ------------------------------------------------------------ persistence
-    def _header(self) -> dict[str, str]:
+    def _payload(self) -> dict[str, str]:
+        """Header keys that every file of this bank carries (format, version, payload, T)."""
         header = {"format": self._FORMAT, "format_version": _FORMAT_VERSION}
         header.update(self._payload_header())
         header["num_tokens"] = str(self._num_tokens)
-        header["doc_ids"] = json.dumps(self._doc_ids, ensure_ascii=False)
-        if any(self._meta):
-            header["metadata"] = json.dumps(self._meta, ensure_ascii=False, allow_nan=False)
         return header
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the bank atomically to ONE ``.safetensors`` file at ``path``.
+    def save(self, path: str | os.PathLike, shard_rows: int = SHARD_ROWS) -> None:
+        """Write the bank atomically, as ONE ``.safetensors`` file or, for a ``path`` ending in ``.index.json``, as
+        safetensors shards of at most ``shard_rows`` rows beside a JSON index (as ``model.safetensors.index.json``).
 
-        The row tensor is stored under the name ``codes`` / ``vectors`` in the
-        storage dtype; everything else goes into the (all-str) safetensors
-        metadata header.  The file is written to a temporary file in the same
-        directory, fsynced and moved into place with ``os.replace``; on any
-        error the temporary file is removed and an existing file at ``path`` is
-        left untouched.  A process killed (SIGKILL, power loss) during the save
-        leaves the previous file complete, plus a stray
-        ``.<name>.<random>.tmp`` file next to it that is safe to delete.
-        Concurrent savers to one path: the last rename wins (no merge).
+        Format (version 2): each file holds the rows (``codes`` / ``vectors``, storage dtype), the doc ids and,
+        if any row has some, the metadata as uint8 tensors of UTF-8 JSON in the file body, so a file holds any
+        number of rows; its header holds the format tag, T, the payload keys and a SHA-256 ``checksum`` of the
+        tensors, checked by `load`. Version-1 files (ids in the header) stay readable.
 
-        Raises ``FileNotFoundError`` (naming the directory) if the parent
-        directory does not exist (it is not created), and ``ValueError`` if the
-        ids + metadata exceed safetensors' 100 MB header limit.
+        Every write goes to a temporary or new file that is then renamed into place (a process killed during a
+        save leaves the previous bank complete). The save runs under ``<path>.lock`` (`filelock`, the lock
+        ``mbc-hf adapt`` takes). Saving again to the path this bank was loaded from or last saved to writes only
+        what changed: for a sharded bank, the added rows as a new shard (merged with a small last shard, so a
+        stream of appends keeps O(log N) shards), rewrites of the shards holding overwritten rows, and removed
+        rows as tombstones in the index (`compact` rewrites them away). If another writer saved to that path in
+        the meantime, the bank is merged first: the file's current content plus this bank's additions,
+        overwrites and removals since it was loaded (this bank's version wins for ids both changed), and this
+        bank then holds the merged content. Saving to any other path replaces what is there.
+
+        Raises:
+            FileNotFoundError: the parent directory does not exist (it is not created).
+            IsADirectoryError: ``path`` is a directory.
+            ValueError: ``shard_rows`` is not a positive int.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
+        shard_rows = _positive_int(shard_rows, "shard_rows")
+        path = os.path.abspath(os.fspath(path))
+        directory = os.path.dirname(path)
         if not os.path.isdir(directory):
             raise FileNotFoundError(
                 errno.ENOENT, f"cannot save memory bank: directory {directory!r} does not exist", path
             )
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "cannot save memory bank over a directory", path)
-        header = self._header()
-        header_bytes = len(json.dumps(header).encode("utf-8"))
-        if header_bytes > _SAFETENSORS_MAX_HEADER_BYTES - 4096:
-            raise ValueError(
-                f"cannot save memory bank to {path!r}: doc ids and metadata take {header_bytes} bytes, "
-                f"over safetensors' header limit of {_SAFETENSORS_MAX_HEADER_BYTES} bytes "
-                "(shorten doc ids / metadata or split the bank)"
-            )
-        tensors = {self._TENSOR_NAME: self._rows().contiguous()}
-        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+        with bank_lock(path):
+            linked = self._sync is not None and self._sync.path == path
+            if linked and os.path.exists(path) and _disk_token(path) != self._sync.token:
+                self._merge_from_disk(path)  # another writer saved since we loaded: take theirs, redo ours
+            if path.endswith(INDEX_SUFFIX):
+                self._save_sharded(path, shard_rows, linked)
+            else:
+                tensors = self._shard_tensors(0, len(self))
+                checksum = _checksum(tensors)
+                header = dict(self._payload(), num_documents=str(len(self)), checksum=checksum)
+                atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+                self._sync = _Sync(path, checksum, None)
+            self._changed, self._removed = set(), set()
+
+    def compact(self) -> None:
+        """Rewrite the sharded bank this bank was loaded from or saved to without its tombstones and small
+        shards (full shards of `SHARD_ROWS` rows), deleting shard files the index no longer names, stray ones from
+        killed writes included. O(N).
+
+        Raises:
+            ValueError: the bank is not linked to a sharded bank (``.index.json``) by `load` or `save`.
+        """
+        if self._sync is None or self._sync.shards is None:
+            raise ValueError("compact() needs a bank loaded from or saved to an .index.json path; a single-file "
+                             "bank has no tombstones (save() rewrites it whole)")
+        path = self._sync.path
+        with bank_lock(path):
+            if _disk_token(path) != self._sync.token:
+                self._merge_from_disk(path)
+            self._sync.shards = []  # every row is written anew
+            self._save_sharded(path, SHARD_ROWS, linked=True, delete_strays=True)
+            self._changed, self._removed = set(), set()
+
+    def _shard_tensors(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The version-2 tensors of rows ``[start, stop)``: rows, doc ids and (if any) metadata."""
+        tensors = {self._TENSOR_NAME: self._rows()[start:stop].contiguous(),
+                   "doc_ids": _json_tensor(self._doc_ids[start:stop])}
+        meta = self._meta[start:stop]
+        if any(meta):
+            tensors["metadata"] = _json_tensor(meta)
+        return tensors
+
+    def _save_sharded(self, path: str, shard_rows: int, linked: bool, delete_strays: bool = False) -> None:
+        old = _read_index_files(path)  # shard files named by the index being replaced, to delete after
+        shards = [dict(s) for s in self._sync.shards] if linked and self._sync.shards is not None else []
+        stem = os.path.basename(path)[: -len(INDEX_SUFFIX)]
+        start = 0
+        for s in shards:  # rewrite shards that hold overwritten rows, with their tombstones dropped
+            if s["dirty"]:
+                s.update(self._write_shard(path, stem, start, start + s["live"]))
+            start += s["live"]
+        tail_start = start
+        # Merge trailing shards that are not much larger than what is added (a binary counter): O(log N) shards.
+        while shards and shards[-1]["rows"] <= 2 * (len(self) - tail_start) \
+                and shards[-1]["live"] + len(self) - tail_start <= shard_rows:
+            tail_start -= shards.pop()["live"]
+        for lo in range(tail_start, len(self), shard_rows):
+            shards.append(self._write_shard(path, stem, lo, min(lo + shard_rows, len(self))))
+        index = dict(self._payload(), num_documents=len(self),
+                     shards=[{"file": s["file"], "rows": s["rows"], "checksum": s["checksum"]} for s in shards],
+                     tombstones={s["file"]: s["tombstones"] for s in shards if s["tombstones"]})
+        text = json.dumps(index, ensure_ascii=False, indent=1)
+        atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+        self._sync = _Sync(path, hashlib.sha256(text.encode("utf-8")).hexdigest(), shards)
+        keep = {s["file"] for s in shards}
+        directory = os.path.dirname(path)
+        stale = set(old) - keep
+        if delete_strays:
+            stale |= {f for f in os.listdir(directory) if f.startswith(stem + "-") and f.endswith(".safetensors")
+                      and _SHARD_NAME.fullmatch(f[len(stem) + 1:])} - keep
+        for name in stale:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+    def _write_shard(self, path: str, stem: str, start: int, stop: int) -> dict:
+        tensors = self._shard_tensors(start, stop)
+        checksum = _checksum(tensors)
+        name = f"{stem}-{uuid.uuid4().hex[:16]}.safetensors"
+        header = dict(self._payload(), num_documents=str(stop - start), checksum=checksum)
+        atomic_write(os.path.join(os.path.dirname(path), name),
+                     lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+        return {"file": name, "rows": stop - start, "live": stop - start, "checksum": checksum, "tombstones": [],
+                "dirty": False}
+
+    def _merge_from_disk(self, path: str) -> None:
+        """Replace this bank's content by the bank at ``path`` plus this bank's changes since it was synced."""
+        disk = type(self).load(path)
+        for d in self._removed:
+            if d in disk:
+                disk.remove(d)
+        changed = [d for d in self._doc_ids if d in self._changed]
+        if changed:
+            rows = [self._index[d] for d in changed]
+            disk._extend(changed, self._rows()[torch.tensor(rows, dtype=torch.long)],
+                         [self._meta[r] for r in rows], "overwrite")
+        self.__dict__.update(disk.__dict__)
+
+    # bookkeeping of what changed since the last load / save (for incremental and merging saves)
+    def _note_overwritten(self, rows: list[int]) -> None:
+        if self._sync is not None and self._sync.shards is not None:
+            starts = self._shard_starts()
+            for r in rows:
+                k = bisect.bisect_right(starts, r) - 1
+                if k < len(self._sync.shards):
+                    self._sync.shards[k]["dirty"] = True
+
+    def _note_removed(self, row: int, doc_id: str) -> None:
+        self._changed.discard(doc_id)
+        if self._sync is None:
+            return
+        self._removed.add(doc_id)
+        if self._sync.shards is not None:
+            starts = self._shard_starts()
+            k = bisect.bisect_right(starts, row) - 1
+            if k < len(self._sync.shards):
+                shard = self._sync.shards[k]
+                shard["live"] -= 1
+                shard["tombstones"].append(doc_id)
+
+    def _shard_starts(self) -> list[int]:
+        """First in-memory row of each persisted shard, then the first row not yet persisted."""
+        return list(itertools.accumulate((s["live"] for s in self._sync.shards), initial=0))
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        """Load a bank written by :meth:`save` (safetensors only, never pickle).
+        """Load a bank written by :meth:`save`: one ``.safetensors`` file (format version 1 or 2) or, for a path
+        ending in ``.index.json``, the shards its index names (safetensors and JSON only, never pickle).
 
-        The file is read once, through one open file, into memory (transiently
-        about twice the file size), so loading while another process saves to
-        the same path gives either the old or the new bank, never a mix.
+        Each file is read once, through one open file, into memory (transiently about twice its size), so loading
+        while another process saves gives either the old or the new bank, never a mix. Checksums are verified.
 
-        Raises ``FileNotFoundError`` if ``path`` does not exist, and
-        ``ValueError`` naming the file and the problem when it is truncated,
-        corrupted or has a forged header, has the wrong format tag or version,
-        missing/garbled header keys, a row tensor of the wrong dtype/shape or
-        out-of-range values, or duplicate / invalid doc ids.
+        Raises ``FileNotFoundError`` if ``path`` (or a shard) does not exist, and ``ValueError`` naming the file
+        and the problem when it is truncated, corrupted (checksum mismatch), has a forged header, the wrong format
+        tag or version, missing/garbled keys, a row tensor of the wrong dtype/shape or out-of-range values, or
+        duplicate / invalid doc ids.
         """
-        path = os.fspath(path)
+        path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "memory bank file not found", path)
-        # Read the file through ONE open file, then parse the bytes: a concurrent save() replaces the path with a
-        # new file (os.replace), and safe_open reads the tensor data by reopening the path, so it could combine
-        # the old header with the new file's bytes.
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            tensors = safetensors.torch.load(data)
-            (header_length,) = struct.unpack("<Q", data[:8])
-            header = json.loads(data[8 : 8 + header_length]).get("__metadata__")
-        except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, struct.error) as exc:
-            raise ValueError(
-                f"{path}: not a readable safetensors file (truncated, corrupted or forged header): {exc}"
-            ) from exc
-        names = list(tensors)
-        if header is not None and not (
-            isinstance(header, dict) and all(isinstance(v, str) for v in header.values())
-        ):
-            raise ValueError(f"{path}: safetensors metadata header must map str to str")
+        if path.endswith(INDEX_SUFFIX):
+            return cls._load_sharded(path)
+        header, tensors = _read_safetensors(path)
+        bank = cls._bank_for(header, path)
+        bank._fill(path, *_parse_bank_file(header, tensors, bank._TENSOR_NAME, path))
+        bank._sync = _Sync(path, header.get("checksum"), None)
+        return bank
 
-        if not header:
-            raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
+    @classmethod
+    def _bank_for(cls, header: dict[str, str], path: str) -> "_DocRowBank":
         fmt = header.get("format")
         if cls is _DocRowBank:  # load_bank(): the class the file names
             cls = next((c for c in _DocRowBank.__subclasses__() if c._FORMAT == fmt), cls)
@@ -415,53 +552,207 @@ class _DocRowBank:
                 if fmt == other._FORMAT:
                     hint = f"; it is a {other.__name__}, load it with {other.__name__}.load()"
             raise ValueError(f"{path}: format tag is {fmt!r}, expected {cls._FORMAT!r}{hint}")
-        if header.get("format_version") != _FORMAT_VERSION:
+        if header.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: unsupported format_version {header.get('format_version')!r} "
-                f"(this code reads version {_FORMAT_VERSION!r})"
+                f"(this code reads versions {', '.join(_READABLE_VERSIONS)}); upgrade mbc-hf to read it"
             )
-        bank = cls._from_header(header, path)
+        return cls._from_header(header, path)
 
-        doc_ids = _json_field(header, "doc_ids", path)
-        if not isinstance(doc_ids, list) or not all(isinstance(d, str) and d for d in doc_ids):
-            raise ValueError(f"{path}: header key 'doc_ids' must be a JSON list of non-empty str")
-        seen: set[str] = set()
-        for d in doc_ids:
-            if d in seen:
-                raise ValueError(f"{path}: duplicate doc_id {d!r} in header key 'doc_ids'")
-            seen.add(d)
-        if "metadata" in header:
-            meta = _json_field(header, "metadata", path)
-            if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
-                raise ValueError(f"{path}: header key 'metadata' must be a JSON list of objects")
-            if len(meta) != len(doc_ids):
-                raise ValueError(f"{path}: {len(meta)} metadata entries for {len(doc_ids)} doc_ids")
-            meta = [m or _NO_METADATA for m in meta]
-        else:
-            meta = [_NO_METADATA] * len(doc_ids)
-
-        if set(names) != {cls._TENSOR_NAME}:
-            raise ValueError(f"{path}: expected exactly one tensor named {cls._TENSOR_NAME!r}, found {sorted(names)}")
-        rows = tensors[cls._TENSOR_NAME]
-        if rows.dim() != 1 + len(bank._row_shape) or tuple(rows.shape[1:]) != bank._row_shape:
+    def _fill(self, path: str, rows: torch.Tensor, doc_ids: list[str], meta: list[dict]) -> None:
+        if rows.dim() != 1 + len(self._row_shape) or tuple(rows.shape[1:]) != self._row_shape:
             raise ValueError(
-                f"{path}: tensor {cls._TENSOR_NAME!r} has shape {tuple(rows.shape)}, "
-                f"expected (N, {', '.join(map(str, bank._row_shape))})"
+                f"{path}: tensor {self._TENSOR_NAME!r} has shape {tuple(rows.shape)}, "
+                f"expected (N, {', '.join(map(str, self._row_shape))})"
             )
         if rows.shape[0] != len(doc_ids):
-            raise ValueError(
-                f"{path}: tensor {cls._TENSOR_NAME!r} has {rows.shape[0]} rows but the header lists "
-                f"{len(doc_ids)} doc_ids"
-            )
-        rows = bank._check_loaded_rows(rows, path)
+            raise ValueError(f"{path}: tensor {self._TENSOR_NAME!r} has {rows.shape[0]} rows but the file lists "
+                             f"{len(doc_ids)} doc_ids")
+        rows = self._check_loaded_rows(rows, path)
+        index = {d: i for i, d in enumerate(doc_ids)}
+        if len(index) != len(doc_ids):
+            seen: set[str] = set()
+            dup = next(d for d in doc_ids if d in seen or seen.add(d))
+            raise ValueError(f"{path}: duplicate doc_id {dup!r}")
+        self._doc_ids, self._index, self._meta = doc_ids, index, meta
+        self._id_bytes = sum(len(d.encode("utf-8")) for d in doc_ids)
+        self._chunks = [rows.contiguous()] if len(doc_ids) else []
+        self._invalidate()
 
-        bank._doc_ids = doc_ids
-        bank._index = {d: i for i, d in enumerate(doc_ids)}
-        bank._meta = meta
-        bank._id_bytes = sum(len(d.encode("utf-8")) for d in doc_ids)
-        bank._chunks = [rows.contiguous()] if len(doc_ids) else []
-        bank._invalidate()
+    @classmethod
+    def _load_sharded(cls, path: str) -> "_DocRowBank":
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            index = json.loads(raw)
+            assert isinstance(index, dict) and isinstance(index.get("shards"), list)
+            tombstones = index.get("tombstones", {})
+            assert isinstance(tombstones, dict)
+        except (ValueError, AssertionError):
+            raise ValueError(f"{path}: not a memory bank index (a JSON object with a 'shards' list)") from None
+        header = {k: v for k, v in index.items() if isinstance(v, str)}
+        bank = cls._bank_for(header, path)
+        directory = os.path.dirname(path)
+        parts, doc_ids, meta, shards = [], [], [], []
+        for entry in index["shards"]:
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _SHARD_NAME.fullmatch(
+                    entry["file"].rsplit("-", 1)[-1]) and os.path.basename(entry["file"]) == entry["file"]):
+                raise ValueError(f"{path}: malformed shard entry {entry!r}")
+            shard_path = os.path.join(directory, entry["file"])
+            if not os.path.exists(shard_path):
+                raise FileNotFoundError(errno.ENOENT, f"memory bank shard named by {path} is missing", shard_path)
+            shard_header, tensors = _read_safetensors(shard_path)
+            bank._bank_for(shard_header, shard_path)
+            rows, ids, m = _parse_bank_file(shard_header, tensors, bank._TENSOR_NAME, shard_path)
+            if shard_header.get("checksum") != entry.get("checksum") or len(ids) != entry.get("rows"):
+                raise ValueError(f"{shard_path}: does not match its entry in {path} (checksum or row count "
+                                 "differs): the shard was replaced or the index is stale")
+            if {k: shard_header.get(k) for k in bank._payload()} != bank._payload():
+                raise ValueError(f"{shard_path}: its format, T or codebook differ from the index {path}")
+            dead = set(tombstones.get(entry["file"], []))
+            if dead:
+                if not dead <= set(ids):
+                    raise ValueError(f"{path}: tombstones of {entry['file']} name ids the shard does not hold")
+                keep = [i for i, d in enumerate(ids) if d not in dead]
+                rows, ids, m = rows[torch.tensor(keep, dtype=torch.long)], [ids[i] for i in keep], \
+                    [m[i] for i in keep]
+            parts.append(rows)
+            doc_ids += ids
+            meta += m
+            shards.append({"file": entry["file"], "rows": entry["rows"], "live": len(ids),
+                           "checksum": entry["checksum"], "tombstones": sorted(dead), "dirty": False})
+        rows = torch.cat(parts) if parts else torch.empty((0, *bank._row_shape), dtype=bank._dtype)
+        bank._fill(path, rows, doc_ids, meta)
+        bank._sync = _Sync(path, hashlib.sha256(raw).hexdigest(), shards)
         return bank
+
+
+# ---------------------------------------------------------------- file format helpers
+@dataclasses.dataclass
+class _Sync:
+    """The file a bank was last loaded from or saved to: its path, a token of its content then (a checksum), and
+    for a sharded bank its shards (file, rows in the file, live rows, checksum, tombstones, dirty)."""
+
+    path: str
+    token: str | None
+    shards: list[dict] | None
+
+
+_LOCKS: dict[str, Any] = {}
+
+
+def bank_lock(path: str | os.PathLike):
+    """The inter-process lock of a bank file: a `filelock.FileLock` on ``<path>.lock``, one object per path in a
+    process (so nested use is re-entrant, as `mbc-hf adapt` holding it around `save`)."""
+    from filelock import FileLock
+
+    path = os.path.abspath(os.fspath(path))
+    if path not in _LOCKS:
+        _LOCKS[path] = FileLock(path + ".lock")
+    return _LOCKS[path]
+
+
+def _json_tensor(value: Any) -> torch.Tensor:
+    data = json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _disk_token(path: str) -> str | None:
+    """The content token of the bank at ``path`` (as `_Sync.token`): the index's SHA-256, or a file's header
+    checksum (its SHA-256 for a version-1 file); None if there is no file."""
+    if not os.path.exists(path):
+        return None
+    if path.endswith(INDEX_SUFFIX):
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    with contextlib.suppress(Exception), safetensors.safe_open(path, "pt") as fh:
+        checksum = (fh.metadata() or {}).get("checksum")
+        if checksum:
+            return checksum
+    return None
+
+
+def _read_index_files(path: str) -> list[str]:
+    """Shard file names named by the index at ``path`` (none if absent or unreadable)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        with open(path, encoding="utf-8") as fh:
+            return [s["file"] for s in json.load(fh)["shards"] if os.path.basename(s["file"]) == s["file"]]
+    return []
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header, tensors) of one safetensors file, read through ONE open file: a concurrent save() replaces the path
+    with a new file (os.replace), and safe_open reads the tensor data by reopening the path, so it could combine
+    the old header with the new file's bytes."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        tensors = safetensors.torch.load(data)
+        (header_length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_length]).get("__metadata__")
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, struct.error) as exc:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated, corrupted or forged header): {exc}"
+        ) from exc
+    if header is not None and not (isinstance(header, dict) and all(isinstance(v, str) for v in header.values())):
+        raise ValueError(f"{path}: safetensors metadata header must map str to str")
+    if not header:
+        raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
+    return header, tensors
+
+
+def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], name: str, path: str
+                     ) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Rows, doc ids and metadata of one bank file of format version 1 (ids in the header) or 2 (ids in the body;
+    its checksum verified)."""
+    if header["format_version"] == "1":
+        doc_ids = _json_field(header, "doc_ids", path)
+        meta = _json_field(header, "metadata", path) if "metadata" in header else None
+        expected = {name}
+    else:
+        if "checksum" not in header:
+            raise ValueError(f"{path}: header key 'checksum' is missing")
+        if header["checksum"] != _checksum(tensors):
+            raise ValueError(f"{path}: checksum mismatch: the file's data was changed or damaged after it was "
+                             "written (restore it from a backup or re-adapt its documents)")
+        expected = {name, "doc_ids"} | ({"metadata"} if "metadata" in tensors else set())
+        if set(tensors) != expected:
+            raise ValueError(f"{path}: expected the tensors {sorted(expected)}, found {sorted(tensors)}")
+        doc_ids = _json_body(tensors, "doc_ids", path)
+        meta = _json_body(tensors, "metadata", path) if "metadata" in tensors else None
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: expected exactly one tensor named {name!r}, found {sorted(tensors)}")
+    if not isinstance(doc_ids, list) or not all(isinstance(d, str) and d for d in doc_ids):
+        raise ValueError(f"{path}: 'doc_ids' must be a JSON list of non-empty str")
+    if meta is None:
+        meta = [_NO_METADATA] * len(doc_ids)
+    else:
+        if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
+            raise ValueError(f"{path}: 'metadata' must be a JSON list of objects")
+        if len(meta) != len(doc_ids):
+            raise ValueError(f"{path}: {len(meta)} metadata entries for {len(doc_ids)} doc_ids")
+        meta = [m or _NO_METADATA for m in meta]
+    return tensors[name], doc_ids, meta
+
+
+def _json_body(tensors: dict[str, torch.Tensor], key: str, path: str) -> Any:
+    t = tensors.get(key)
+    if t is None or t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"{path}: tensor {key!r} (uint8, UTF-8 JSON) is missing or malformed")
+    try:
+        return json.loads(t.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: tensor {key!r} is not UTF-8 JSON: {exc}") from exc
 
 
 def _json_field(header: dict[str, str], key: str, path: str) -> Any:

@@ -1,0 +1,163 @@
+"""How a compressed bank scales: disk bytes per document, save / append-1,000 / load seconds, peak RSS and
+addressing latency per question, at 100k, 1M and 10M documents (issue 21).
+
+Codes are made directly (no model): T codes per document drawn from a Zipf distribution over the K = 49,152
+vocabulary ids (``--zipf 1``: rank r with probability ∝ 1/r, as word frequencies; ``--zipf 0``: uniform codes,
+every posting list equally short), short ids (the row number in hex). The bank is saved as shards with a JSON index
+(``bank.index.json``, 2^20 rows a shard); "append" adds 1,000 documents to the loaded bank and saves it again to the
+same index (only a new shard is written). Addressing: `mbc_hf.addressing.CodeIndex` (exact, the brute-force
+ranking), one question at a time, 10 distinct question tokens drawn from the same distribution, weighted by their
+IDF in the bank. Each size runs in its own process, so peak RSS (``ru_maxrss``) is that size's alone. A last part
+memorizes documents with the tiny random model end to end.
+
+    python benchmarks/bank_scale.py --docs 100000 1000000 10000000 --output benchmarks/results/scale.json
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from mbc_hf.addressing import CodeIndex  # noqa: E402
+from mbc_hf.demo import markdown_table, write_json_report  # noqa: E402
+from mbc_hf.memory_bank import CompressedMemoryBank  # noqa: E402
+
+V = 49152
+FP = "sha256:bank-scale-benchmark"
+
+
+def zipf_codes(n: int, t: int, seed: int, exponent: float = 1.0) -> torch.Tensor:
+    """(n, t) int64 codes: rank r of the V ids with probability ∝ r^-exponent (0: uniform)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, V + 1) ** exponent
+    cdf = np.cumsum(p / p.sum())
+    out = np.empty((n, t), dtype=np.int64)
+    for lo in range(0, n, 1 << 20):  # in blocks: 10M x 12 int64 at once would be another 1 GB
+        hi = min(n, lo + (1 << 20))
+        out[lo:hi] = np.minimum(np.searchsorted(cdf, rng.random((hi - lo, t))), V - 1)
+    return torch.from_numpy(out)
+
+
+def one_size(n: int, t: int, questions: int, seed: int, exponent: float, queue) -> None:
+    torch.set_num_threads(1)
+    directory = tempfile.mkdtemp(prefix="bank-scale-")
+    path = os.path.join(directory, "bank.index.json")
+    try:
+        bank = CompressedMemoryBank(V, t, FP)
+        bank.extend([f"{i:x}" for i in range(n)], zipf_codes(n, t, seed, exponent))
+        start = time.perf_counter()
+        bank.save(path)
+        save_s = time.perf_counter() - start
+        disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+                   if not f.endswith(".lock"))
+        del bank
+        start = time.perf_counter()
+        bank = CompressedMemoryBank.load(path)
+        load_s = time.perf_counter() - start
+        new = [f"new-{i:x}" for i in range(1000)]
+        start = time.perf_counter()
+        bank.extend(new, zipf_codes(1000, t, seed + 1, exponent))
+        bank.save(path)
+        append_s = time.perf_counter() - start
+        start = time.perf_counter()
+        index = CodeIndex(bank.codes, V)
+        index_s = time.perf_counter() - start
+        df = np.diff(index.postings.indptr)  # documents (with multiplicity) per code
+        idf = np.log((len(bank) + 1) / (df + 0.5))
+        tokens = zipf_codes(questions, 10, seed + 2, exponent)
+        latency = []
+        for q in tokens:
+            weights = torch.zeros(1, V, dtype=torch.float64)
+            q = q.unique()
+            weights[0, q] = torch.round(torch.from_numpy(idf[q.numpy()]) * 2 ** 20) / 2 ** 20
+            start = time.perf_counter()
+            index.search(weights, 3)
+            latency.append((time.perf_counter() - start) * 1000)
+        quantiles = statistics.quantiles(latency, n=20)
+        queue.put({"docs": n, "bytes_per_doc": disk / n, "save_s": save_s, "append_s": append_s, "load_s": load_s,
+                   "index_build_s": index_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "query_ms_p50": statistics.median(latency), "query_ms_p95": quantiles[18]})
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def end_to_end(n: int) -> dict:
+    """Memorize n documents with the tiny random model, save, append 10% more, load (seconds)."""
+    from mbc_hf.testing import tiny_mbc_model
+
+    model = tiny_mbc_model(codebook_type="vocabulary").eval()
+    docs = [f"Document {i} is about the river number {i} and the town of {i * 7}." for i in range(n)]
+    model.codebook.fit([model.tokenizer(d)["input_ids"] for d in docs])
+    directory = tempfile.mkdtemp(prefix="bank-scale-e2e-")
+    path = os.path.join(directory, "bank.index.json")
+    try:
+        start = time.perf_counter()
+        bank = model.memorize(docs)
+        memorize_s = time.perf_counter() - start
+        start = time.perf_counter()
+        bank.save(path)
+        save_s = time.perf_counter() - start
+        start = time.perf_counter()
+        bank = model.memorize([d + " More." for d in docs[: n // 10]], memory_bank=bank)
+        bank.save(path)
+        append_s = time.perf_counter() - start
+        start = time.perf_counter()
+        loaded = CompressedMemoryBank.load(path, codebook_fingerprint=model.codebook.fingerprint())
+        load_s = time.perf_counter() - start
+        assert len(loaded) == len(bank)
+        return {"docs": n, "memorize_ms_per_doc": memorize_s * 1000 / n, "save_s": save_s, "append_s": append_s,
+                "load_s": load_s}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    p.add_argument("--num-tokens", type=int, default=12, help="T codes per document")
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--end-to-end-docs", type=int, default=200, help="0 skips the tiny-model part")
+    p.add_argument("--zipf", type=float, default=1.0, help="exponent of the code distribution (0: uniform codes, "
+                   "the best case for an inverted index; 1: word-frequency-like, long posting lists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/scale.json")
+    a = p.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    sizes = []
+    for n in a.docs:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=one_size, args=(n, a.num_tokens, a.questions, a.seed, a.zipf, queue))
+        proc.start()
+        row = queue.get()
+        proc.join()
+        sizes.append(row)
+        print(json.dumps(row), flush=True)
+    base = sizes[0]
+    for row in sizes:
+        row["append_over_save"] = row["append_s"] / row["save_s"]
+        row["p50_over_smallest"] = row["query_ms_p50"] / base["query_ms_p50"]
+    record = {"num_tokens": a.num_tokens, "vocab_size": V, "zipf_exponent": a.zipf, "sizes": sizes,
+              "end_to_end": end_to_end(a.end_to_end_docs) if a.end_to_end_docs else None,
+              "command": "python " + " ".join(sys.argv)}
+    write_json_report(a.output, record)
+    print(markdown_table(sizes, ["docs", "bytes_per_doc", "save_s", "append_s", "append_over_save", "load_s",
+                                 "index_build_s", "rss_mb", "query_ms_p50", "query_ms_p95", "p50_over_smallest"]))
+    if record["end_to_end"]:
+        print(markdown_table([record["end_to_end"]], list(record["end_to_end"])))
+    assert math.isfinite(base["query_ms_p50"])
+
+
+if __name__ == "__main__":
+    main()
