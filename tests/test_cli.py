@@ -58,14 +58,13 @@ def test_two_adapt_runs_on_one_bank_keep_both_writers_documents(trained, capsys)
     then appends to what that writer saved (without the lock the last save would drop the other's documents)."""
     import threading
 
-    from filelock import FileLock
-
     from mbc_hf.cli import load_model
+    from mbc_hf.memory_bank import bank_lock
 
     tmp, out = trained
     docs, bank = tmp / "lock_docs.txt", tmp / "locked.safetensors"
     docs.write_text("The red door is in Rome.\n")
-    lock = FileLock(f"{bank}.lock")
+    lock = bank_lock(bank)  # <bank>.lock, the lock object save() takes in this process (re-entrant here)
     lock.acquire()
     run = threading.Thread(target=main, args=(["adapt", "--model", str(out), "--documents", str(docs),
                                                "--bank", str(bank)],))
