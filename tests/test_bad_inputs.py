@@ -370,3 +370,46 @@ def test_a_reader_sees_complete_banks_while_another_process_appends(tmp_path):
     assert report["errors"] == []
     assert report["loads"] >= 3 and len(report["sizes"]) >= 2, report  # the reader did race the writer
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+# -------------------------------------------------------------------------------- messages that name the fix
+
+
+def test_a_missing_model_folder_is_reported_as_such(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["ask", "--model", str(tmp_path / "nonexistent"), "--bank", str(tmp_path / "b.safetensors"), "q?"])
+    assert "nonexistent: no such folder" in str(info.value.code) and "mbc-hf train" in str(info.value.code)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.answer(["Where is the red door?"], batch_size=0),
+    lambda m: m.answer_with_base_lm(["Question: where?\nAnswer:"], batch_size=0),
+    lambda m: m.memorize(DOCS[:2], batch_size=0),
+], ids=["answer", "answer_with_base_lm", "memorize"])
+def test_a_zero_batch_size_names_the_argument(model, call):
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        call(model)
+
+
+def test_a_bank_with_another_codebook_size_says_what_to_do(model):
+    other = CompressedMemoryBank(model.config.codebook_size * 2, model.config.num_context_tokens,
+                                 model.codebook.fingerprint())  # same fingerprint, another K
+    other.append("d0", torch.zeros(model.config.num_context_tokens, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"K=.*Fix: re-encode the documents into a new bank .*mbc-hf adapt"):
+        model.answer(["Where is the red door?"], memory_bank=other)
+
+
+def test_a_question_longer_than_the_window_is_answered_with_a_counted_warning(model):
+    long_question = "Where is the door " + "and the window " * model.config.max_question_length + "?"
+    with pytest.warns(UserWarning, match=r"1 of 2 questions exceed max_question_length=\d+ tokens"):
+        answers = model.answer(["Where is the red door?", long_question], max_new_tokens=2)
+    assert len(answers) == 2
+
+
+def test_one_text_under_two_ids_in_a_documents_file_is_stored_under_both_as_by_the_api(model_dir, model, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "The red door is in Rome."}\n{"id": "b", "text": "The red door is in Rome."}\n')
+    main(["adapt", "--model", str(model_dir), "--documents", str(docs), "--bank", str(tmp_path / "bank.safetensors")])
+    cli = CompressedMemoryBank.load(tmp_path / "bank.safetensors")
+    api = model.memorize(["The red door is in Rome."] * 2, doc_ids=["a", "b"])
+    assert cli.doc_ids == api.doc_ids == ["a", "b"] and torch.equal(cli.codes, api.codes)

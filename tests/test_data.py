@@ -268,7 +268,7 @@ def test_load_documents_file_txt_and_jsonl(tmp_path):
                      [{"id": 3, "text": "A"}, {"text": "B"}, {"doc_id": "x", "text": "  "}, {"id": "z", "text": "A"}])
     with pytest.warns(EmptyDocumentWarning, match="skipped 1 empty"):
         docs = load_documents_file(jl)
-    assert docs == [("3", "A"), (sha16("B"), "B")]
+    assert docs == [("3", "A"), (sha16("B"), "B"), ("z", "A")]  # one text, two ids: two documents, as memorize()
     assert load_documents_file(txt, downsample_to=1) == [(sha16("First doc."), "First doc.")]
 
 
@@ -414,3 +414,9 @@ MALFORMED = [
 def test_malformed_files_name_the_file_and_the_place(tmp_path, name, content, loader, match):
     with pytest.raises(ValueError, match=match):
         loader(write(tmp_path / name, content))
+
+
+def test_a_csv_with_an_unterminated_quote_fails_with_file_and_line(tmp_path):
+    path = write(tmp_path / "docs.csv", 'id,text\na,first document\nb,"second, never closed\nc,third\nd,fourth\n')
+    with pytest.raises(ValueError, match=r'docs\.csv: line 3: malformed CSV: a quoted field .* never closed'):
+        load_documents_file(path)

@@ -49,8 +49,20 @@ def build(base_model: str, encoder: str, **config_kwargs):
 
 
 def load_model(path: str):
+    """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode.
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path (absolute, ``./``, ``../``, ``~`` or more than one ``/``) that
+            does not exist (not the Hub's repo-id error).
+    """
     import mbc_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if local and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
+                                "(config.json + model.safetensors) or a Hub repo id")
+    path = os.path.expanduser(path)
 
     return AutoModelForCausalLM.from_pretrained(path).eval()
 

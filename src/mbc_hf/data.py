@@ -183,7 +183,8 @@ def _parse_csv(path: Path, text: str, delimiter: str) -> _Source:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents exceed the 128 KiB default
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        # strict: an unterminated quote is an error, not a field that swallows the rest of the file
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         header: list[str] | None = None
         records = []
         prev_line = 0
@@ -205,6 +206,10 @@ def _parse_csv(path: Path, text: str, delimiter: str) -> _Source:
                     rec[col] = None  # a short row: mark missing cells
                 records.append((f"line {start_line}", rec))
         except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise ValueError(f"{path}: line {prev_line + 1}: malformed CSV: a quoted field that starts on this "
+                                 "line is never closed (unterminated quote); close it or escape the quote as \"\"")\
+                    from None
             raise ValueError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
     finally:
         csv.field_size_limit(old_limit)
@@ -812,8 +817,8 @@ def load_documents_file(
     * JSON lines / JSON array / CSV with a ``text`` (or ``context``) field per record and
       an optional ``id`` / ``doc_id`` (string or integer; default SHA-1 prefix).
 
-    Documents are unique by text, in first-appearance order (a repeated text keeps its
-    first id). ``downsample_to=N`` keeps the first N of them. Empty or whitespace-only
+    Documents are unique by id, in first-appearance order: one text under two ids is two
+    documents (as in `memorize`); a repeated text without an id of its own keeps its first id. ``downsample_to=N`` keeps the first N of them. Empty or whitespace-only
     documents in JSON/CSV records are skipped with an `EmptyDocumentWarning` that counts
     them (blank lines of a ``.txt`` file are just separators).
 
@@ -853,8 +858,15 @@ def load_documents_file(
     if not items:
         raise ValueError(f"{path}: no documents found")
     rows = [_Row(src_id, t, "", [], None, where) for where, src_id, t in items]
-    doc_ids = _canonical_doc_ids(path, rows)
-    out = documents({"doc_id": doc_ids, "context": [r.context for r in rows]})
+    doc_ids = _canonical_doc_ids(path, rows)  # raises on an id used for two texts
+    # One text under two ids of the file stays two documents, as memorize(texts, doc_ids) stores them; a text
+    # without an id of its own takes the id it had before (its SHA-1 or an earlier explicit id).
+    out, seen = [], set()
+    for r, doc_id in zip(rows, doc_ids):
+        doc_id = r.src_doc_id if r.src_doc_id is not None else doc_id
+        if doc_id not in seen:
+            seen.add(doc_id)
+            out.append((doc_id, r.context))
     return out if downsample_to is None else out[:downsample_to]
 
 

@@ -98,6 +98,12 @@ def lone_surrogate_at(text: str) -> int | None:
     return None
 
 
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
 def _check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"{what} must be a list of str, got {type(texts).__name__}; wrap a single text as [text].")
@@ -411,6 +417,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         return ({"input_ids": enc["input_ids"][first].to(device),
                  "attention_mask": enc["attention_mask"][first].to(device)}, int(cut.sum()))
 
+    def _warn_long_questions(self, questions: list[str]) -> None:
+        """Warn (counted) when questions exceed ``config.max_question_length`` tokens: `encode_questions` keeps
+        only their last tokens, for the LM prompt and for the question encoder."""
+        self._require_tokenizers()
+        n = self.config.max_question_length
+        prompts = [self.config.prompt_template.format(question=q) for q in questions]
+        n_cut = sum(len(ids) > n for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(questions)} questions exceed max_question_length={n} tokens (with the "
+                          "prompt template); only their last tokens are read. Shorten them, or raise "
+                          "config.max_question_length.", stacklevel=3)
+
     def encode_questions(self, questions: list[str], answers: list[str] | None = None, device=None,
                          contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Tokenize questions for both the LM and the question encoder.
@@ -537,8 +555,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             raise ValueError(f"got {len(texts)} texts, {len(doc_ids)} doc_ids and "
                              f"{len(metadata) if metadata is not None else 'no'} metadata entries; lengths must match.")
         # everything is checked before the first batch is stored: a call that raises leaves the bank as it was
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_batch_size(batch_size)
         check_doc_ids_and_metadata(doc_ids, metadata)
         first: dict[str, int] = {}
         for i, (doc_id, text) in enumerate(zip(doc_ids, texts)):
@@ -614,7 +631,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             bank.check_codebook(self.codebook.fingerprint())
             if bank.num_tokens != self.config.num_context_tokens or bank.codebook_size != self.config.codebook_size:
                 raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
-                                 f"T={self.config.num_context_tokens}, K={self.config.codebook_size}.")
+                                 f"T={self.config.num_context_tokens}, K={self.config.codebook_size}: its codes "
+                                 "mean nothing to this model. Fix: re-encode the documents into a new bank with "
+                                 "this model's memorize() (CLI: mbc-hf adapt --model THIS_MODEL --bank NEW_BANK), "
+                                 "or load the model the bank was built with.")
         elif self.uses_vocabulary_codebook:
             raise ValueError(f"a vocabulary-codebook model reads banks of token codes (CompressedMemoryBank), got a "
                              f"{type(bank).__name__}; build the bank with this model's memorize().")
@@ -996,6 +1016,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 ``return_sources`` without addressing (a learned codebook reads the whole bank).
         """
         questions = _check_texts(questions, "questions")
+        _check_batch_size(batch_size)
+        self._warn_long_questions(questions)
         if return_sources and not self.uses_vocabulary_codebook:
             raise ValueError("return_sources needs addressing, which a learned codebook does not do (its aggregator "
                              "reads the whole bank's histogram): use codebook_type='vocabulary'.")
@@ -1058,6 +1080,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """Baselines without memory: the plain base LM (KV-LoRA off, no prefix) completes fully formatted prompts
         (closed-book, or with passages in context); returns the first generated line of each, stripped."""
         self._require_tokenizers()
+        _check_batch_size(batch_size)
         tok = self.tokenizer
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", _pad_id(tok))
