@@ -94,7 +94,8 @@ def one_size(n: int, t: int, questions: int, seed: int, exponent: float, queue) 
 
 
 def end_to_end(n: int) -> dict:
-    """Memorize n documents with the tiny random model, save, append 10% more, load (seconds)."""
+    """Memorize n documents with the tiny random model, save, append 10% more, load (seconds); then `mbc-hf adapt`
+    the same documents with 1 and with 2 processes (documents per second)."""
     from mbc_hf.testing import tiny_mbc_model
 
     model = tiny_mbc_model(codebook_type="vocabulary").eval()
@@ -117,8 +118,22 @@ def end_to_end(n: int) -> dict:
         loaded = CompressedMemoryBank.load(path, codebook_fingerprint=model.codebook.fingerprint())
         load_s = time.perf_counter() - start
         assert len(loaded) == len(bank)
+        # `mbc-hf adapt` in 1 and 2 processes on the same documents (process start and model loading included)
+        from mbc_hf.cli import main as cli
+
+        model.save_pretrained(os.path.join(directory, "model"))
+        docs_file = os.path.join(directory, "docs.txt")
+        with open(docs_file, "w") as fh:
+            fh.write("\n".join(docs) + "\n")
+        adapt_s = {}
+        for procs in (1, 2):
+            start = time.perf_counter()
+            cli(["adapt", "--model", os.path.join(directory, "model"), "--documents", docs_file, "--bank",
+                 os.path.join(directory, f"adapt{procs}.index.json"), "--num-proc", str(procs)])
+            adapt_s[procs] = time.perf_counter() - start
         return {"docs": n, "memorize_ms_per_doc": memorize_s * 1000 / n, "save_s": save_s, "append_s": append_s,
-                "load_s": load_s}
+                "load_s": load_s, "adapt_docs_per_s_1proc": n / adapt_s[1], "adapt_docs_per_s_2proc": n / adapt_s[2],
+                "adapt_speedup_2proc": adapt_s[1] / adapt_s[2]}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -128,7 +143,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     p.add_argument("--num-tokens", type=int, default=12, help="T codes per document")
     p.add_argument("--questions", type=int, default=200)
-    p.add_argument("--end-to-end-docs", type=int, default=200, help="0 skips the tiny-model part")
+    p.add_argument("--end-to-end-docs", type=int, default=20000, help="0 skips the tiny-model part")
     p.add_argument("--zipf", type=float, default=1.0, help="exponent of the code distribution (0: uniform codes, "
                    "the best case for an inverted index; 1: word-frequency-like, long posting lists)")
     p.add_argument("--seed", type=int, default=0)

@@ -413,3 +413,16 @@ def test_one_text_under_two_ids_in_a_documents_file_is_stored_under_both_as_by_t
     cli = CompressedMemoryBank.load(tmp_path / "bank.safetensors")
     api = model.memorize(["The red door is in Rome."] * 2, doc_ids=["a", "b"])
     assert cli.doc_ids == api.doc_ids == ["a", "b"] and torch.equal(cli.codes, api.codes)
+
+
+def test_adapt_in_two_processes_equals_one_process_without_losses_or_duplicates(model_dir, model, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(DOCS) + "\n")
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.index.json"
+    model.memorize(DOCS[:3]).save(two)  # an existing bank: its 3 documents are not encoded again
+    main(["adapt", "--model", str(model_dir), "--documents", str(docs), "--bank", str(one)])
+    main(["adapt", "--model", str(model_dir), "--documents", str(docs), "--bank", str(two), "--num-proc", "2"])
+    a, b = CompressedMemoryBank.load(one), CompressedMemoryBank.load(two)
+    assert a.doc_ids == b.doc_ids == [document_id(d) for d in DOCS] and torch.equal(a.codes, b.codes)
+    with pytest.raises(SystemExit, match="--num-proc"):
+        main(["adapt", "--model", str(model_dir), "--documents", str(docs), "--bank", str(one), "--num-proc", "0"])

@@ -174,6 +174,8 @@ def cmd_adapt(a) -> None:
     from .evaluation import adapt_stream
     from .memory_bank import bank_lock, load_bank
 
+    if a.num_proc < 1 or (a.num_proc > 1 and a.save_every):
+        raise ValueError(f"--num-proc must be >= 1 (got {a.num_proc}) and --save-every works with one process only")
     docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
     model = load_model(a.model)
     lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
@@ -186,12 +188,55 @@ def cmd_adapt(a) -> None:
         bank = load_bank(a.bank) if Path(a.bank).exists() else None
         before = len(bank) if bank is not None else 0
         start = time.perf_counter()
-        bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every, bank_path=a.bank)
+        if a.num_proc > 1:
+            bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size)
+            bank.save(a.bank)
+        else:
+            bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every,
+                                bank_path=a.bank)
         ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
     finally:
         lock.release()
     print(f"bank {a.bank}: {len(bank)} documents (+{len(bank) - before}), {bank.nbytes} bytes "
           f"({bank.nbytes / max(len(bank), 1):.1f} bytes/doc), {ms:.1f} ms/doc")
+
+
+def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int, threads: int, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    bank = load_model(model_path).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], batch_size=batch_size)
+    bank.save(out)
+
+
+def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank, num_proc: int, batch_size: int):
+    """`mbc-hf adapt --num-proc N`: the documents not yet in ``bank`` are split into N contiguous parts, each
+    memorized by its own process (which loads the model from ``model_path``) into its own bank file; the parts are
+    then appended in order, so the result equals one process's bank (memorize is batch-invariant), with no
+    document lost or repeated. Returns the extended bank (a new one when ``bank`` is None)."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .memory_bank import load_bank
+
+    bank = model.new_memory_bank() if bank is None else bank
+    model._check_bank(bank)
+    todo = [(d, t) for d, t in docs if d not in bank]
+    size = -(-len(todo) // num_proc)
+    parts = [todo[i:i + size] for i in range(0, len(todo), size)]
+    threads = max(1, (os.cpu_count() or 1) // num_proc)
+    with tempfile.TemporaryDirectory(prefix="mbc-adapt-") as tmp, \
+            ProcessPoolExecutor(len(parts) or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(len(parts))]
+        for future in [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
+                       for part, out in zip(parts, outs)]:
+            future.result()
+        for out in outs:
+            part = load_bank(out)
+            part.check_codebook(bank.codebook_fingerprint)
+            bank.extend(part.doc_ids, part.codes, part.metadata, on_duplicate="fail")
+    return bank
 
 
 def cmd_ask(a) -> None:
@@ -390,6 +435,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--save-every", type=int, help="also save the bank (atomically) every N new documents, so a "
                                                   "killed run keeps its progress; rerunning resumes")
+    p.add_argument("--num-proc", type=int, default=1, help="memorize in N processes (each loads the model and "
+                   "encodes a contiguous part of the documents); the bank equals one process's")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("ask", help="answer questions from a memory bank")
