@@ -220,6 +220,11 @@ def test_answer_returns_sources_best_first_with_their_scores():
         assert len(out["scores"]) == 2 and all(isinstance(s, float) for s in out["scores"])
         assert out["scores"][0] >= out["scores"][1]
     assert rich[1]["sources"][0] == "doc-1" and rich[1]["scores"][0] > 0
+    calls = []
+    read = model.read_documents
+    model.read_documents = lambda *a, **k: calls.append(1) or read(*a, **k)
+    assert model.answer(questions, memory_bank=bank, max_new_tokens=3, return_sources=True) == rich
+    assert len(calls) == 1  # one batch, addressed once: the sources are the documents the prefix read
 
 
 def test_return_sources_needs_a_vocabulary_codebook():

@@ -735,16 +735,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ prefix
     def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory,
-                          return_address_scores: bool = False):
+                          return_address_scores: bool = False, documents: torch.Tensor | None = None):
         """Question encoder + aggregator + prefix generator -> L × (key, value), each (B, n_kv, P, head_dim); with a
         vocabulary codebook, `token_prefix` (P = 1 + k·T). With learned top-k addressing (``memory.keys``) the
         aggregator reads only each question's ``config.topk_documents`` best documents (`LearnedAddressing`);
-        ``return_address_scores`` also returns their (B, N) scores (None without it), for the addressing loss."""
+        ``return_address_scores`` also returns their (B, N) scores (None without it), for the addressing loss.
+        ``documents``: (B, k) int64, the documents a vocabulary codebook reads when addressing was already done
+        (`read_documents`; `answer` reuses it for the sources)."""
         if question_input_ids is None:
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
         if self.uses_vocabulary_codebook:
-            prefix = self.token_prefix(question_input_ids, question_attention_mask, memory)
+            prefix = self.token_prefix(question_input_ids, question_attention_mask, memory, documents)
             return (prefix, None) if return_address_scores else prefix
         latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
         scores = None
@@ -789,11 +791,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             k = min(k, int(allowed.sum(1).min()))
         return top_k(scores, k)
 
-    def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory):
+    def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory,
+                     documents: torch.Tensor | None = None):
         """Vocabulary codebook: (B, S) question LM tokens + mask and a `Memory` with ``codes`` -> L × (key, value),
         each (B, n_kv, 1 + k·T, head_dim): the LM's own key/values (with KV-LoRA) of BOS (eos for an LM without one)
         and the codes of the k documents `read_documents` picks for each question, read as input tokens (best
-        document first). An empty memory gives BOS alone.
+        document first; ``documents`` (B, k) int64 when `read_documents` was already called). An empty memory gives
+        BOS alone.
 
         Raises:
             ValueError: a non-empty memory without ``codes`` (built from vectors)."""
@@ -806,7 +810,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         tokens = torch.full((B, 1), start, dtype=torch.long, device=question_input_ids.device)  # (B, 1)
         if memory.size > 0:
             codes = memory.codes.reshape(memory.codes.shape[0], -1, T).expand(B, -1, -1)  # (B, N, T)
-            _, docs = self.read_documents(question_input_ids, question_attention_mask, memory)  # (B, k)
+            docs = documents if documents is not None else \
+                self.read_documents(question_input_ids, question_attention_mask, memory)[1]  # (B, k)
             chosen = codes.gather(1, docs[..., None].expand(-1, -1, T)).reshape(B, -1)  # (B, k·T)
             tokens = torch.cat([tokens, chosen], dim=1)
         cache = self.lm.base_model(input_ids=tokens, use_cache=True).past_key_values
@@ -972,12 +977,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                  question_input_ids: torch.LongTensor | None = None, question_attention_mask=None, memory_bank=None,
-                 aggregation: str | None = None, memory: Memory | None = None, **generate_kwargs):
+                 aggregation: str | None = None, memory: Memory | None = None, documents: torch.Tensor | None = None,
+                 **generate_kwargs):
         """`generate` of the base LM, conditioned on a memory through a fresh prefix cache per call.
 
         Works for greedy, sampling and beam search (the prefix is repeated for ``num_beams`` /
         ``num_return_sequences``). ``input_ids`` must be left padded (see `encode_questions`). Returns the
-        LM's output: (B·num_return_sequences, L + new) token ids, prompt included.
+        LM's output: (B·num_return_sequences, L + new) token ids, prompt included. ``documents``: see
+        `prefix_key_values`.
         """
         if memory is None:
             memory = self.memory_from_bank(memory_bank, aggregation)
@@ -987,7 +994,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         beams = generate_kwargs.get("num_beams", gen_config.num_beams) or 1
         expand = beams if beams > 1 else generate_kwargs.get("num_return_sequences",
                                                              gen_config.num_return_sequences) or 1
-        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory)
+        prefix = self.prefix_key_values(question_input_ids, question_attention_mask, memory, documents=documents)
         cache, mask = self._prefix_cache(prefix, attention_mask, input_ids.shape[0], expand)
         generate_kwargs.setdefault("pad_token_id", self.lm.generation_config.pad_token_id
                                    if self.lm.generation_config.pad_token_id is not None
@@ -1036,9 +1043,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 found = text_store.search(chunk, k=1) if text_store is not None else None
                 batch = self.encode_questions(chunk, contexts=None if found is None else
                                               [text_store.get(ids[0]) if ids else "" for ids, _ in found])
-                if return_sources:
-                    sources += self._sources(batch, memory, memory_bank, found)
-                out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, **generate_kwargs)
+                read = None
+                if return_sources:  # address once: the sources are the documents the prefix reads
+                    read = self.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
+                                               memory) if memory.size > 0 else None
+                    sources += self._sources(batch["input_ids"].shape[0], read, memory_bank, found)
+                out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens,
+                                    documents=None if read is None else read[1], **generate_kwargs)
                 new = out[:, batch["input_ids"].shape[1]:]
                 texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
                 answers += [_first_line(t) for t in texts]
@@ -1048,12 +1059,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             return [{"answer": a, **src} for a, src in zip(answers, sources)]
         return answers
 
-    def _sources(self, batch, memory: Memory, memory_bank, found) -> list[dict]:
-        """Attribution of a question batch: the bank documents `read_documents` picks (ids, scores) and, in hybrid
-        reading, the text store's passages."""
-        out = [{"sources": [], "scores": []} for _ in range(batch["input_ids"].shape[0])]
-        if memory.size > 0:
-            scores, docs = self.read_documents(batch["question_input_ids"], batch["question_attention_mask"], memory)
+    @staticmethod
+    def _sources(n: int, read, memory_bank, found) -> list[dict]:
+        """Attribution of a batch of n questions: the bank documents `read_documents` picked (``read``: (scores,
+        indices), None for an empty memory) as ids and scores and, in hybrid reading, the text store's passages."""
+        out = [{"sources": [], "scores": []} for _ in range(n)]
+        if read is not None:
+            scores, docs = read
             ids = memory_bank.doc_ids
             for row, (s, d) in enumerate(zip(scores.tolist(), docs.tolist())):
                 out[row] = {"sources": [ids[i] for i in d], "scores": s}
