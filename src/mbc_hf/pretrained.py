@@ -59,7 +59,7 @@ def export(run_dir: str | Path, target: Path = DEFAULT_DIR) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in FILES:
-        shutil.copy2(run_dir / name, tmp / name)
+        shutil.copyfile(run_dir / name, tmp / name)  # plain 0644-style files, whatever the run's permissions
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
