@@ -254,3 +254,17 @@ def test_resume_warns_only_about_missing_mbc_weights_not_the_unsaved_base_lm(tmp
             assert "lm.model.embed_tokens.weight" not in caplog.text
     finally:
         hf_logging.disable_propagation()
+
+
+def test_the_collator_warns_once_per_run_about_truncated_documents():
+    import warnings
+
+    model = tiny_mbc_model()
+    long_rows = [dict(row, context=row["context"] * 100) for row in ROWS]
+    collate = MBCDataCollator(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(0, 8, 2):
+            collate(long_rows[i:i + 2])
+    messages = [str(w.message) for w in caught if "max_document_length" in str(w.message)]
+    assert len(messages) == 1 and "2 of 2 in the first such batch; shown once" in messages[0]

@@ -413,7 +413,7 @@ def add_train_options(p):
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="mbc-hf", description=__doc__)
+    root = argparse.ArgumentParser(prog="mbc-hf", description=__doc__.replace("``", ""))  # no reST markup in --help
     sub = root.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="meta-train an MBC model on a QA file")

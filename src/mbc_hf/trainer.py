@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -82,7 +83,13 @@ class MBCDataCollator:
                 docs.append(row["context"])
         answers = [min(row["answers"], key=len) for row in rows]
         batch = self.model.encode_questions([row["question"] for row in rows], answers, device="cpu")
-        context = self.model.encode_documents(docs, device="cpu")
+        context, n_cut = self.model._encode_documents(docs, device="cpu")
+        if n_cut and not getattr(self, "_warned_truncation", False):  # once per run, not on every batch
+            self._warned_truncation = True
+            warnings.warn(f"training documents exceed max_document_length={self.model.config.max_document_length} "
+                          f"encoder tokens and are truncated ({n_cut} of {len(docs)} in the first such batch; "
+                          "shown once); split long documents into passages to train on all of their content.",
+                          stacklevel=2)
         batch["context_input_ids"], batch["context_attention_mask"] = context["input_ids"], context["attention_mask"]
         batch["question_doc_index"] = torch.tensor([doc_index[row["doc_id"]] for row in rows])
         if self.model.config.reconstruction_loss_weight > 0:
@@ -216,8 +223,14 @@ def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
 
 def document_codes(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """(N, T) int64 codes of documents under a fitted vocabulary codebook (what `memorize` would store)."""
-    return torch.cat([model.codebook.select(**model.encode_documents(texts[i:i + batch_size], device="cpu"))
-                      for i in range(0, len(texts), batch_size)])
+    parts, n_cut = [], 0
+    for i in range(0, len(texts), batch_size):
+        enc, cut = model._encode_documents(texts[i:i + batch_size], device="cpu")
+        parts.append(model.codebook.select(**enc))
+        n_cut += cut
+    if n_cut:  # one warning that counts every batch
+        model._warn_truncated(n_cut, len(texts))
+    return torch.cat(parts)
 
 
 @torch.no_grad()
