@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("rank_bm25")
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "qa_squad.py"
+RESEARCH = Path(__file__).resolve().parents[1] / "research"  # the probes (research/README.md)
 
 PARAGRAPHS = [
     ("Lakes", "Lake Baikal in Siberia is the deepest lake in the world. It holds about one fifth of the fresh "
@@ -156,7 +157,7 @@ def test_memory_signal_script_locates_where_the_document_stops_mattering(tmp_pat
 
     from mbc_hf.testing import tiny_mbc_model
 
-    spec = importlib.util.spec_from_file_location("memory_signal", BENCH.parent / "memory_signal.py")
+    spec = importlib.util.spec_from_file_location("memory_signal", RESEARCH / "memory_signal.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
@@ -235,7 +236,7 @@ def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
     config = tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
-    spec = importlib.util.spec_from_file_location("readable_memory", BENCH.parent / "readable_memory.py")
+    spec = importlib.util.spec_from_file_location("readable_memory", RESEARCH / "readable_memory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
@@ -316,8 +317,8 @@ def test_token_memory_reader_trains_and_scores_article_pairs_on_a_tiny_lm(tmp_pa
                 f.write(json.dumps({"paragraph_id": f"A{a}#{k}", "title": f"A{a}", "paragraph_index": k,
                                     "context": context, "qas": [{"id": f"q{a}-{k}", "question": "Which crate?",
                                     "answers": {"text": [code], "answer_start": [context.index(code)]}}]}) + "\n")
-    monkeypatch.syspath_prepend(str(BENCH.parent))  # the script imports readable_memory from its folder
-    spec = importlib.util.spec_from_file_location("token_memory_reader", BENCH.parent / "token_memory_reader.py")
+    monkeypatch.syspath_prepend(str(RESEARCH))  # the script imports readable_memory from its folder
+    spec = importlib.util.spec_from_file_location("token_memory_reader", RESEARCH / "token_memory_reader.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for memory in module.MEMORIES:

@@ -3,7 +3,7 @@ an unrelated document (the next one of the batch, as in `memory_gain`), the rela
 ``||x_gold - x_unrelated|| / ||x_gold||`` at every stage of the path, plus how much attention the LM gives the
 prefix. Prints a markdown table (mean ± standard error over batches), writes JSON.
 
-    python benchmarks/memory_signal.py --model runs/kmf --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl \
+    python research/memory_signal.py --model runs/kmf --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl \
         --docs 64 --output benchmarks/results/kmf/memory_signal.json
 
 Stages: context vectors (amortization network output, (T, d) per document), memory vectors (after the codebook),

@@ -29,11 +29,11 @@ positions continue after the document, as in context), not as input embeddings:
 
 IDF comes from `rank_bm25.BM25Okapi` over the training documents' LM tokens.
 
-    python benchmarks/readable_memory.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
+    python research/readable_memory.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 256 \
         --output benchmarks/results/readable_memory.json
-    python benchmarks/readable_memory.py ... --docs 256 --kinds --kv --output benchmarks/results/readable_memory_kv.json
-    python benchmarks/readable_memory.py ... --docs 256 --kv-groups 6 --kv-stages 2 --kinds --kv \
+    python research/readable_memory.py ... --docs 256 --kinds --kv --output benchmarks/results/readable_memory_kv.json
+    python research/readable_memory.py ... --docs 256 --kv-groups 6 --kv-stages 2 --kinds --kv \
         "key/values at the T highest-IDF positions, k-means codes" \
         --output benchmarks/results/readable_memory_kv_codes_g6s2.json
 """

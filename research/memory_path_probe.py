@@ -6,11 +6,11 @@ steps it prints the NLL with the document's own memory, with another document's 
 and the gain = unrelated - own (nats/token). Document side fixed (`freeze_amortization`), KV-LoRA off, AdamW.
 
     # memorisation: 16 training documents in 2 fixed batches, the gain measured on those same documents
-    python benchmarks/memory_path_probe.py --task overfit --memory vq --steps 60
+    python research/memory_path_probe.py --task overfit --memory vq --steps 60
     # generalisation: batches of 8 new training documents, the gain measured on 32 held-out documents
-    python benchmarks/memory_path_probe.py --task generalise --memory vq --steps 200
-    python benchmarks/memory_path_probe.py --task generalise --memory dense --steps 100
-    python benchmarks/memory_path_probe.py --task generalise --memory vq --prefix-mode soft_tokens --steps 100
+    python research/memory_path_probe.py --task generalise --memory vq --steps 200
+    python research/memory_path_probe.py --task generalise --memory dense --steps 100
+    python research/memory_path_probe.py --task generalise --memory vq --prefix-mode soft_tokens --steps 100
 
 ``--memory vq``: k-means codebook on the first 512 (overfit: 256) training documents, then frozen; ``dense``: the
 VQ bypassed (MAC-style float memory).

@@ -8,7 +8,7 @@ the share of documents where gold beats unrelated), before and after training an
 questions; ``--hinge-weight`` adds a gold-vs-unrelated hinge. A probe, not part of the package: it departs from
 MBC's bank of T single codes.
 
-    python benchmarks/kv_code_reader.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
+    python research/kv_code_reader.py --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --kv-groups 6 --kv-stages 2 --minutes 18
 """
 import argparse

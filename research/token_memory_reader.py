@@ -15,7 +15,7 @@ in same-article pairs (`mbc_hf.trainer.article_pair_batches`): answer NLL (nats 
 memory, and the gain against a paragraph of another article, against the other paragraph of the same article and
 against no memory (± standard error over documents), before and after training. A probe, not part of the package.
 
-    python benchmarks/token_memory_reader.py --memory "rare tokens" \
+    python research/token_memory_reader.py --memory "rare tokens" \
         --train ../shared/data/squad/train-part.first44articles.paragraphs.jsonl \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --minutes 30
 """
