@@ -106,6 +106,15 @@ def test_overwrite_rewrites_only_the_shard_that_holds_the_row(tmp_path):
     assert after[0] == names[0] and after[2] == names[2] and after[1] != names[1]
     loaded = CompressedMemoryBank.load(path)
     assert loaded.doc_ids == ids and torch.equal(loaded.get_codes(["d12"]).long(), codes_of(["other"]))
+    # an overwritten row in the last shard, then an append that merges that shard: written once, nothing orphaned
+    loaded.extend(["d25"], codes_of(["again"]), on_duplicate="overwrite")
+    loaded.extend([f"n{i}" for i in range(6)], codes_of([f"n{i}" for i in range(6)]))
+    loaded.save(path, shard_rows=20)
+    index = json.loads(path.read_text())
+    assert shard_files(tmp_path) == sorted(s["file"] for s in index["shards"])
+    again = CompressedMemoryBank.load(path)
+    assert again.doc_ids == ids + [f"n{i}" for i in range(6)]
+    assert torch.equal(again.get_codes(["d25"]).long(), codes_of(["again"]))
 
 
 def test_a_flipped_bit_is_refused_with_the_file_named(tmp_path):

@@ -408,14 +408,16 @@ class _DocRowBank:
                 self._sync = _Sync(path, checksum, None)
             self._changed, self._removed = set(), set()
 
-    def compact(self) -> None:
+    def compact(self, shard_rows: int = SHARD_ROWS) -> None:
         """Rewrite the sharded bank this bank was loaded from or saved to without its tombstones and small
-        shards (full shards of `SHARD_ROWS` rows), deleting shard files the index no longer names, stray ones from
-        killed writes included. O(N).
+        shards (full shards of ``shard_rows`` rows), deleting shard files the index no longer names, stray ones
+        from killed writes included. O(N).
 
         Raises:
-            ValueError: the bank is not linked to a sharded bank (``.index.json``) by `load` or `save`.
+            ValueError: the bank is not linked to a sharded bank (``.index.json``) by `load` or `save`, or
+                ``shard_rows`` is not a positive int.
         """
+        shard_rows = _positive_int(shard_rows, "shard_rows")
         if self._sync is None or self._sync.shards is None:
             raise ValueError("compact() needs a bank loaded from or saved to an .index.json path; a single-file "
                              "bank has no tombstones (save() rewrites it whole)")
@@ -424,7 +426,7 @@ class _DocRowBank:
             if _disk_token(path) != self._sync.token:
                 self._merge_from_disk(path)
             self._sync.shards = []  # every row is written anew
-            self._save_sharded(path, SHARD_ROWS, linked=True, delete_strays=True)
+            self._save_sharded(path, shard_rows, linked=True, delete_strays=True)
             self._changed, self._removed = set(), set()
 
     def _shard_tensors(self, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -440,16 +442,16 @@ class _DocRowBank:
         old = _read_index_files(path)  # shard files named by the index being replaced, to delete after
         shards = [dict(s) for s in self._sync.shards] if linked and self._sync.shards is not None else []
         stem = os.path.basename(path)[: -len(INDEX_SUFFIX)]
-        start = 0
-        for s in shards:  # rewrite shards that hold overwritten rows, with their tombstones dropped
-            if s["dirty"]:
-                s.update(self._write_shard(path, stem, start, start + s["live"]))
-            start += s["live"]
-        tail_start = start
+        tail_start = sum(s["live"] for s in shards)
         # Merge trailing shards that are not much larger than what is added (a binary counter): O(log N) shards.
         while shards and shards[-1]["rows"] <= 2 * (len(self) - tail_start) \
                 and shards[-1]["live"] + len(self) - tail_start <= shard_rows:
             tail_start -= shards.pop()["live"]
+        start = 0
+        for s in shards:  # rewrite the shards that hold overwritten rows, with their tombstones dropped
+            if s["dirty"]:
+                s.update(self._write_shard(path, stem, start, start + s["live"]))
+            start += s["live"]
         for lo in range(tail_start, len(self), shard_rows):
             shards.append(self._write_shard(path, stem, lo, min(lo + shard_rows, len(self))))
         index = dict(self._payload(), num_documents=len(self),
