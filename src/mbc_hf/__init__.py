@@ -6,6 +6,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import pretrained  # noqa: F401  (mbc_hf.pretrained.load(): the shipped reader)
 from .aggregator import Aggregator, Memory
 from .codebook import VectorQuantizer
 from .configuration_mbc import MBCConfig
