@@ -392,3 +392,18 @@ def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
     assert all(set(r) == {"memory", "addressing", "bank_docs", "em", "f1", "answer_nll"} for r in rows)
     assert 1 < record["chance_em"] < 7
     assert all(math.isfinite(r["answer_nll"]) for r in rows if r["memory"] != "closed_book")
+
+
+def test_bank_scale_benchmark_writes_the_issue_keys(tmp_path):
+    """benchmarks/bank_scale.py at two small sizes (its 100k/1M/10M run is in benchmarks/README.md): the JSON has
+    one row per size with the keys of the issue, and the sharded bank's bytes per document match T=12 uint16 codes
+    plus a short id."""
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(BENCH.parent / "bank_scale.py"), "--docs", "3000", "6000", "--questions",
+                    "5", "--end-to-end-docs", "0", "--output", str(out)], check=True, timeout=300)
+    sizes = json.loads(out.read_text())["sizes"]
+    assert [s["docs"] for s in sizes] == [3000, 6000]
+    for s in sizes:
+        assert {"docs", "bytes_per_doc", "save_s", "append_s", "load_s", "rss_mb", "query_ms_p50",
+                "query_ms_p95"} <= set(s)
+        assert 24 + 3 < s["bytes_per_doc"] < 40 and s["query_ms_p95"] >= s["query_ms_p50"] > 0
