@@ -39,6 +39,17 @@ def shard_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("bank-*.safetensors"))
 
 
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in shard_files(directory)}
+
+
+def saved_bank(directory: Path, n: int, shard_rows: int) -> tuple[Path, list[str]]:
+    """A bank of ids d0..d{n-1} saved as ``directory/bank.index.json`` in shards of ``shard_rows`` rows."""
+    path, ids = directory / "bank.index.json", [f"d{i}" for i in range(n)]
+    bank_of(ids).save(path, shard_rows=shard_rows)
+    return path, ids
+
+
 def test_sharded_round_trip_with_metadata(tmp_path):
     ids = [f"d{i}" for i in range(25)]
     path = tmp_path / "bank.index.json"
@@ -53,10 +64,8 @@ def test_sharded_round_trip_with_metadata(tmp_path):
 
 
 def test_appending_writes_only_a_new_shard_and_merges_small_ones(tmp_path):
-    path = tmp_path / "bank.index.json"
-    ids = [f"d{i}" for i in range(40)]
-    bank_of(ids).save(path, shard_rows=20)
-    first = {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)}
+    path, ids = saved_bank(tmp_path, 40, shard_rows=20)
+    first = shard_bytes(tmp_path)
     bank = CompressedMemoryBank.load(path)
     shard_counts = []
     for step in range(8):  # a stream of small appends
@@ -73,16 +82,14 @@ def test_appending_writes_only_a_new_shard_and_merges_small_ones(tmp_path):
 
 
 def test_remove_is_a_tombstone_and_compact_rewrites(tmp_path):
-    path = tmp_path / "bank.index.json"
-    ids = [f"d{i}" for i in range(30)]
-    bank_of(ids).save(path, shard_rows=10)
-    before = {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)}
+    path, ids = saved_bank(tmp_path, 30, shard_rows=10)
+    before = shard_bytes(tmp_path)
     bank = CompressedMemoryBank.load(path)
     for d in ("d3", "d15", "d16"):
         bank.remove(d)
         ids.remove(d)
     bank.save(path)
-    assert {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)} == before  # no shard rewritten
+    assert shard_bytes(tmp_path) == before  # no shard rewritten
     index = json.loads(path.read_text())
     assert sorted(sum(index["tombstones"].values(), [])) == ["d15", "d16", "d3"] and index["num_documents"] == 27
     assert_consistent(CompressedMemoryBank.load(path), ids)
@@ -95,9 +102,7 @@ def test_remove_is_a_tombstone_and_compact_rewrites(tmp_path):
 
 
 def test_overwrite_rewrites_only_the_shard_that_holds_the_row(tmp_path):
-    path = tmp_path / "bank.index.json"
-    ids = [f"d{i}" for i in range(30)]
-    bank_of(ids).save(path, shard_rows=10)
+    path, ids = saved_bank(tmp_path, 30, shard_rows=10)
     names = [s["file"] for s in json.loads(path.read_text())["shards"]]
     bank = CompressedMemoryBank.load(path)
     bank.extend(["d12"], codes_of(["other"]), on_duplicate="overwrite")
