@@ -11,6 +11,8 @@ order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row run
                  is it the right documents that help, or any memory?
     dense        the same model with the VQ bypassed: uncompressed MAC-style DenseMemoryBank, dense aggregation
     bm25         BM25 top-1 passage (rank_bm25.BM25Okapi over the stream's unique documents) in the base LM's prompt
+    rag          the same passage and prompt, read by the base LM with the LoRA adapter of
+                 ``train_passage_reader.py`` (``--passage-reader DIR``; the fair RAG row: same budget as MBC's reader)
     gold         gold passage in the base LM's prompt (upper bound)
 
 Usage::
@@ -59,6 +61,7 @@ ROWS = {
     "bank_t96": "MBC, compressed bank, T=96 codes per document (same reader)",
     "dense": "MBC, VQ bypassed (dense MAC-style bank)",
     "bm25": "BM25 top-1 passage in context",
+    "rag": "BM25 top-1 passage in context, read by a reader trained on passages (LoRA, same budget)",
     "hybrid": "hybrid: BM25 top-1 passage in the prompt + the bank (same reader)",
     "gold": "gold passage in context (upper bound)",
 }
@@ -193,12 +196,12 @@ def _base_lm_row(model, ds, stream, opts: dict, name: str) -> dict:
     questions, gold = list(ds["question"]), list(ds["context"])
     docs = documents(stream)
     out = {"prompt": build.style, "adapt_ms_per_doc": 0.0, "bytes_per_doc": 0.0}
-    if name in ("bm25", "gold"):  # the stored text: full passages, UTF-8
+    if name in ("bm25", "rag", "gold"):  # the stored text: full passages, UTF-8
         out["bytes_per_doc"] = sum(len(t.encode("utf-8")) for _, t in docs) / max(len(docs), 1)
     passages, extra_ms = [None] * len(questions), 0.0
     if name == "gold":
         passages = gold
-    elif name == "bm25":
+    elif name in ("bm25", "rag"):
         import numpy as np
         from rank_bm25 import BM25Okapi
 
@@ -213,12 +216,32 @@ def _base_lm_row(model, ds, stream, opts: dict, name: str) -> dict:
         out.update(_accuracy([[docs[i][0] for i in t] for t in top3], ds["doc_id"]))
     start = time.perf_counter()
     prompts = [build(q, p) for q, p in zip(questions, passages)]
-    predictions = model.answer_with_base_lm(prompts, max_new_tokens=opts["max_new_tokens"],
-                                            batch_size=opts["batch_size"])
+    if name == "rag":
+        from mbc_hf.modeling_mbc import complete_prompts
+
+        predictions = complete_prompts(passage_reader(opts["passage_reader"]), model.tokenizer, prompts,
+                                       opts["max_new_tokens"], opts["batch_size"])
+    else:
+        predictions = model.answer_with_base_lm(prompts, max_new_tokens=opts["max_new_tokens"],
+                                                batch_size=opts["batch_size"])
     out["query_ms"] = ((time.perf_counter() - start) * 1000 + extra_ms) / max(len(questions), 1)
     out["passages_truncated"] = build.truncated
     out["example_prompt"] = prompts[0] if prompts else ""
     return {**out, **score(predictions, ds), "predictions": predictions}
+
+
+def passage_reader(path: str):
+    """The base LM with the LoRA adapter that ``train_passage_reader.py`` wrote to ``path`` (its base model is the
+    one named in ``path/training.json``, ``embedded`` resolved to the packaged SmolLM2)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mbc_hf.embedded import resolve
+
+    base = json.loads((Path(path) / "training.json").read_text())["base_model"]
+    lm = AutoModelForCausalLM.from_pretrained(resolve(base, "base"), dtype=torch.float32)
+    return PeftModel.from_pretrained(lm, path).eval()
 
 
 def _accuracy(ranked: list[list[str]], gold: list[str]) -> dict:
@@ -365,7 +388,7 @@ def run_row(name: str, opts: dict) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.inference_mode():
-            result = (_base_lm_row if name in ("closed_book", "bm25", "gold") else _mbc_row)(model, ds, stream, opts,
+            result = (_base_lm_row if name in BASE_LM_ROWS else _mbc_row)(model, ds, stream, opts,
                                                                                             name)
     for w in caught:  # show them once, after the row, and keep them in the results
         print(f"[{name}] warning: {w.category.__name__}: {w.message}", file=sys.stderr)
@@ -395,6 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all; for a model trained "
                    "with --no-vq all but the compressed-bank rows mbc and unrelated; for a vocabulary codebook all "
                    "but dense)")
+    p.add_argument("--passage-reader", help="adapter folder of train_passage_reader.py: adds the row rag (BM25 "
+                   "top-1 passage read by a reader trained on passages)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="chat-short",
                    help="prompt style of the base-LM rows (closed_book, bm25, gold)")
     p.add_argument("--passage-tokens", type=int, default=350, help="truncate in-context passages to N LM tokens")
@@ -409,17 +434,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.rows is None:
         uses_vq, vocabulary = _uses_vq(a.model), _codebook_type(a.model) == "vocabulary"
         a.rows = [r for r in ROWS if (r not in COMPRESSED_ROWS or uses_vq) and not (r == "dense" and vocabulary)
-                  and (vocabulary or r not in VOCABULARY_ROWS)]
+                  and (vocabulary or r not in VOCABULARY_ROWS) and (r != "rag" or a.passage_reader)]
     else:
         a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]
     if unknown or not a.rows:
         p.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    if "rag" in a.rows and not a.passage_reader:
+        p.error("--rows rag needs --passage-reader DIR (a folder written by benchmarks/train_passage_reader.py)")
     a.rows = [r for r in ROWS if r in a.rows]  # canonical order
     return a
 
 
 COMPRESSED_ROWS = ("mbc", "unrelated")
+BASE_LM_ROWS = ("closed_book", "bm25", "rag", "gold")
 
 
 def _uses_vq(model: str) -> bool:
@@ -484,7 +512,7 @@ def render_markdown(results: dict) -> str:
 
     rows = [{h: _fmt_cell(k, r.get(k)) for h, k in COLUMNS.items()} for r in results["rows"]]
     a = results["args"]
-    styles = sorted({r["prompt"] for r in results["rows"] if r["row"] in ("closed_book", "bm25", "gold")})
+    styles = sorted({r["prompt"] for r in results["rows"] if r["row"] in BASE_LM_ROWS})
     templates = sorted({r["prompt_template"] for r in results["rows"] if r.get("prompt_template")})
     template = " / ".join(json.dumps(t)[1:-1] for t in templates) or "n/a"
     if results["isolation"] == "spawn":
@@ -498,7 +526,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Base-LM rows (closed-book, BM25, gold) use the `{', '.join(styles) or a['prompt']}` prompt "
+        f"Base-LM rows (closed-book, BM25, RAG reader, gold) use the `{', '.join(styles) or a['prompt']}` prompt "
         f"(requested `--prompt {a['prompt']}`), passages truncated to {a['passage_tokens']} LM tokens; answers: "
         f"greedy, max_new_tokens={a['max_new_tokens']}, first line, stripped. MBC rows use the model's own prompt "
         f"template (`{template}`) after the memory prefix. EM/F1: official SQuAD v1.1; prefix-EM: the MBC/MAC "
@@ -520,7 +548,7 @@ def main(argv=None) -> dict:
                        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)  # inherited by the children
     opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "questions": a.questions,
-            "question_seed": a.question_seed, "prompt": a.prompt,
+            "question_seed": a.question_seed, "prompt": a.prompt, "passage_reader": a.passage_reader,
             "passage_tokens": a.passage_tokens, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
             "threads": a.threads, "seed": a.seed, "progress": a.progress, "parent_pid": os.getpid()}
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

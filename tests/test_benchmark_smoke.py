@@ -407,3 +407,43 @@ def test_bank_scale_benchmark_writes_the_issue_keys(tmp_path):
         assert {"docs", "bytes_per_doc", "save_s", "append_s", "load_s", "rss_mb", "query_ms_p50",
                 "query_ms_p95"} <= set(s)
         assert 24 + 3 < s["bytes_per_doc"] < 40 and s["query_ms_p95"] >= s["query_ms_p50"] > 0
+
+
+def test_rag_row_reads_the_bm25_passage_with_the_trained_passage_reader(tmp_path):
+    """train_passage_reader.py fits a LoRA adapter on (passage in prompt -> answer) and qa_squad's rag row reads
+    the same BM25 passages as the bm25 row through it."""
+    from transformers import AutoModelForCausalLM
+
+    from mbc_hf.testing import tiny_lm_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id,
+                                                    tok.eos_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
+    spec = importlib.util.spec_from_file_location("train_passage_reader", BENCH.parent / "train_passage_reader.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    reader = tmp_path / "reader"
+    assert trainer.main(["--train-file", str(data), "--output-dir", str(reader), "--base-model", str(base),
+                         "--max-steps", "3", "--batch-size", "4", "--warmup-steps", "0", "--logging-steps", "1"]) == 0
+    log = json.loads((reader / "training.json").read_text())
+    assert log["steps"] == 3 and log["base_model"] == str(base) and math.isfinite(log["train_loss"])
+    bench = load_bench()
+    lm = bench.passage_reader(str(reader))
+    lora_b = [p for n, p in lm.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA B starts at zero
+    assert {n.split(".")[-4] for n, _ in lm.named_parameters() if "lora_A" in n} == {"k_proj", "v_proj"}
+    with pytest.raises(SystemExit):  # the rag row without its reader is a usage error
+        bench.parse_args(["--model", "tiny", "--data", str(data), "--rows", "rag"])
+    out = tmp_path / "results"
+    bench.main(["--model", "tiny", "--data", str(data), "--downsample-to", "4", "--output-dir", str(out),
+                "--in-process", "--threads", "1", "--max-new-tokens", "4", "--rows", "bm25,rag",
+                "--passage-reader", str(reader)])
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert list(rows) == ["bm25", "rag"]
+    check_row(rows["rag"])
+    for key in ("retrieval_top1", "retrieval_top3", "example_prompt", "bytes_per_doc"):
+        assert rows["rag"][key] == rows["bm25"][key], key  # the same passages in the same prompt

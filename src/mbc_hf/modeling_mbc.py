@@ -1092,20 +1092,27 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """Baselines without memory: the plain base LM (KV-LoRA off, no prefix) completes fully formatted prompts
         (closed-book, or with passages in context); returns the first generated line of each, stripped."""
         self._require_tokenizers()
-        _check_batch_size(batch_size)
-        tok = self.tokenizer
-        generate_kwargs.setdefault("do_sample", False)
-        generate_kwargs.setdefault("pad_token_id", _pad_id(tok))
-        answers = []
         with self.kv_lora_disabled():
-            for start in range(0, len(prompts), batch_size):
-                enc = tok(prompts[start:start + batch_size], padding=True, padding_side="left",
-                          return_tensors="pt").to(self.device)
-                out = self.lm.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                       **generate_kwargs)
-                answers += [_first_line(t) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                                                     skip_special_tokens=True)]
-        return answers
+            return complete_prompts(self.lm, self.tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs)
+
+
+@torch.no_grad()
+def complete_prompts(lm, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16,
+                     **generate_kwargs) -> list[str]:
+    """Greedy completions of fully formatted ``prompts`` by any causal ``lm`` (left-padded batches of
+    ``batch_size``): the first generated line of each, stripped. Raises ValueError for ``batch_size`` < 1."""
+    _check_batch_size(batch_size)
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", _pad_id(tokenizer))
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start:start + batch_size], padding=True, padding_side="left",
+                        return_tensors="pt").to(lm.device)
+        out = lm.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                          **generate_kwargs)
+        answers += [_first_line(t) for t in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                   skip_special_tokens=True)]
+    return answers
 
 
 def _bos(tok) -> list[int]:
