@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mbc_hf.cli import main
+from mbc_hf.evaluation import adapt_stream
 from mbc_hf.memory_bank import CompressedMemoryBank
 from mbc_hf.modeling_mbc import document_id
 from mbc_hf.testing import tiny_mbc_model
@@ -126,8 +127,9 @@ def test_the_truncation_warning_counts_every_batch_and_a_huge_document_is_cut_be
     lambda m, b: m.memorize(["x y", "y z"], memory_bank=b, batch_size=-1),
     lambda m, b: m.memorize(["x y", "y z"], memory_bank=b, batch_size=0),
     lambda m, b: m.memorize(["one text", "another text"], memory_bank=b, doc_ids=["same", "same"]),
+    lambda m, b: adapt_stream(m, [("\ud800", "A streamed text.")], memory_bank=b, show_progress=False),
 ], ids=["surrogate-id", "surrogate-metadata", "extend-surrogate-id", "append-surrogate-metadata", "batch-size-neg",
-        "batch-size-zero", "one-id-two-texts"])
+        "batch-size-zero", "one-id-two-texts", "stream-surrogate-id"])
 def test_a_mutating_call_that_raises_leaves_the_bank_saveable_and_as_it_was(model, tmp_path, call):
     bank = model.memorize(DOCS[:3])
     before = (list(bank.doc_ids), bank.codes.clone())
