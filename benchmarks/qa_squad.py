@@ -214,13 +214,13 @@ def _base_lm_row(model, ds, stream, opts: dict, name: str) -> dict:
         passages = [docs[t[0]][1] for t in top3]
         out["retrieved_doc_ids"] = [docs[t[0]][0] for t in top3]
         out.update(_accuracy([[docs[i][0] for i in t] for t in top3], ds["doc_id"]))
+    reader = passage_reader(opts["passage_reader"]) if name == "rag" else None  # loading is not query time
     start = time.perf_counter()
     prompts = [build(q, p) for q, p in zip(questions, passages)]
-    if name == "rag":
+    if reader is not None:
         from mbc_hf.modeling_mbc import complete_prompts
 
-        predictions = complete_prompts(passage_reader(opts["passage_reader"]), model.tokenizer, prompts,
-                                       opts["max_new_tokens"], opts["batch_size"])
+        predictions = complete_prompts(reader, model.tokenizer, prompts, opts["max_new_tokens"], opts["batch_size"])
     else:
         predictions = model.answer_with_base_lm(prompts, max_new_tokens=opts["max_new_tokens"],
                                                 batch_size=opts["batch_size"])
@@ -388,8 +388,7 @@ def run_row(name: str, opts: dict) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.inference_mode():
-            result = (_base_lm_row if name in BASE_LM_ROWS else _mbc_row)(model, ds, stream, opts,
-                                                                                            name)
+            result = (_base_lm_row if name in BASE_LM_ROWS else _mbc_row)(model, ds, stream, opts, name)
     for w in caught:  # show them once, after the row, and keep them in the results
         print(f"[{name}] warning: {w.category.__name__}: {w.message}", file=sys.stderr)
     label = ROWS[name]

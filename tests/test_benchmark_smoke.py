@@ -220,7 +220,8 @@ def test_default_rows_leave_out_the_compressed_bank_for_a_model_trained_without_
     tiny_mbc_model().save_pretrained(tmp_path / "vq")
     data = str(write_fixture(tmp_path / "dev.paragraphs.jsonl"))
     novq = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data])
-    learned = [r for r in bench.ROWS if r not in bench.VOCABULARY_ROWS]  # no addressing: no addressing rows
+    # no addressing: no addressing rows; no --passage-reader: no rag row
+    learned = [r for r in bench.ROWS if r not in bench.VOCABULARY_ROWS and r != "rag"]
     assert novq.rows == [r for r in learned if r not in ("mbc", "unrelated")]
     assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == learned
     asked = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data, "--rows", "mbc"])
@@ -347,7 +348,7 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
     bench = load_bench()
     assert bench.parse_args(["--model", str(tmp_path / "model"), "--data", str(data)]).rows == \
-        [r for r in bench.ROWS if r != "dense"]
+        [r for r in bench.ROWS if r not in ("dense", "rag")]  # rag only with --passage-reader
     bench.main(["--model", str(tmp_path / "model"), "--data", str(data), "--downsample-to", "4", "--output-dir",
                 str(tmp_path / "results"), "--in-process", "--threads", "1", "--max-new-tokens", "3",
                 "--rows", "empty,mbc,mbc_k1,oracle,bank_t12,hybrid", "--questions", "5", "--question-seed", "1"])
