@@ -177,7 +177,7 @@ def load_model(spec: str, seed: int = 0):
 
         model = tiny_mbc_model(seed=seed)
     elif spec == EMBEDDED_UNTRAINED:
-        from mbc_hf.embedded import build_model
+        from mbc_hf.factory import build_model
 
         model = build_model(freeze_encoders=True)
     else:

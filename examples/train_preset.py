@@ -42,7 +42,7 @@ def main(argv=None):
         config = dict(recipe["config"], kv_lora_layers=min(recipe["config"]["kv_lora_layers"], 4))
         model = tiny_mbc_model(base="gpt2" if base == "tiny-gpt2" else "llama", encoder="t5", **config)
     else:
-        from mbc_hf.embedded import build_model
+        from mbc_hf.factory import build_model
 
         model = build_model(base, encoder, question_encoder=run.question_encoder or recipe["question_encoder"],
                             **recipe["config"])

@@ -27,11 +27,12 @@ QUESTIONS = ["When was the Eiffel Tower completed?", "Which prize did Marie Curi
 @pytest.fixture(scope="module")
 def model():
     from mbc_hf import embedded
+    from mbc_hf.factory import build_model
 
     if not (embedded.cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists() \
             and importlib.util.find_spec("gguf") is None:
         pytest.skip("the first use converts SmolLM2 from GGUF and needs the `gguf` package")
-    return embedded.build_model().eval()
+    return build_model().eval()
 
 
 def test_build_memorize_answer(model):

@@ -9,6 +9,16 @@ import time
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .factory import (  # noqa: F401
+    LEARNED_ONLY,
+    VOCABULARY_DEFAULTS,
+    build,
+    build_from_args,
+    load_model,
+    make_trainer,
+    split_train_eval,
+    stop_after_minutes,
+)
 
 SHARED_DATA_ENV = "MBC_SHARED_DATA"
 SQUAD_TRAIN = "squad/train-part.first44articles.paragraphs.jsonl"
@@ -23,124 +33,6 @@ def shared_data_dir() -> Path | None:
         if c and Path(c).is_dir():
             return Path(c)
     return None
-
-
-# The vocabulary codebook's defaults (issue: a memory that answers): 48 codes (96 bytes) per document chosen by the
-# trained selector and kept in document order, each question reading the 3 documents addressing picks; KV-LoRA on
-# every layer of a pretrained LM (`embedded.build_model`). Options left None take these.
-VOCABULARY_DEFAULTS = {"num_context_tokens": 48, "read_documents": 3, "code_selector": "trained",
-                       "code_order": "document"}
-
-
-def build(base_model: str, encoder: str, **config_kwargs):
-    """A fresh MBC model: ``tiny``/``tiny-gpt2`` (random, for smoke tests) or pretrained parts (see embedded).
-    ``None`` config values are left at their defaults (`VOCABULARY_DEFAULTS` with ``codebook_type="vocabulary"``)."""
-    if config_kwargs.get("codebook_type") == "vocabulary":
-        config_kwargs = {**VOCABULARY_DEFAULTS, **{k: v for k, v in config_kwargs.items() if v is not None}}
-    config_kwargs = {k: v for k, v in config_kwargs.items() if v is not None}
-    if base_model.startswith("tiny"):
-        from .testing import tiny_mbc_model
-
-        return tiny_mbc_model(base="gpt2" if base_model == "tiny-gpt2" else "llama",
-                              encoder="t5" if encoder == "tiny-t5" else "bert", **config_kwargs)
-    from .embedded import build_model
-
-    return build_model(base_model, encoder, **config_kwargs)
-
-
-def load_model(path: str):
-    """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode.
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path (absolute, ``./``, ``../``, ``~`` or more than one ``/``) that
-            does not exist (not the Hub's repo-id error).
-    """
-    import mbc_hf  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM
-
-    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-    if local and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
-                                "(config.json + model.safetensors) or a Hub repo id")
-    path = os.path.expanduser(path)
-
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-LEARNED_ONLY = ("no_vq", "freeze_amortization", "freeze_codebook", "codebook_kmeans_docs", "train_encoders",
-                "contrastive_weight", "distillation_weight", "reconstruction_weight", "prefix_mode", "prefix_length",
-                "code_entropy_weight")
-
-
-def build_from_args(a):
-    vocabulary = a.codebook_type == "vocabulary"
-    given = [name for name in LEARNED_ONLY if getattr(a, name, None) not in (None, False, 0, 0.0)]
-    if vocabulary and given:
-        raise ValueError(f"--{given[0].replace('_', '-')} applies to the paper's learned codebook; add "
-                         "--codebook-type learned (the default is the vocabulary codebook).")
-    reconstruction = a.reconstruction_weight if a.reconstruction_weight is not None else 0.0 if vocabulary else 0.5
-    return build(a.base_model, a.encoder, reconstruction_loss_weight=reconstruction, codebook_type=a.codebook_type,
-                 read_documents=a.read_documents, code_selector=a.code_selector, code_order=a.code_order,
-                 whole_words=a.whole_words or None, reconstruction_length=a.reconstruction_length,
-                 num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers,
-                 freeze_encoders=not a.train_encoders,
-                 codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
-                 code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
-                 contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
-                 distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
-                 aggregation=a.aggregation, topk_documents=a.topk_documents)
-
-
-def stop_after_minutes(minutes: float):
-    """A TrainerCallback that stops (and saves) once training has run for ``minutes``."""
-    from transformers import TrainerCallback
-
-    class StopAfterMinutes(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.time()
-
-        def on_step_end(self, args, state, control, **kw):
-            if time.time() - self.start > minutes * 60:
-                control.should_training_stop = True
-                control.should_save = True
-
-    return StopAfterMinutes()
-
-
-def split_train_eval(dataset, eval_docs: int):
-    """Hold out the rows of ``eval_docs`` documents spread evenly over the file (every k-th document in file order)
-    for the memory gain: they come from the same articles as the training documents (unseen paragraphs of seen
-    topics); the dev set measures unseen topics."""
-    doc_ids = list(dict.fromkeys(dataset["doc_id"]))
-    step = len(doc_ids) / eval_docs if eval_docs else 0
-    held = {doc_ids[int(i * step)] for i in range(eval_docs)} if eval_docs else set()
-    train = dataset.filter(lambda r: r["doc_id"] not in held)
-    return train, dataset.filter(lambda r: r["doc_id"] in held) if held else None
-
-
-def make_trainer(a, model, train, evaluation, **overrides):
-    """`MBCTrainer` configured from the train/demo command-line options (``overrides``: TrainingArguments fields)."""
-    from .trainer import MBCTrainer, MBCTrainingArguments
-
-    settings = dict(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
-        gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
-        encoder_learning_rate=a.encoder_learning_rate,
-        lora_learning_rate=a.lora_learning_rate or (1e-3 if a.codebook_type == "vocabulary" else 1e-4),
-        lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
-        codebook_kmeans_docs=a.codebook_kmeans_docs, freeze_codebook=a.freeze_codebook,
-        encoder_state_cache_mb=a.encoder_state_cache_mb, num_train_epochs=a.epochs, warmup_steps=a.warmup_steps,
-        lr_scheduler_type="constant_with_warmup",
-        max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
-        eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions,
-        memory_gain_article_pairs=a.memory_gain_article_pairs, report_to="none",
-        read_retrieved=a.codebook_type == "vocabulary" and not a.no_read_retrieved,
-        use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
-        dataloader_num_workers=0)
-    settings.update(overrides)
-    return MBCTrainer(model=model, args=MBCTrainingArguments(**settings), train_dataset=train,
-                      eval_dataset=evaluation,
-                      callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)
 
 
 def cmd_train(a) -> dict:

@@ -60,8 +60,8 @@ def run_demo(train, dev, a) -> dict:
     ``rows`` {closed_book, empty, bank[, bank_short_training]} -> {em, f1, ...}, ``memory_gain_unrelated``,
     ``bytes_per_doc``, ``models``) and returns it."""
     from . import pretrained
-    from .cli import build_from_args, make_trainer, split_train_eval
     from .evaluation import evaluate_base_lm, evaluate_online
+    from .factory import build_from_args, make_trainer, split_train_eval
 
     model = build_from_args(a)
     train, held = split_train_eval(train, a.eval_docs)

@@ -74,35 +74,3 @@ def resolve(name_or_path: str, kind: str) -> str:
     if name_or_path != EMBEDDED:
         return name_or_path
     return embedded_base_model_path() if kind == "base" else embedded_encoder_path()
-
-
-def build_model(base_model: str = EMBEDDED, encoder: str = EMBEDDED, question_encoder: str | None = None,
-                **config_kwargs):
-    """An MBC model around a pretrained base LM and encoder (local paths, Hub ids, or ``"embedded"``).
-
-    The checkpoint will reference the base LM by ``base_model`` (not store it). The question encoder starts as a
-    copy of the document encoder, or as ``question_encoder`` (a path or Hub id) when given. With
-    ``codebook_type="vocabulary"`` no encoder is loaded.
-    """
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from .modeling_mbc import MBCModelForCausalLM
-
-    base_path = resolve(base_model, "base")
-    lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if config_kwargs.get("codebook_type") == "vocabulary":  # documents and questions are read in LM tokens
-        enc = encoder_tokenizer = None
-        if config_kwargs.get("kv_lora_layers") is None:  # the LM reads the codes as tokens: adapt every layer's K/V
-            config_kwargs["kv_lora_layers"] = lm.config.num_hidden_layers
-    else:
-        encoder_path = resolve(encoder, "encoder")
-        enc = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
-        encoder_tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    q_enc = None if question_encoder is None or enc is None else AutoModel.from_pretrained(
-        resolve(question_encoder, "encoder"), dtype=torch.float32)
-    return MBCModelForCausalLM.from_components(lm, enc, tokenizer, encoder_tokenizer, question_encoder=q_enc,
-                                               base_model_name_or_path=base_model, **config_kwargs)

@@ -24,17 +24,15 @@ library, torch, safetensors, huggingface_hub and sibling modules.
 """
 
 import json
-import math
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .memory_bank import DenseMemoryBank, load_bank
+from .memory_bank import MEMORY_BANK_FILE, DenseMemoryBank, load_bank
+from .model_card import bank_markdown, bank_statistics, render_model_card
 
-#: File name of the memory bank inside a saved folder / Hub repo.
-MEMORY_BANK_FILE = "memory_bank.safetensors"
 #: File name of the model card.
 MODEL_CARD_FILE = "README.md"
 #: What the card was rendered from (metrics, training data, licence...), so a re-save / push after loading can
@@ -126,58 +124,12 @@ def load_memory_bank(path_or_repo_id, model=None, filename: str = MEMORY_BANK_FI
 
 
 # ---------------------------------------------------------------------------------------------------- card
-def bank_statistics(memory_bank) -> dict:
-    """Numbers describing a bank, for the model card and logs.
-
-    Returns a dict with ``kind`` ("compressed" | "dense"), ``documents``, ``num_tokens`` (T), ``dtype``,
-    ``bytes`` (`nbytes`: codes/vectors + UTF-8 doc ids), ``bytes_per_document``; compressed banks add
-    ``codebook_size`` (K), ``distinct_codes`` (codes used at least once), ``code_usage_perplexity`` (exp of the
-    entropy of code usage over all N·T stored codes, 1..K) and ``codebook_fingerprint``; dense banks add
-    ``hidden_size`` (d).
-    """
-    n = len(memory_bank)
-    stats = {"kind": "dense" if isinstance(memory_bank, DenseMemoryBank) else "compressed", "documents": n,
-             "num_tokens": memory_bank.num_tokens, "dtype": str(memory_bank.dtype).replace("torch.", ""),
-             "bytes": memory_bank.nbytes, "bytes_per_document": memory_bank.nbytes / n if n else 0.0}
-    if isinstance(memory_bank, DenseMemoryBank):
-        stats["hidden_size"] = memory_bank.hidden_size
-        return stats
-    counts = memory_bank.code_counts().double()
-    total = float(counts.sum())
-    probs = counts[counts > 0] / total if total else counts[:0]
-    stats.update(codebook_size=memory_bank.codebook_size, distinct_codes=int((counts > 0).sum()),
-                 code_usage_perplexity=math.exp(float(-(probs * probs.log()).sum())) if total else 0.0,
-                 codebook_fingerprint=memory_bank.codebook_fingerprint)
-    return stats
-
-
-def bank_markdown(stats: dict) -> str:
-    """`bank_statistics` as a two-column markdown table."""
-    labels = [("kind", "kind"), ("documents", "documents"), ("num_tokens", "vectors per document (T)"),
-              ("codebook_size", "codebook size (K)"), ("hidden_size", "vector size (d)"), ("dtype", "stored as"),
-              ("bytes", "bytes"), ("bytes_per_document", "bytes per document"),
-              ("distinct_codes", "distinct codes used"), ("code_usage_perplexity", "code usage perplexity"),
-              ("codebook_fingerprint", "codebook fingerprint")]
-    rows = []
-    for key, label in labels:
-        if key not in stats:
-            continue
-        value = stats[key]
-        if isinstance(value, float):
-            value = f"{value:.1f}"
-        elif isinstance(value, str) and key != "kind":
-            value = f"`{value}`"
-        rows.append(f"| {label} | {value} |")
-    return "\n".join(["| | |", "|---|---|", *rows])
-
-
 def write_model_card(model, save_directory, memory_bank=None, **card_kwargs) -> str:
     """Render the model card (`mbc_hf.model_card.render_model_card`) of ``model`` and write it atomically to
     ``save_directory/README.md``, and what it was rendered from to ``model_card_data.json``. ``memory_bank``: the
     bank stored in the folder, described in the card. ``card_kwargs``: other `render_model_card` arguments
     (``model_id``, ``training_data``, ``license``, ...); ``metrics`` defaults to ``model.eval_metrics`` (set by
     `MBCTrainer.evaluate`). Returns the path of the card."""
-    from .model_card import render_model_card
 
     if card_kwargs.get("metrics") is None:
         card_kwargs["metrics"] = getattr(model, "eval_metrics", None)

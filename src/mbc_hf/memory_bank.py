@@ -69,6 +69,8 @@ __all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES", "loa
 
 #: Accepted values of ``on_duplicate`` (Haystack ``DuplicatePolicy`` names).
 DUPLICATE_POLICIES = ("skip", "overwrite", "fail")
+#: File name of the memory bank inside a saved folder / Hub repo.
+MEMORY_BANK_FILE = "memory_bank.safetensors"
 
 _FORMAT_VERSION = "2"  # 2: doc ids and metadata in the file body, a checksum in the header; 1: ids in the header
 _READABLE_VERSIONS = ("1", "2")

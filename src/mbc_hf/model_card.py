@@ -1,6 +1,9 @@
 """Model cards for saved MBC models, rendered from ``model_card_template.md`` with `huggingface_hub.ModelCard`."""
 
+import math
 from pathlib import Path
+
+from .memory_bank import MEMORY_BANK_FILE, DenseMemoryBank
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 
@@ -32,8 +35,6 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
         tags: extra metadata tags (``mbc``, ``memory-bank``, ``kv-lora`` are always set).
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .hub import MEMORY_BANK_FILE, bank_markdown, bank_statistics
 
     try:
         from importlib.metadata import version
@@ -77,3 +78,48 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
         kv_lora_layers=config.kv_lora_layers, bytes_per_code=1 if config.codebook_size <= 256 else 2,
         base_weights_note=weights_note, training_note=training_note, training_data=training_data,
         metrics_table=metrics_markdown(metrics or {}), bank_stats=bank_stats, bank_file=bank_file)
+
+
+def bank_statistics(memory_bank) -> dict:
+    """Numbers describing a bank, for the model card and logs.
+
+    Returns a dict with ``kind`` ("compressed" | "dense"), ``documents``, ``num_tokens`` (T), ``dtype``,
+    ``bytes`` (`nbytes`: codes/vectors + UTF-8 doc ids), ``bytes_per_document``; compressed banks add
+    ``codebook_size`` (K), ``distinct_codes`` (codes used at least once), ``code_usage_perplexity`` (exp of the
+    entropy of code usage over all N·T stored codes, 1..K) and ``codebook_fingerprint``; dense banks add
+    ``hidden_size`` (d).
+    """
+    n = len(memory_bank)
+    stats = {"kind": "dense" if isinstance(memory_bank, DenseMemoryBank) else "compressed", "documents": n,
+             "num_tokens": memory_bank.num_tokens, "dtype": str(memory_bank.dtype).replace("torch.", ""),
+             "bytes": memory_bank.nbytes, "bytes_per_document": memory_bank.nbytes / n if n else 0.0}
+    if isinstance(memory_bank, DenseMemoryBank):
+        stats["hidden_size"] = memory_bank.hidden_size
+        return stats
+    counts = memory_bank.code_counts().double()
+    total = float(counts.sum())
+    probs = counts[counts > 0] / total if total else counts[:0]
+    stats.update(codebook_size=memory_bank.codebook_size, distinct_codes=int((counts > 0).sum()),
+                 code_usage_perplexity=math.exp(float(-(probs * probs.log()).sum())) if total else 0.0,
+                 codebook_fingerprint=memory_bank.codebook_fingerprint)
+    return stats
+
+
+def bank_markdown(stats: dict) -> str:
+    """`bank_statistics` as a two-column markdown table."""
+    labels = [("kind", "kind"), ("documents", "documents"), ("num_tokens", "vectors per document (T)"),
+              ("codebook_size", "codebook size (K)"), ("hidden_size", "vector size (d)"), ("dtype", "stored as"),
+              ("bytes", "bytes"), ("bytes_per_document", "bytes per document"),
+              ("distinct_codes", "distinct codes used"), ("code_usage_perplexity", "code usage perplexity"),
+              ("codebook_fingerprint", "codebook fingerprint")]
+    rows = []
+    for key, label in labels:
+        if key not in stats:
+            continue
+        value = stats[key]
+        if isinstance(value, float):
+            value = f"{value:.1f}"
+        elif isinstance(value, str) and key != "kind":
+            value = f"`{value}`"
+        rows.append(f"| {label} | {value} |")
+    return "\n".join(["| | |", "|---|---|", *rows])
