@@ -72,9 +72,9 @@ def main(argv=None) -> dict:
                 book = VocabularyCodebook(len(tok), T, tok.eos_token_id, selector, "importance", whole)
                 holder = SimpleNamespace(tokenizer=tok, codebook=book, config=SimpleNamespace(max_document_length=256))
                 fit_vocabulary_idf(holder, train)
-                holder.encode_documents = lambda texts, device=None: {  # noqa: E731 (model.encode_documents)
+                holder._encode_documents = lambda texts, device=None: ({  # noqa: E731 (the model's, no truncation count)
                     k: v for k, v in tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt",
-                                         add_special_tokens=False).items() if k != "token_type_ids"}
+                                         add_special_tokens=False).items() if k != "token_type_ids"}, 0)
                 codes = document_codes(holder, [t for _, t in docs])  # (N, T)
                 _, ranked = CodeIndex(codes, len(tok)).search(book.question_weights(q["input_ids"],
                                                                                     q["attention_mask"]), 3)

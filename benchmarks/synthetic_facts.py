@@ -12,19 +12,23 @@ A bank of n documents holds the gold document and n - 1 other test entities (the
 ``answer_nll`` is the mean answer NLL (nats per token) with that bank. ``chance_em`` guesses each attribute
 uniformly from its closed set.
 
+``--model tiny`` first makes its random LM a small base LM (`mbc_hf.testing.pretrain_tiny_lm` on the training
+documents and question/answer prompts, ``--pretrain-steps``; a random tiny LM cannot express any answer) and reads
+documents of up to 256 tokens (the tiny byte-level tokenizer spends about 150 on one synthetic document).
+
     python benchmarks/synthetic_facts.py --model embedded --minutes 30 --output benchmarks/results/synthetic.json
 """
 
 import argparse
-import json
 import time
 
 import torch
 
-from mbc_hf.cli import build, stop_after_minutes
 from mbc_hf.data import chance_em, synthetic_facts
 from mbc_hf.demo import markdown_table, write_json_report
 from mbc_hf.evaluation import score
+from mbc_hf.factory import build, stop_after_minutes
+from mbc_hf.testing import pretrain_tiny_lm
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
 MEMORIES = {  # name -> (addressing, build options)
@@ -37,8 +41,19 @@ MEMORIES = {  # name -> (addressing, build options)
 
 
 def train_memory(name: str, a, train) -> object:
-    base, encoder = ("tiny", "tiny-bert") if a.model == "tiny" else ("embedded", "embedded")
-    model = build(base, encoder, freeze_encoders=True, **MEMORIES[name][1])
+    options = dict(MEMORIES[name][1])
+    if options["codebook_type"] == "learned" and options.get("use_vq", True):
+        options["codebook_dim"] = a.codebook_dim
+    if a.model == "tiny":
+        model = build("tiny", "tiny-bert", freeze_encoders=True, max_document_length=256, max_question_length=64,
+                      **options)
+        prompts = [model.config.prompt_template.format(question=q) + " " + answers[0] + model.tokenizer.eos_token
+                   for q, answers in zip(train["question"], train["answers"])]
+        loss = pretrain_tiny_lm(model, list(dict.fromkeys(train["context"])) + prompts, steps=a.pretrain_steps,
+                                seed=a.seed)
+        print(f"[synthetic] {name}: tiny LM pretrained, {a.pretrain_steps} steps, loss {loss:.2f}", flush=True)
+    else:
+        model = build("embedded", "embedded", freeze_encoders=True, **options)
     args = MBCTrainingArguments(output_dir=f"{a.work_dir}/{name}", per_device_train_batch_size=a.batch_size,
                                 learning_rate=a.learning_rate, lora_learning_rate=a.lora_learning_rate,
                                 max_steps=a.max_steps, num_train_epochs=100, logging_steps=25, save_strategy="no",
@@ -89,6 +104,10 @@ def main(argv=None) -> dict:
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--lora-learning-rate", type=float, default=1e-3)
     p.add_argument("--gold-only-steps", type=int, default=0)
+    p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "
+                   "the paper's d-dim codes)")
+    p.add_argument("--pretrain-steps", type=int, default=200, help="--model tiny: language-modelling steps that "
+                   "make the random LM a base LM first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="outputs/synthetic")
     p.add_argument("--output")

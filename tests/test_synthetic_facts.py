@@ -1,5 +1,7 @@
 """The synthetic fact stream (`mbc_hf.data.synthetic_facts`): deterministic by seed, train and test entities
 disjoint, one question per attribute whose answer only the document holds, readable by the loaders and the CLI."""
+import math
+
 import pytest
 
 from mbc_hf.data import chance_em, load_qa_file, synthetic_facts, write_synthetic_facts
@@ -52,3 +54,26 @@ def test_bad_arguments_are_refused():
         synthetic_facts(3, "dev")
     with pytest.raises(ValueError, match="num_entities"):
         synthetic_facts(0)
+
+
+
+def test_a_pretrained_tiny_lm_can_express_answers_and_stays_frozen():
+    """A random tiny LM cannot express any answer (every logit within about ±0.6); `pretrain_tiny_lm` makes it a
+    small base LM on the synthetic stream (so the tiny benchmark measures the memory, not the LM), then freezes it."""
+    import torch
+
+    from mbc_hf.testing import pretrain_tiny_lm, tiny_mbc_model
+
+    train = synthetic_facts(300, "train")
+    texts = list(dict.fromkeys(train["context"]))
+    model = tiny_mbc_model(corpus=texts, vocab_size=600, seed=0)
+    batch = model.tokenizer(texts[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model.lm(**batch).logits
+    assert logits.abs().max() < 1.0  # the random LM's bound
+    before = [p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" not in n]
+    loss = pretrain_tiny_lm(model, texts, steps=60, batch_size=16)
+    assert loss < 0.6 * math.log(len(model.tokenizer))  # far below the uniform prior ln V
+    after = [p for n, p in model.lm.named_parameters() if "lora_" not in n]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert not any(p.requires_grad for p in after)  # frozen again: MBC trains only KV-LoRA on the LM

@@ -22,8 +22,10 @@ _CORPUS = [
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "[CLS]", "[SEP]"]
 
 
-def tiny_tokenizer(encoder: bool = False, vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory on a few sentences (any text encodes; no unknown bytes).
+def tiny_tokenizer(encoder: bool = False, vocab_size: int = 400, corpus: list[str] | None = None
+                   ) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory on a few sentences, or on ``corpus`` (any text encodes; no
+    unknown bytes).
 
     ``encoder=True`` wraps every text as ``[CLS] … [SEP]`` (BERT style); otherwise it is a causal LM tokenizer
     with ``</s>`` as eos and ``<pad>`` as pad.
@@ -33,7 +35,7 @@ def tiny_tokenizer(encoder: bool = False, vocab_size: int = 400) -> PreTrainedTo
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(corpus or _CORPUS, trainer)
     if encoder:
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
@@ -66,17 +68,20 @@ def tiny_encoder_config(encoder: str, vocab_size: int, pad: int):
     raise ValueError(f"encoder={encoder!r}: use 'bert' or 't5'.")
 
 
-def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, **overrides) -> MBCModelForCausalLM:
+def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, corpus: list[str] | None = None,
+                   vocab_size: int = 400, **overrides) -> MBCModelForCausalLM:
     """A tiny random MBC model with tokenizers attached, ready for memorize/answer/save_pretrained.
 
     Args:
         base: "llama" (GQA) or "gpt2" (fused c_attn). encoder: "bert" or "t5".
         seed: torch seed for every random initialisation (same seed -> same weights and codebook).
+        corpus / vocab_size: texts the two tokenizers are trained on (default: a few sentences) and their size;
+            a corpus of the task's texts keeps its words whole (the synthetic facts' values become single tokens).
         **overrides: `MBCConfig` fields (defaults here: T=4, K=128, 2 aggregator blocks, KV-LoRA r=4 on the last
             2 of 4 layers, prefix rank 16).
     """
     torch.manual_seed(seed)
-    tok, enc_tok = tiny_tokenizer(), tiny_tokenizer(encoder=True)
+    tok, enc_tok = tiny_tokenizer(False, vocab_size, corpus), tiny_tokenizer(True, vocab_size, corpus)
     lm_config = tiny_lm_config(base, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     settings = dict(num_context_tokens=4, codebook_size=128, aggregator_layers=2, aggregator_heads=2,
                     prefix_rank=16, kv_lora_r=4, kv_lora_alpha=8, kv_lora_layers=2, max_document_length=64,
@@ -89,3 +94,34 @@ def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, **
     # a vocabulary codebook reads documents and questions in LM tokens
     model.tokenizer, model.encoder_tokenizer = tok, tok if model.uses_vocabulary_codebook else enc_tok
     return model
+
+
+def pretrain_tiny_lm(model: MBCModelForCausalLM, texts: list[str], steps: int = 200, batch_size: int = 32,
+                     learning_rate: float = 3e-3, seed: int = 0) -> float:
+    """Turn a tiny model's random LM into a small base LM: ``steps`` of full language modelling (Adam) on ``texts``,
+    then the LM is frozen again (KV-LoRA untouched). Returns the last loss (nats per token).
+
+    MBC assumes a pretrained LM. A random one cannot stand in for it: with width 32 and ``lm_head`` weights of std
+    0.02 every logit stays within about ±0.6, so no answer can get more than a few times the uniform probability,
+    whatever the memory says (the tiny synthetic-fact runs stayed at ln(vocabulary size) nats per answer token
+    until this was done; docs/memory-experiments.md).
+    """
+    lm, generator = model.lm, torch.Generator().manual_seed(seed)
+    params = [p for name, p in lm.named_parameters() if "lora_" not in name]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    loss = torch.tensor(float("nan"))
+    try:
+        for _ in range(steps):
+            pick = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
+            batch = model.tokenizer([texts[i] for i in pick], return_tensors="pt", padding=True)
+            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+            loss = lm(**batch, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return float(loss)
