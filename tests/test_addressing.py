@@ -83,6 +83,33 @@ def test_code_index_ranks_a_tie_towards_the_earlier_document_and_pads_with_the_e
     assert [x.shape for x in empty.search(w, 3)] == [(2, 0), (2, 0)]
 
 
+def test_code_index_early_stop_is_exact_for_skewed_weights_and_ties_at_the_bound():
+    """MaxScore stops once the k-th score beats what the unread posting lists could add. Questions with one heavy
+    token and many light ones (the case it stops early on), and a document that ties the k-th score using only
+    light tokens and comes earlier (the case where stopping at equality would be wrong), against brute force."""
+    gen = torch.Generator().manual_seed(1)
+    n, t, v = 3000, 6, 200
+    codes = torch.randint(0, v, (n, t), generator=gen)
+    codes[:, 0] = torch.where(torch.rand(n, generator=gen) < 0.5, 0, codes[:, 0])  # token 0 in half the docs
+    weights = torch.zeros(40, v, dtype=torch.float64)
+    for b in range(40):
+        light = torch.randint(0, v, (8,), generator=gen)
+        weights[b, light] = 0.25
+        weights[b, torch.randint(1, v, (1,), generator=gen)] = 4.0
+    codes[codes == 7] = 8  # token 7: only in document 5, which scores 1.5 for question 0 ...
+    codes[5] = torch.tensor([7, 1, 2, 3, 4, 5])
+    codes[0] = torch.tensor([0, 0, 0, 0, 0, 0])  # ... as does document 0, from 6 copies of the light token 0
+    index = CodeIndex(codes, v)
+    weights[0] = 0
+    weights[0, 0], weights[0, 7] = 0.25, 1.5
+    for k in (1, 3, 25):
+        assert [torch.equal(a, b) for a, b in zip(index.search(weights, k),
+                                                   top_k(score_codes(weights, codes[None]), k))] == [True, True], k
+    assert index.search(weights[:1], 1)[1].item() == 0
+    with pytest.raises(ValueError, match="negative"):
+        index.search(-weights[:1], 1)
+
+
 def test_question_weights_make_index_and_brute_force_agree_whatever_the_order_of_the_codes():
     """Two documents with the same codes in another order tie exactly under both scorers: question_weights are
     multiples of 2^-20, so float64 sums do not depend on the order (with raw IDF floats they differ in the last bit

@@ -7,15 +7,15 @@ tokens found among the document's codes (`VocabularyCodebook.question_weights`: 
 
     score[b, n] = sum_t  weights[b, t] · count_n(t)        (count_n(t): how often code t is in row n)
 
-`score_codes` computes it by brute force (O(B·N·T)); `CodeIndex` holds the same counts as an inverted index
-(a ``scipy.sparse`` CSC matrix, V × N), so a question touches only the documents that share one of its tokens, and
-returns exactly the brute-force ranking (scores in float64, ties broken towards the earlier document). The ranked
-ids and scores are also the answer's attribution (``answer(..., return_sources=True)``).
+`score_codes` computes it by brute force (O(B·N·T)); `CodeIndex` holds the same codes as posting lists (for each
+token, the documents holding it) and searches them with MaxScore, so a question reads the lists of its rare tokens
+and stops before the long lists of its common ones; it returns exactly the brute-force ranking (scores in float64,
+ties broken towards the earlier document). The ranked ids and scores are also the answer's attribution
+(``answer(..., return_sources=True)``).
 """
 
 import numpy as np
 import torch
-from scipy import sparse
 from torch import nn
 
 
@@ -42,52 +42,108 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order.values[:, :k], order.indices[:, :k]
 
 
+def max_copies(codes: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(N, T) integer codes -> (V,) float64: the most copies of each code in any one row (at least 1)."""
+    rows = np.sort(codes, axis=1)
+    run = np.ones(rows.shape, dtype=np.int64)  # run[:, j]: copies of rows[:, j] among rows[:, :j + 1]
+    for j in range(1, rows.shape[1]):
+        same = rows[:, j] == rows[:, j - 1]
+        run[same, j] = run[same, j - 1] + 1
+    out = np.ones(vocab_size)
+    repeated = run > 1
+    np.maximum.at(out, rows[repeated], run[repeated])
+    return out
+
+
 class CodeIndex:
-    """Inverted index over a bank's codes: exact `score_codes` ranking at a cost that follows the matches.
+    """Inverted index over a bank's codes: exact `score_codes` ranking at a cost that follows the rare tokens.
 
     Args:
         codes: (N, T) integer codes in [0, V) (a `CompressedMemoryBank`'s ``codes``).
         vocab_size: V.
 
-    ``search`` equals ``top_k(score_codes(weights, codes[None]), k)``, ties included, when every sum of weights is
-    exact in float64 (as `VocabularyCodebook.question_weights`, multiples of 2^-20, guarantees): the two add a
-    document's weights in different orders.
+    Memory: the codes as int32 plus one int32 posting per code, 8·N·T bytes (the bank's own codes not counted).
+
+    ``search`` is MaxScore (Turtle & Flood, 1995), exact: a question's tokens are taken by weight, highest first;
+    the documents of their posting lists are scored in full from their codes, and the search stops as soon as the
+    k-th best score exceeds what a document holding none of the tokens taken so far could reach (the sum of the
+    remaining weights, each times the most copies of that token in any one row). Common tokens of low weight, whose
+    posting lists grow with the bank, are then never read. The result equals
+    ``top_k(score_codes(weights, codes[None]), k)``, ties included, when every sum of weights is exact in float64
+    (as `VocabularyCodebook.question_weights`, multiples of 2^-20, guarantees): the two add a document's weights in
+    different orders.
     """
 
     def __init__(self, codes: torch.Tensor, vocab_size: int):
         n, t = codes.shape
-        rows = np.asarray(codes, dtype=np.int64).reshape(-1)
-        docs = np.repeat(np.arange(n, dtype=np.int64), t)
-        counts = sparse.coo_matrix((np.ones(n * t, dtype=np.float64), (rows, docs)), shape=(vocab_size, n))
-        self.postings = counts.tocsr()  # (V, N): row t lists the documents holding code t, with counts
+        self.codes = np.ascontiguousarray(np.asarray(codes, dtype=np.int32))  # (N, T)
+        flat = self.codes.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # by code, then by document (row-major flat order)
+        self.documents = (order // max(t, 1)).astype(np.int32)  # posting lists, concatenated: (N·T,)
+        self.indptr = np.zeros(vocab_size + 1, dtype=np.int64)  # code v's postings: documents[indptr[v]:indptr[v+1]]
+        np.cumsum(np.bincount(flat, minlength=vocab_size), out=self.indptr[1:])
+        self.max_copies = max_copies(self.codes, vocab_size)  # (V,) the bound on a code's count in one row
         self.num_docs, self.vocab_size = n, vocab_size
+        self._seen = np.zeros(n, dtype=bool)  # scratch: documents scored by the current question
 
     def __len__(self) -> int:
         return self.num_docs
 
+    def document_frequency(self) -> np.ndarray:
+        """(V,) int64: how many codes of the bank equal each token (a document holding it twice counts twice)."""
+        return np.diff(self.indptr)
+
     def search(self, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, V) float64 question weights -> (scores (B, k') float64, indices (B, k') int64), best first, ties: the
-        earlier document; k' = min(k, N)."""
+        """(B, V) float64 question weights (nonnegative) -> (scores (B, k') float64, indices (B, k') int64), best
+        first, ties: the earlier document; k' = min(k, N).
+
+        Raises:
+            ValueError: a negative weight (the early stop assumes weights >= 0).
+        """
         k = min(k, self.num_docs)
-        w = weights.detach().cpu().double()
-        rows, cols = w.nonzero(as_tuple=True)  # a question has a few dozen nonzero weights out of V
-        w = sparse.csr_matrix((w[rows, cols].numpy(), (rows.numpy(), cols.numpy())), shape=tuple(w.shape))
-        matched = (w @ self.postings).tocsr()  # (B, N), nonzero only where a question token is among the codes
-        out_scores = np.zeros((weights.shape[0], k))
-        out_index = np.zeros((weights.shape[0], k), dtype=np.int64)
-        for b in range(weights.shape[0]):
-            start, end = matched.indptr[b], matched.indptr[b + 1]
-            docs, vals = matched.indices[start:end], matched.data[start:end]
-            keep = vals != 0
-            docs, vals = docs[keep], vals[keep]
-            order = np.lexsort((docs, -vals))[:k]  # by score descending, then by document
-            docs, vals = docs[order], vals[order]
-            if len(docs) < k:  # the rest score 0: the earliest documents that matched nothing
-                rest = np.setdiff1d(np.arange(min(self.num_docs, k + len(docs))), docs, assume_unique=False)
-                docs = np.concatenate([docs, rest[:k - len(docs)]])
-                vals = np.concatenate([vals, np.zeros(k - len(vals))])
-            out_scores[b], out_index[b] = vals, docs
+        w = weights.detach().cpu().double().numpy()
+        if (w < 0).any():
+            raise ValueError("CodeIndex.search: negative question weights; addressing weights are IDFs (>= 0)")
+        out_scores = np.zeros((w.shape[0], k))
+        out_index = np.zeros((w.shape[0], k), dtype=np.int64)
+        for b in range(w.shape[0]):
+            out_scores[b], out_index[b] = self._search_one(w[b], k)
         return torch.from_numpy(out_scores), torch.from_numpy(out_index)
+
+    def _search_one(self, w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.flatnonzero(w)
+        tokens = tokens[np.lexsort((tokens, -w[tokens]))]  # highest weight first
+        reach = w[tokens] * self.max_copies[tokens]
+        bound = np.concatenate([np.cumsum(reach[::-1])[::-1][1:], [0.0]])  # bound[j]: best score without 0..j
+        docs, scores, best = [], [], np.zeros(0)
+        kth = -np.inf
+        for j, token in enumerate(tokens):
+            new = self.documents[self.indptr[token]:self.indptr[token + 1]]  # sorted: copies are adjacent
+            new = new[~self._seen[new]]
+            new = new[np.r_[True, new[1:] != new[:-1]]] if len(new) else new
+            if len(new):
+                self._seen[new] = True
+                docs.append(new)
+                scores.append(w[self.codes[new]].sum(1))
+                best = np.concatenate([best, scores[-1]])  # the k best scores so far
+                if len(best) > k:
+                    best = np.partition(best, len(best) - k)[len(best) - k:]
+                if len(best) == k:
+                    kth = best.min() if k else np.inf
+            if kth > bound[j]:  # no unscored document can reach the k-th score: stop
+                break
+        docs = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
+        scores = np.concatenate(scores) if scores else np.zeros(0)
+        self._seen[docs] = False
+        keep = scores != 0
+        docs, scores = docs[keep].astype(np.int64), scores[keep]
+        order = np.lexsort((docs, -scores))[:k]  # by score descending, then by document
+        docs, scores = docs[order], scores[order]
+        if len(docs) < k:  # the rest score 0: the earliest documents that matched nothing
+            rest = np.setdiff1d(np.arange(min(self.num_docs, k + len(docs))), docs)
+            docs = np.concatenate([docs, rest[:k - len(docs)]])
+            scores = np.concatenate([scores, np.zeros(k - len(scores))])
+        return scores, docs
 
 
 def bank_index(bank) -> CodeIndex:

@@ -212,6 +212,19 @@ class _DocRowBank:
             self._chunks = [torch.cat(self._chunks, dim=0)]
         return self._chunks[0]
 
+    def _row_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as one contiguous tensor, copying only the chunks they span (a save that
+        appends one shard must not consolidate the whole bank)."""
+        parts, offset = [], 0
+        for chunk in self._chunks:
+            lo, hi = max(start - offset, 0), min(stop - offset, chunk.shape[0])
+            if lo < hi:
+                parts.append(chunk[lo:hi])
+            offset += chunk.shape[0]
+        if not parts:
+            return torch.empty((0, *self._row_shape), dtype=self._dtype)
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def __len__(self) -> int:
         return len(self._doc_ids)
 
@@ -433,7 +446,7 @@ class _DocRowBank:
 
     def _shard_tensors(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """The version-2 tensors of rows ``[start, stop)``: rows, doc ids and (if any) metadata."""
-        tensors = {self._TENSOR_NAME: self._rows()[start:stop].contiguous(),
+        tensors = {self._TENSOR_NAME: self._row_range(start, stop),
                    "doc_ids": _json_tensor(self._doc_ids[start:stop])}
         meta = self._meta[start:stop]
         if any(meta):
