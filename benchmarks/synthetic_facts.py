@@ -12,9 +12,10 @@ A bank of n documents holds the gold document and n - 1 other test entities (the
 ``answer_nll`` is the mean answer NLL (nats per token) with that bank. ``chance_em`` guesses each attribute
 uniformly from its closed set.
 
-``--model tiny`` first makes its random LM a small base LM (`mbc_hf.testing.pretrain_tiny_lm` on the training
-documents and question/answer prompts, ``--pretrain-steps``; a random tiny LM cannot express any answer) and reads
-documents of up to 256 tokens (the tiny byte-level tokenizer spends about 150 on one synthetic document).
+``--model tiny`` trains its tokenizers on the training texts (vocabulary 1,000: most attribute values become one
+token), makes its random LM a small base LM (`mbc_hf.testing.pretrain_tiny_lm` on the training documents and
+question/answer prompts, ``--pretrain-steps``; a random tiny LM cannot express any answer) and reads documents of up
+to 256 tokens.
 
     python benchmarks/synthetic_facts.py --model embedded --minutes 30 --output benchmarks/results/synthetic.json
 """
@@ -31,6 +32,7 @@ from mbc_hf.factory import build, stop_after_minutes
 from mbc_hf.testing import pretrain_tiny_lm
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
+MAX_NEW_TOKENS = 12  # an answer is at most a few words
 MEMORIES = {  # name -> (addressing, build options)
     "learned": ("all", dict(codebook_type="learned", aggregation="histogram")),
     "learned_topk": ("topk", dict(codebook_type="learned", aggregation="topk", topk_documents=1)),
@@ -45,8 +47,9 @@ def train_memory(name: str, a, train) -> object:
     if options["codebook_type"] == "learned" and options.get("use_vq", True):
         options["codebook_dim"] = a.codebook_dim
     if a.model == "tiny":
+        corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=True, max_document_length=256, max_question_length=64,
-                      **options)
+                      corpus=corpus, vocab_size=1000, **options)
         prompts = [model.config.prompt_template.format(question=q) + " " + answers[0] + model.tokenizer.eos_token
                    for q, answers in zip(train["question"], train["answers"])]
         loss = pretrain_tiny_lm(model, list(dict.fromkeys(train["context"])) + prompts, steps=a.pretrain_steps,
@@ -80,7 +83,7 @@ def evaluate(model, test, n: int, questions: int, empty: bool = False) -> dict:
         bank = None if empty else model.memorize([t for d, t in docs if group[d] == g],
                                                  doc_ids=[d for d, _ in docs if group[d] == g])
         members = [i for i, r in enumerate(rows) if group[r["doc_id"]] == g]
-        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=6)
+        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS)
         for i, p in zip(members, answers):
             predictions[i] = p
         batch = model.encode_questions([rows[i]["question"] for i in members], [rows[i]["answers"][0]
@@ -128,7 +131,7 @@ def main(argv=None) -> dict:
             prompts = [f"Question: {q}\nAnswer:" for q in test["question"]]
             asked = list(dict.fromkeys(test["doc_id"]))[:a.questions_docs]
             keep = [i for i, d in enumerate(test["doc_id"]) if d in set(asked)]
-            closed = model.answer_with_base_lm([prompts[i] for i in keep], max_new_tokens=6)
+            closed = model.answer_with_base_lm([prompts[i] for i in keep], max_new_tokens=MAX_NEW_TOKENS)
             rows.append({"memory": "closed_book", "addressing": "—", "bank_docs": 0,
                          **score(closed, {"answers": [test["answers"][i] for i in keep]}), "answer_nll": None})
     chance = chance_em(test.select([i for i, d in enumerate(test["doc_id"])

@@ -378,7 +378,7 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
 def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
     """benchmarks/synthetic_facts.py on the tiny model: every memory trains, each bank size gets a row, the JSON
     has the keys of the issue (rows of memory/addressing/bank_docs/em/f1/answer_nll, chance_em), and no document is
-    truncated (the tiny byte-level tokenizer spends about 150 tokens on one; the first runs lost the attributes)."""
+    truncated (the first runs lost the attributes: the tiny byte-level tokenizer spent about 150 tokens on one)."""
     spec = importlib.util.spec_from_file_location("synthetic_facts_bench", BENCH.parent / "synthetic_facts.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -398,6 +398,27 @@ def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
     assert all(set(r) == {"memory", "addressing", "bank_docs", "em", "f1", "answer_nll"} for r in rows)
     assert 1 < record["chance_em"] < 7
     assert all(math.isfinite(r["answer_nll"]) for r in rows if r["memory"] != "closed_book")
+
+
+def test_codes_diagnostic_scores_every_selection_against_bm25(tmp_path):
+    """benchmarks/codes_diagnostic.py on the fixture with a tiny tokenizer: one row per selector × whole words × T
+    plus BM25's, accuracies and recalls are shares, and more codes never lower answer recall."""
+    from mbc_hf.testing import tiny_tokenizer
+
+    tiny_tokenizer(vocab_size=600, corpus=[c for _, c, _ in PARAGRAPHS]).save_pretrained(tmp_path / "tok")
+    data = write_fixture(tmp_path / "qa.jsonl")
+    spec = importlib.util.spec_from_file_location("codes_diagnostic", BENCH.parent / "codes_diagnostic.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.main(["--base-model", str(tmp_path / "tok"), "--train-file", str(data), "--data", str(data),
+                         "--docs", "4", "--questions", "8", "--sizes", "4,64", "--output", str(tmp_path / "c.json")])
+    rows = record["rows"]
+    assert len(rows) == 1 + 2 * 2 * 2 and rows[0]["codes"].startswith("BM25")
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("top1", "top3", "answer_recall"))
+    for few, many in zip(rows[1::2], rows[2::2]):
+        assert (few["T"], many["T"]) == (4, 64) and many["answer_recall"] >= few["answer_recall"]
+    assert rows[0]["top1"] > 0.5  # BM25 finds most of these documents
+    assert json.loads((tmp_path / "c.json").read_text())["n_docs"] == 4
 
 
 def test_bank_scale_benchmark_writes_the_issue_keys(tmp_path):

@@ -78,8 +78,9 @@ class CodeIndex:
         n, t = codes.shape
         self.codes = np.ascontiguousarray(np.asarray(codes, dtype=np.int32))  # (N, T)
         flat = self.codes.reshape(-1)
-        order = np.argsort(flat, kind="stable")  # by code, then by document (row-major flat order)
-        self.documents = (order // max(t, 1)).astype(np.int32)  # posting lists, concatenated: (N·T,)
+        keys = flat.astype(np.uint16) if vocab_size <= 1 << 16 else flat  # 16-bit keys: numpy's radix sort
+        order = np.argsort(keys, kind="stable")  # by code, then by document (row-major flat order)
+        self.documents = np.repeat(np.arange(n, dtype=np.int32), t)[order]  # posting lists, concatenated: (N·T,)
         self.indptr = np.zeros(vocab_size + 1, dtype=np.int64)  # code v's postings: documents[indptr[v]:indptr[v+1]]
         np.cumsum(np.bincount(flat, minlength=vocab_size), out=self.indptr[1:])
         self.max_copies = max_copies(self.codes, vocab_size)  # (V,) the bound on a code's count in one row
