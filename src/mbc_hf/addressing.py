@@ -63,6 +63,7 @@ class CodeIndex:
         vocab_size: V.
 
     Memory: the codes as int32 plus one int32 posting per code, 8·N·T bytes (the bank's own codes not counted).
+    One search at a time per index (it reuses a scratch mask of N bools).
 
     ``search`` is MaxScore (Turtle & Flood, 1995), exact: a question's tokens are taken by weight, highest first;
     the documents of their posting lists are scored in full from their codes, and the search stops as soon as the
@@ -85,7 +86,7 @@ class CodeIndex:
         np.cumsum(np.bincount(flat, minlength=vocab_size), out=self.indptr[1:])
         self.max_copies = max_copies(self.codes, vocab_size)  # (V,) the bound on a code's count in one row
         self.num_docs, self.vocab_size = n, vocab_size
-        self._seen = np.zeros(n, dtype=bool)  # scratch: documents scored by the current question
+        self._seen = np.zeros(n, dtype=bool)  # scratch: documents scored by the current question (one at a time)
 
     def __len__(self) -> int:
         return self.num_docs
@@ -118,24 +119,27 @@ class CodeIndex:
         bound = np.concatenate([np.cumsum(reach[::-1])[::-1][1:], [0.0]])  # bound[j]: best score without 0..j
         docs, scores, best = [], [], np.zeros(0)
         kth = -np.inf
-        for j, token in enumerate(tokens):
-            new = self.documents[self.indptr[token]:self.indptr[token + 1]]  # sorted: copies are adjacent
-            new = new[~self._seen[new]]
-            new = new[np.r_[True, new[1:] != new[:-1]]] if len(new) else new
-            if len(new):
-                self._seen[new] = True
-                docs.append(new)
-                scores.append(w[self.codes[new]].sum(1))
-                best = np.concatenate([best, scores[-1]])  # the k best scores so far
-                if len(best) > k:
-                    best = np.partition(best, len(best) - k)[len(best) - k:]
-                if len(best) == k:
-                    kth = best.min() if k else np.inf
-            if kth > bound[j]:  # no unscored document can reach the k-th score: stop
-                break
+        try:
+            for j, token in enumerate(tokens):
+                new = self.documents[self.indptr[token]:self.indptr[token + 1]]  # sorted: copies are adjacent
+                new = new[~self._seen[new]]
+                new = new[np.r_[True, new[1:] != new[:-1]]] if len(new) else new
+                if len(new):
+                    docs.append(new)
+                    self._seen[new] = True
+                    scores.append(w[self.codes[new]].sum(1))
+                    best = np.concatenate([best, scores[-1]])  # the k best scores so far
+                    if len(best) > k:
+                        best = np.partition(best, len(best) - k)[len(best) - k:]
+                    if len(best) == k:
+                        kth = best.min() if k else np.inf
+                if kth > bound[j]:  # no unscored document can reach the k-th score: stop
+                    break
+        finally:  # the scratch mask is clean again, even if the search was interrupted
+            for part in docs:
+                self._seen[part] = False
         docs = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
         scores = np.concatenate(scores) if scores else np.zeros(0)
-        self._seen[docs] = False
         keep = scores != 0
         docs, scores = docs[keep].astype(np.int64), scores[keep]
         order = np.lexsort((docs, -scores))[:k]  # by score descending, then by document

@@ -102,28 +102,41 @@ def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int
 
 
 def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank, num_proc: int, batch_size: int):
-    """`mbc-hf adapt --num-proc N`: the documents not yet in ``bank`` are split into N contiguous parts, each
-    memorized by its own process (which loads the model from ``model_path``) into its own bank file; the parts are
-    then appended in order, so the result equals one process's bank (memorize is batch-invariant), with no
-    document lost or repeated. Returns the extended bank (a new one when ``bank`` is None)."""
+    """`mbc-hf adapt --num-proc N`: the documents not yet in ``bank`` are split into N contiguous parts; this
+    process memorizes the first with ``model`` while N - 1 spawned processes (each loading the model from
+    ``model_path``) memorize the others into their own bank files; the parts are then appended in order, so the
+    result equals one process's bank (memorize is batch-invariant), with no document lost or repeated. Each process
+    uses cpu_count / N torch threads. Returns the extended bank (a new one when ``bank`` is None)."""
     import multiprocessing
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
+
+    import torch
 
     from .memory_bank import load_bank
 
     bank = model.new_memory_bank() if bank is None else bank
     model._check_bank(bank)
     todo = [(d, t) for d, t in docs if d not in bank]
+    if not todo:
+        return bank
     size = -(-len(todo) // num_proc)
     parts = [todo[i:i + size] for i in range(0, len(todo), size)]
     threads = max(1, (os.cpu_count() or 1) // num_proc)
     with tempfile.TemporaryDirectory(prefix="mbc-adapt-") as tmp, \
-            ProcessPoolExecutor(len(parts) or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(len(parts))]
-        for future in [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
-                       for part, out in zip(parts, outs)]:
+            ProcessPoolExecutor(max(len(parts) - 1, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+        outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(1, len(parts))]
+        futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
+                   for part, out in zip(parts[1:], outs)]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:  # the first part here, while the other processes start and load the model
+            first = model.memorize([t for _, t in parts[0]], doc_ids=[d for d, _ in parts[0]], batch_size=batch_size)
+        finally:
+            torch.set_num_threads(previous)
+        for future in futures:
             future.result()
+        bank.extend(first.doc_ids, first.codes, first.metadata, on_duplicate="fail")
         for out in outs:
             part = load_bank(out)
             part.check_codebook(bank.codebook_fingerprint)
