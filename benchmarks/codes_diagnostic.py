@@ -15,7 +15,6 @@ by qa_squad.py, on a quiet machine).
 """
 
 import argparse
-import json
 import random
 from types import SimpleNamespace
 
