@@ -10,8 +10,9 @@ tokens found among the document's codes (`VocabularyCodebook.question_weights`: 
 `score_codes` computes it by brute force (O(B·N·T)); `CodeIndex` holds the same codes as posting lists (for each
 token, the documents holding it) and searches them with MaxScore, so a question reads the lists of its rare tokens
 and stops before the long lists of its common ones; it returns exactly the brute-force ranking (scores in float64,
-ties broken towards the earlier document). The ranked ids and scores are also the answer's attribution
-(``answer(..., return_sources=True)``).
+ties broken towards the earlier document). `bank_index` caches a `BankIndex` on a bank: `CodeIndex` segments that
+grow with its appends, so streaming into a large bank does not rebuild the index. The ranked ids and scores are also
+the answer's attribution (``answer(..., return_sources=True)``).
 """
 
 import numpy as np
@@ -151,13 +152,55 @@ class CodeIndex:
         return scores, docs
 
 
-def bank_index(bank) -> CodeIndex:
-    """The `CodeIndex` of a `CompressedMemoryBank`, built on first use and cached on the bank until it changes
-    (``bank._invalidate`` drops it on overwrite/remove; appends rebuild it)."""
+class BankIndex:
+    """A bank's addressing index kept in step with its appends: `CodeIndex` segments over consecutive row ranges.
+
+    Each append is indexed as a new segment; the last two merge (are rebuilt as one) while the last is at least half
+    the one before, so a bank has O(log N) segments and an append costs what it adds, amortised (as the bank's row
+    chunks). ``search`` searches every segment and merges: each segment's top k is exact, so the merged top k is the
+    `CodeIndex` ranking of the whole bank, ties (by row) and zero-score padding included.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.segments: list[tuple[int, CodeIndex]] = []  # (first row, index of rows first .. first + len)
+
+    def __len__(self) -> int:
+        return self.segments[-1][0] + len(self.segments[-1][1]) if self.segments else 0
+
+    def extend(self, rows_from) -> None:
+        """Index the rows past ``len(self)``; ``rows_from(start)`` returns the bank's (N - start, T) rows from start."""
+        start = len(self)
+        self.segments.append((start, CodeIndex(rows_from(start), self.vocab_size)))
+        while len(self.segments) > 1 and len(self.segments[-2][1]) <= 2 * len(self.segments[-1][1]):
+            self.segments.pop()
+            first = self.segments.pop()[0]
+            self.segments.append((first, CodeIndex(rows_from(first), self.vocab_size)))
+
+    def search(self, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `CodeIndex.search` over all the rows: (scores (B, k') float64, row indices (B, k') int64)."""
+        if len(self.segments) == 1:
+            return self.segments[0][1].search(weights, k)
+        if not self.segments:
+            return weights.new_zeros(weights.shape[0], 0, dtype=torch.float64), torch.zeros(weights.shape[0], 0,
+                                                                                             dtype=torch.int64)
+        parts = [(index.search(weights, k), first) for first, index in self.segments]
+        scores = torch.cat([s for (s, _), _ in parts], dim=1).numpy()
+        docs = torch.cat([d + first for (_, d), first in parts], dim=1).numpy()
+        k = min(k, len(self))
+        order = np.stack([np.lexsort((docs[b], -scores[b]))[:k] for b in range(scores.shape[0])])
+        return (torch.from_numpy(np.take_along_axis(scores, order, 1)),
+                torch.from_numpy(np.take_along_axis(docs, order, 1)))
+
+
+def bank_index(bank) -> BankIndex:
+    """The `BankIndex` of a `CompressedMemoryBank`, built on first use and cached on the bank: appends extend it
+    (a new segment), overwrite and remove drop it (``bank._invalidate``) and it is rebuilt on next use."""
     cached = getattr(bank, "_code_index", None)
-    if cached is None or len(cached) != len(bank):
-        cached = CodeIndex(bank.codes, bank.codebook_size)
-        bank._code_index = cached
+    if cached is None or len(cached) > len(bank):
+        cached = bank._code_index = BankIndex(bank.codebook_size)
+    if len(cached) < len(bank):
+        cached.extend(lambda start: bank._row_range(start, len(bank)))
     return cached
 
 

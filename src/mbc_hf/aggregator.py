@@ -25,7 +25,7 @@ class Memory:
         mask: (B, M) bool, True where a question may attend, or None for all.
         codes: (1, M) int64, the code of each vector, kept by a vocabulary codebook (``codebook_type="vocabulary"``,
             whose reader reads codes, not vectors), else None.
-        index: the bank's `mbc_hf.addressing.CodeIndex` (vocabulary codebook, a bank's memory), which addressing
+        index: the bank's `mbc_hf.addressing.BankIndex` (vocabulary codebook, a bank's memory), which addressing
             searches instead of scoring every document; None to score by brute force.
         keys: (N, a) float document keys of learned top-k addressing (``aggregation="topk"``; the vectors are then
             N documents' T vectors one document after another), else None.

@@ -978,7 +978,7 @@ class CompressedMemoryBank(_DocRowBank):
 
     # ---------------------------------------------------------------- counts
     def _rows_appended(self, rows: torch.Tensor) -> None:
-        self._code_index = None  # the addressing index (`mbc_hf.addressing.bank_index`) is rebuilt on next use
+        # the addressing index (`mbc_hf.addressing.bank_index`) keeps its rows: it indexes the new ones on next use
         if self._counts is not None:
             self._counts = self._counts + self._bincount(rows)
 

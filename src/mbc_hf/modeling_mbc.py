@@ -765,7 +765,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """Vocabulary codebook: addressing (`mbc_hf.addressing`), the ``k`` documents (default
         ``config.read_documents``; fewer when the memory, or a question's ``memory.mask``, holds fewer) each question
         reads, ranked by the summed IDF of its tokens among their codes (ties: the earlier document). Through the
-        bank's `CodeIndex` when the memory has one, else by brute force; both give the same ranking.
+        bank's `BankIndex` when the memory has one, else by brute force; both give the same ranking.
 
         Args:
             question_input_ids / question_attention_mask: (B, S) int64, the questions in LM tokens
