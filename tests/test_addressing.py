@@ -158,6 +158,30 @@ def test_bank_index_over_a_stream_of_appends_equals_a_fresh_index_with_few_segme
     assert 1 < len(index.segments) <= 2 * n.bit_length()
 
 
+def test_bank_index_is_not_reused_after_a_save_merges_another_writers_rows(tmp_path):
+    """A save that merges another process's rows reorders the bank (theirs first, then ours): the index this bank
+    had cached must not survive it, or addressing would read the wrong rows."""
+    from mbc_hf.memory_bank import CompressedMemoryBank
+
+    v, t, path = 30, 3, tmp_path / "bank.safetensors"
+    gen = torch.Generator().manual_seed(3)
+    base = CompressedMemoryBank(v, t, "sha256:test")
+    old = [f"d{i}" for i in range(20)]
+    base.extend(old, torch.randint(10, v, (20, t), generator=gen))
+    base.save(path)
+    ours, theirs = CompressedMemoryBank.load(path), CompressedMemoryBank.load(path)
+    ours.extend(["ours"], torch.tensor([[7, 8, 9]]))
+    bank_index(ours)  # cached over d0..d19, ours (row 20)
+    theirs.extend(["theirs"], torch.tensor([[10, 11, 12]]))
+    theirs.save(path)
+    ours.save(path)  # merges: d0..d19, theirs (now row 20), ours (row 21)
+    assert ours.doc_ids == [*old, "theirs", "ours"]
+    weights = torch.zeros(1, v, dtype=torch.float64)
+    weights[0, 7] = 1.0
+    scores, docs = bank_index(ours).search(weights, 2)
+    assert docs[0].tolist() == [21, 0] and scores[0].tolist() == [1.0, 0.0]  # only "ours" holds code 7
+
+
 def test_bank_index_is_cached_extended_on_append_and_rebuilt_after_remove_and_overwrite():
     model = fitted_model()
     V = model.config.codebook_size

@@ -854,6 +854,7 @@ class CompressedMemoryBank(_DocRowBank):
         self._codebook_size = codebook_size
         self._fingerprint = codebook_fingerprint
         self._counts: torch.Tensor | None = None
+        self._code_index = None  # the addressing index (`mbc_hf.addressing.bank_index`), built on first use
 
     @property
     def codebook_size(self) -> int:
