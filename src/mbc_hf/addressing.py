@@ -168,14 +168,13 @@ class BankIndex:
     def __len__(self) -> int:
         return self.segments[-1][0] + len(self.segments[-1][1]) if self.segments else 0
 
-    def extend(self, rows_from) -> None:
-        """Index the rows past ``len(self)``; ``rows_from(start)`` returns the bank's (N - start, T) rows from start."""
-        start = len(self)
-        self.segments.append((start, CodeIndex(rows_from(start), self.vocab_size)))
-        while len(self.segments) > 1 and len(self.segments[-2][1]) <= 2 * len(self.segments[-1][1]):
-            self.segments.pop()
+    def extend(self, rows_from, num_rows: int) -> None:
+        """Index rows ``len(self) .. num_rows``; ``rows_from(start)`` returns the bank's (num_rows - start, T) rows
+        from ``start``. The segments the new one would merge with are absorbed first, so each is built once."""
+        first = len(self)
+        while self.segments and len(self.segments[-1][1]) <= 2 * (num_rows - first):
             first = self.segments.pop()[0]
-            self.segments.append((first, CodeIndex(rows_from(first), self.vocab_size)))
+        self.segments.append((first, CodeIndex(rows_from(first), self.vocab_size)))
 
     def search(self, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """As `CodeIndex.search` over all the rows: (scores (B, k') float64, row indices (B, k') int64)."""
@@ -196,11 +195,11 @@ class BankIndex:
 def bank_index(bank) -> BankIndex:
     """The `BankIndex` of a `CompressedMemoryBank`, built on first use and cached on the bank: appends extend it
     (a new segment), overwrite and remove drop it (``bank._invalidate``) and it is rebuilt on next use."""
-    cached = getattr(bank, "_code_index", None)
+    cached = bank._code_index
     if cached is None or len(cached) > len(bank):
         cached = bank._code_index = BankIndex(bank.codebook_size)
     if len(cached) < len(bank):
-        cached.extend(lambda start: bank._row_range(start, len(bank)))
+        cached.extend(lambda start: bank._row_range(start, len(bank)), len(bank))
     return cached
 
 
