@@ -15,7 +15,6 @@ from .factory import (  # noqa: F401
     build,
     build_from_args,
     load_model,
-    make_trainer,
     split_train_eval,
     stop_after_minutes,
 )
@@ -35,23 +34,35 @@ def shared_data_dir() -> Path | None:
     return None
 
 
-def cmd_train(a) -> dict:
-    from .data import load_qa_file, load_qa_files
+def cmd_train(argv: list[str]) -> dict:
+    """``mbc-hf train``: the options of `mbc_hf.arguments` (``--help``), or one JSON/YAML config file of them.
 
-    dataset = load_qa_files(a.train_file, downsample_to=a.downsample_to)
-    train, held = split_train_eval(dataset, a.eval_docs)
-    evaluation = load_qa_file(a.eval_file, downsample_to=a.eval_docs or None) if a.eval_file else held
-    if a.resume and Path(a.output_dir, "config.json").exists():
-        model = load_model(a.output_dir).train()
+    Raises:
+        ValueError: no --train-file.
+    """
+    from .arguments import parse_train_args
+    from .data import load_qa_file, load_qa_files
+    from .trainer import MBCTrainer
+
+    model_args, data_args, args = parse_train_args(argv, prog="mbc-hf train")
+    if not data_args.train_file:
+        raise ValueError("no training data: pass --train-file FILE [FILE ...] (or train_file in the config file).")
+    dataset = load_qa_files(data_args.train_file, downsample_to=data_args.max_train_documents)
+    train, held = split_train_eval(dataset, data_args.eval_docs)
+    evaluation = load_qa_file(data_args.validation_file, downsample_to=data_args.max_eval_documents or
+                              data_args.eval_docs or None) if data_args.validation_file else held
+    if args.resume and Path(args.output_dir, "config.json").exists():
+        model = load_model(args.output_dir).train()
+    elif model_args.model_name_or_path:
+        model = load_model(model_args.model_name_or_path).train()
     else:
-        model = build_from_args(a)
-    trainer = make_trainer(a, model, train, evaluation,
-                           eval_strategy="steps" if evaluation is not None else "no")
-    resume = a.resume and any(Path(a.output_dir).glob("checkpoint-*"))
+        model = build_from_args(model_args)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+    resume = args.resume and any(Path(args.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = trainer.evaluate() if evaluation is not None else {}
-    trainer.save_model(a.output_dir)
-    Path(a.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.save_model(args.output_dir)
+    Path(args.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -116,7 +127,7 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
     from .memory_bank import load_bank
 
     bank = model.new_memory_bank() if bank is None else bank
-    model._check_bank(bank)
+    model.reader.check_bank(bank)
     todo = [(d, t) for d, t in docs if d not in bank]
     if not todo:
         return bank
@@ -211,22 +222,27 @@ def cmd_eval_retention(a) -> list[dict]:
     return rows
 
 
-def cmd_demo(a) -> None:
-    from .data import first_questions, load_qa_file
+def cmd_demo(argv: list[str]) -> None:
+    """``mbc-hf demo``: `mbc_hf.arguments.DemoArguments` on top of the training schema (``--help``)."""
+    from .arguments import DEMO_DEFAULTS, DemoArguments, parse_train_args
+    from .data import first_questions, load_qa_file, load_qa_files
     from .demo import run_demo
 
+    model_args, data_args, args, demo = parse_train_args(argv, prog="mbc-hf demo", extra=(DemoArguments,),
+                                                         **DEMO_DEFAULTS)
     shared = shared_data_dir()
-    train_file = a.train_file or (shared / SQUAD_TRAIN if shared else None)
-    dev_file = a.dev_file or (shared / SQUAD_DEV if shared else None)
-    if train_file is None or dev_file is None:
+    train_files = data_args.train_file or ([shared / SQUAD_TRAIN] if shared else None)
+    dev_file = demo.dev_file or (shared / SQUAD_DEV if shared else None)
+    if train_files is None or dev_file is None:
         import datasets
 
         print("shared data not found; loading SQuAD from the Hub (rajpurkar/squad)")
         squad = datasets.load_dataset("rajpurkar/squad")
         train, dev = _hub_rows(squad["train"].select(range(12000))), _hub_rows(squad["validation"])
     else:
-        train, dev = load_qa_file(train_file), load_qa_file(dev_file, downsample_to=a.dev_docs)
-    run_demo(train, dev.select(first_questions(dev, a.dev_docs, a.questions_per_doc or None)), a)
+        train, dev = load_qa_files(train_files), load_qa_file(dev_file, downsample_to=demo.dev_docs)
+    dev = dev.select(first_questions(dev, demo.dev_docs, demo.questions_per_doc or None))
+    run_demo(train, dev, model_args, data_args, args, demo)
 
 
 def _hub_rows(split):
@@ -236,101 +252,15 @@ def _hub_rows(split):
                                 "question_id": r["id"]}, remove_columns=["id", "title"])
 
 
-def add_model_options(p, default="embedded"):
-    p.add_argument("--base-model", default=default, help="'embedded' (SmolLM2-135M-Instruct), a local path or Hub id "
-                                                          "of a causal LM, or 'tiny'/'tiny-gpt2' (random, tests)")
-    p.add_argument("--encoder", default=default, help="'embedded' (all-MiniLM-L6-v2), a local path or Hub id of an "
-                                                       "encoder (BERT-like or T5), or 'tiny-bert'/'tiny-t5'")
-
-
-def add_train_options(p):
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=5e-4, help="LR of the MBC modules")
-    p.add_argument("--encoder-learning-rate", type=float, default=5e-5)
-    p.add_argument("--lora-learning-rate", type=float, help="LR of KV-LoRA (default: 1e-3 with the vocabulary "
-                   "codebook, 1e-4 with the learned one)")
-    p.add_argument("--lora-start-step", type=int, default=0)
-    p.add_argument("--gold-only-steps", type=int, default=0)
-    p.add_argument("--codebook-type", choices=["learned", "vocabulary"], default="vocabulary", help="'vocabulary' "
-                   "(default; not in the paper): a document's codes are T of its LM tokens, picked by a selector "
-                   "trained on the training questions, read by the LM (KV-LoRA) as tokens from the documents that "
-                   "addressing picks; --encoder is then unused. 'learned': the paper's VQ codebook (K=512) read "
-                   "through the aggregator")
-    p.add_argument("--read-documents", type=int, help="with --codebook-type vocabulary: documents of the bank each "
-                   "question reads (default 3)")
-    p.add_argument("--code-selector", choices=["idf", "trained"], help="with --codebook-type vocabulary: codes by "
-                   "IDF or by the trained token scorer (default: trained)")
-    p.add_argument("--code-order", choices=["importance", "document"], help="with --codebook-type vocabulary: codes "
-                   "best first or in document order (default: document)")
-    p.add_argument("--aggregation", choices=["histogram", "dense", "topk"], help="with --codebook-type learned: how "
-                   "the bank is read by default; 'topk' builds learned addressing (each question reads its "
-                   "--topk-documents best documents; not in the paper)")
-    p.add_argument("--topk-documents", type=int, help="k of --aggregation topk (default 1)")
-    p.add_argument("--whole-words", action="store_true", help="with --codebook-type vocabulary: select whole words")
-    p.add_argument("--no-read-retrieved", action="store_true", help="with --codebook-type vocabulary: train on the "
-                   "batch's documents instead of what addressing retrieves from all training documents")
-    p.add_argument("--reconstruction-weight", type=float, help="weight of the reconstruction loss (default: 0.5; "
-                   "0 with --codebook-type vocabulary, which has no aggregator for it)")
-    p.add_argument("--num-context-tokens", type=int, help="T, codes per document (default: 48 with the vocabulary "
-                   "codebook, 12 with the learned one)")
-    p.add_argument("--kv-lora-layers", type=int, help="KV-LoRA on the last N layers (default: all with the "
-                   "vocabulary codebook, 6 with the learned one)")
-    p.add_argument("--train-encoders", action="store_true", help="also train the encoder backbones (the paper "
-                   "does; about 3x slower per step on a CPU)")
-    p.add_argument("--codebook-dim", type=int, default=32, help="factorized l2-normalised codes of this size "
-                   "(0 = the paper's direct d-dim codebook)")
-    p.add_argument("--reconstruction-length", type=int, default=32, help="document tokens of the auxiliary loss")
-    p.add_argument("--contrastive-weight", type=float, default=0.0, help="weight of the memory-contrastive hinge "
-                   "(answer NLL without the gold document minus with it, up to a margin; not in the paper)")
-    p.add_argument("--contrastive-margin", type=float, default=0.5, help="its margin (nats per answer token)")
-    p.add_argument("--distillation-weight", type=float, default=0.0, help="weight of the context-distillation term "
-                   "(KL from the base LM with the gold document in context to the LM reading the memory)")
-    p.add_argument("--prefix-mode", choices=["generator", "soft_tokens"], help="prefix key/values from the paper's "
-                   "generator or from soft tokens run through the LM (default: the model config's, generator)")
-    p.add_argument("--code-entropy-weight", type=float, help="codebook entropy loss weight (default: the config's, 0)")
-    p.add_argument("--codebook-kmeans-docs", type=int, default=0, help="initialise the codebook by k-means on "
-                   "the context vectors of the first N training documents (0 = the paper's uniform init)")
-    p.add_argument("--freeze-codebook", action="store_true", help="no codebook training or dead-code reset")
-    p.add_argument("--no-vq", action="store_true", help="train with the VQ bypassed (MAC-style float memory, an "
-                   "ablation: the model's banks are then uncompressed)")
-    p.add_argument("--freeze-amortization", action="store_true", help="keep the amortization network (document "
-                   "side) fixed; with --codebook-kmeans-docs and --freeze-codebook every document's codes are fixed")
-    p.add_argument("--prefix-length", type=int, help="prefix key/values per layer (default: the config's, 2)")
-    p.add_argument("--encoder-state-cache-mb", type=float, default=2048, help="keep the frozen document encoder's "
-                   "states of up to this many MiB of documents during training (0 = off)")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--logging-steps", type=int, default=25)
-    p.add_argument("--save-steps", type=int, default=250)
-    p.add_argument("--eval-steps", type=int, default=250)
-    p.add_argument("--eval-docs", type=int, default=32, help="hold out N train documents (spread over the file) "
-                   "for the memory gain; with --eval-file, the first N documents of that file (0: all of them)")
-    p.add_argument("--memory-gain-questions", type=int, default=32)
-    p.add_argument("--memory-gain-article-pairs", action="store_true", help="measure the memory gain against a "
-                   "paragraph of another article and of the same article (eval doc ids '<article>#<k>')")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--gpu", action="store_true", help="allow an accelerator (default: CPU only)")
-    p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mbc-hf", description=__doc__.replace("``", ""))  # no reST markup in --help
     sub = root.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="meta-train an MBC model on a QA file")
-    p.add_argument("--train-file", required=True, nargs="+", help="QA file(s) in any supported layout; several "
-                   "are concatenated in the order given (e.g. SQuAD train paragraphs plus the ArchivalQA subset)")
-    p.add_argument("--eval-file")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--downsample-to", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    add_model_options(p)
-    add_train_options(p)
-    p.set_defaults(func=cmd_train)
+    # train and demo parse the training schema of mbc_hf.arguments (HfArgumentParser; `main` hands them the rest)
+    for name, text in (("train", "meta-train an MBC model on QA file(s) or a JSON/YAML config file"),
+                       ("demo", "the main job on the embedded default: short meta-training, adapt, answer")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("adapt", help="stream documents into a (new or existing) memory bank")
     p.add_argument("--model", required=True)
@@ -376,18 +306,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="with --retention: where retention.csv and retention.png go")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default: short meta-training, adapt, answer")
-    p.add_argument("--train-file")
-    p.add_argument("--dev-file")
-    p.add_argument("--dev-docs", type=int, default=200, help="dev documents streamed into the bank")
-    p.add_argument("--questions-per-doc", type=int, default=1, help="questions answered per dev document (0 = all)")
-    p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--output", help="the demo's JSON report (default: OUTPUT_DIR/demo.json)")
-    p.add_argument("--no-pretrained", action="store_true", help="answer with this run's short training only, not "
-                   "with the reader shipped in the package")
-    add_model_options(p)
-    add_train_options(p)
-    p.set_defaults(func=cmd_demo, max_minutes=4.0, eval_steps=100, save_steps=100000)
     return root
 
 
@@ -395,13 +313,18 @@ def main(argv=None):
     """Run ``mbc-hf``. Bad input (a ValueError or OSError: malformed data file, corrupted bank, bank from another
     codebook, missing file...) exits with status 1 and ``mbc-hf COMMAND: error: MESSAGE`` on stderr, without a
     traceback; set ``MBC_HF_TRACEBACK=1`` to get the traceback instead."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["demo"]):  # the training schema: mbc_hf.arguments
+        command, func, rest = argv[0], {"train": cmd_train, "demo": cmd_demo}[argv[0]], argv[1:]
+    else:
+        args = parser().parse_args(argv)
+        command, func, rest = args.command, args.func, args
     try:
-        args.func(args)  # nothing returned: the console script passes main()'s value to sys.exit
+        func(rest)  # nothing returned: the console script passes main()'s value to sys.exit
     except (ValueError, OSError) as exc:
         if os.environ.get("MBC_HF_TRACEBACK"):
             raise
-        raise SystemExit(f"mbc-hf {args.command}: error: {exc}") from exc
+        raise SystemExit(f"mbc-hf {command}: error: {exc}") from exc
 
 
 if __name__ == "__main__":

@@ -52,24 +52,26 @@ def dev_memory_gain(model, dev, n_docs: int = 64, batch_size: int = 8) -> dict[s
     return {k: sum(p[k] for p in parts) / len(parts) for k in ("memory_gain", "memory_gain_unrelated")}
 
 
-def run_demo(train, dev, a) -> dict:
-    """Train a model for ``a.max_minutes``, then answer one question per dev document from a bank of the dev
+def run_demo(train, dev, model_args, data_args, args, demo) -> dict:
+    """Train a model for ``args.max_minutes``, then answer one question per dev document from a bank of the dev
     documents, from an empty memory and closed-book. With the embedded default and the package's shipped reader
     (`mbc_hf.pretrained`, trained longer by the command in README) the memory rows use the shipped reader and the
-    short training gets a bank row of its own; every row says which model answered. Writes ``a.output`` (JSON:
-    ``rows`` {closed_book, empty, bank[, bank_short_training]} -> {em, f1, ...}, ``memory_gain_unrelated``,
-    ``bytes_per_doc``, ``models``) and returns it."""
+    short training gets a bank row of its own; every row says which model answered. The arguments are those of
+    `mbc_hf.arguments` (`ModelArguments`, `DataArguments`, `MBCTrainingArguments`, `DemoArguments`). Writes
+    ``demo.output`` (JSON: ``rows`` {closed_book, empty, bank[, bank_short_training]} -> {em, f1, ...},
+    ``memory_gain_unrelated``, ``bytes_per_doc``, ``models``) and returns it."""
     from . import pretrained
     from .evaluation import evaluate_base_lm, evaluate_online
-    from .factory import build_from_args, make_trainer, split_train_eval
+    from .factory import build_from_args, split_train_eval
+    from .trainer import MBCTrainer
 
-    model = build_from_args(a)
-    train, held = split_train_eval(train, a.eval_docs)
-    trainer = make_trainer(a, model, train, held, save_strategy="no", eval_strategy="no", disable_tqdm=False)
-    print(f"meta-training for at most {a.max_minutes} min on {len(train)} questions ...")
+    model = build_from_args(model_args)
+    train, held = split_train_eval(train, data_args.eval_docs)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
+    print(f"meta-training for at most {args.max_minutes} min on {len(train)} questions ...")
     trainer.train()
     model.eval()
-    shipped = (a.base_model == "embedded" and a.codebook_type == "vocabulary" and not a.no_pretrained
+    shipped = (model_args.base_model == "embedded" and model_args.codebook_type == "vocabulary" and not demo.no_pretrained
                and pretrained.available())
     reader = pretrained.load() if shipped else model
     name = (f"shipped reader (mbc_hf.pretrained, {reader.config.num_context_tokens} codes/doc)" if shipped
@@ -96,5 +98,5 @@ def run_demo(train, dev, a) -> dict:
           "the doc id)")
     record = {"rows": rows, "memory_gain_unrelated": gain["memory_gain_unrelated"],
               "memory_gain": gain["memory_gain"], "bytes_per_doc": bank.nbytes / len(bank), "models": models}
-    write_json_report(a.output or Path(a.output_dir, "demo.json"), record)
+    write_json_report(demo.output or Path(args.output_dir, "demo.json"), record)
     return record

@@ -2,8 +2,6 @@
 examples and the benchmarks share (``mbc_hf.cli`` re-exports these names)."""
 
 import os
-import sys
-import time
 
 from . import embedded
 
@@ -105,19 +103,10 @@ def build_from_args(a):
 
 
 def stop_after_minutes(minutes: float):
-    """A TrainerCallback that stops (and saves) once training has run for ``minutes``."""
-    from transformers import TrainerCallback
+    """A TrainerCallback that stops (and saves) once training has run for ``minutes`` (`StopAfterMinutes`)."""
+    from .trainer import StopAfterMinutes
 
-    class StopAfterMinutes(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.time()
-
-        def on_step_end(self, args, state, control, **kw):
-            if time.time() - self.start > minutes * 60:
-                control.should_training_stop = True
-                control.should_save = True
-
-    return StopAfterMinutes()
+    return StopAfterMinutes(minutes)
 
 
 def split_train_eval(dataset, eval_docs: int):
@@ -129,28 +118,3 @@ def split_train_eval(dataset, eval_docs: int):
     held = {doc_ids[int(i * step)] for i in range(eval_docs)} if eval_docs else set()
     train = dataset.filter(lambda r: r["doc_id"] not in held)
     return train, dataset.filter(lambda r: r["doc_id"] in held) if held else None
-
-
-def make_trainer(a, model, train, evaluation, **overrides):
-    """`MBCTrainer` configured from the train/demo command-line options (``overrides``: TrainingArguments fields)."""
-    from .trainer import MBCTrainer, MBCTrainingArguments
-
-    settings = dict(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
-        gradient_accumulation_steps=a.gradient_accumulation_steps, learning_rate=a.learning_rate,
-        encoder_learning_rate=a.encoder_learning_rate,
-        lora_learning_rate=a.lora_learning_rate or (1e-3 if a.codebook_type == "vocabulary" else 1e-4),
-        lora_start_step=a.lora_start_step, gold_only_steps=a.gold_only_steps, max_steps=a.max_steps,
-        codebook_kmeans_docs=a.codebook_kmeans_docs, freeze_codebook=a.freeze_codebook,
-        encoder_state_cache_mb=a.encoder_state_cache_mb, num_train_epochs=a.epochs, warmup_steps=a.warmup_steps,
-        lr_scheduler_type="constant_with_warmup",
-        max_grad_norm=a.max_grad_norm, logging_steps=a.logging_steps, save_steps=a.save_steps, save_total_limit=2,
-        eval_steps=a.eval_steps, memory_gain_questions=a.memory_gain_questions,
-        memory_gain_article_pairs=a.memory_gain_article_pairs, report_to="none",
-        read_retrieved=a.codebook_type == "vocabulary" and not a.no_read_retrieved,
-        use_cpu=not a.gpu, seed=a.seed, disable_tqdm=not sys.stderr.isatty() and not a.progress,
-        dataloader_num_workers=0)
-    settings.update(overrides)
-    return MBCTrainer(model=model, args=MBCTrainingArguments(**settings), train_dataset=train,
-                      eval_dataset=evaluation,
-                      callbacks=[stop_after_minutes(a.max_minutes)] if a.max_minutes else None)

@@ -49,7 +49,7 @@ def check_bank_for_model(memory_bank, model) -> None:
         TypeError: not a `CompressedMemoryBank` / `DenseMemoryBank`.
         ValueError: a compressed bank from another codebook (fingerprint), or another T / K / d.
     """
-    model._check_bank(memory_bank)
+    model.reader.check_bank(memory_bank)
     if isinstance(memory_bank, DenseMemoryBank):
         d = model.config.text_config.get_text_config().hidden_size
         if memory_bank.num_tokens != model.config.num_context_tokens or memory_bank.hidden_size != d:

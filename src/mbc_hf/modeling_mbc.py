@@ -1,13 +1,16 @@
 """MBC as a transformers model: `MBCModelForCausalLM` (Katraouras & Rafailidis, arXiv 2601.00756; MAC, Tack et al.
 NeurIPS 2024).
 
-Data flow (shapes for a batch of B questions, a memory of N documents, T context vectors, LM width d):
+Data flow of the paper's memory (`mbc_hf.reader.LearnedReader`; shapes for a batch of B questions, a memory of N
+documents, T context vectors, LM width d):
 
     documents --AmortizationNetwork--> (N, T, d) --VectorQuantizer--> codes (N, T)      = CompressedMemoryBank
     question  --AmortizationNetwork--> latents (B, T, d)
     latents + memory --Aggregator--> modulation (B, T, d) --PrefixGenerator--> L × (key, value) (B, n_kv, P, hd)
     prefix key/values (as a DynamicCache) + question tokens --frozen LM with KV-LoRA--> answer
 
+The memory scheme (``config.codebook_type``) is a reader (`mbc_hf.reader`) built once in ``__init__``; the model
+delegates memorize / memory / prefix work to it and composes the rest: bank, addressing, LM with KV-LoRA.
 Only KV-LoRA and the MBC modules train; the base LM stays frozen. By default a checkpoint references the base LM
 (``config.base_model_name_or_path``) instead of storing its weights, as PEFT adapters do.
 """
@@ -26,15 +29,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .addressing import LearnedAddressing, bank_index, top_k
-from .aggregator import Aggregator, Memory
-from .amortization import AmortizationNetwork
-from .codebook import VectorQuantizer
-from .configuration_mbc import AGGREGATIONS, MBCConfig
+from .addressing import LearnedAddressing
+from .aggregator import Memory
+from .configuration_mbc import MBCConfig
 from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
-from .memory_bank import CompressedMemoryBank, DenseMemoryBank, check_doc_ids_and_metadata
-from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
-from .vocabulary_codebook import VocabularyCodebook
+from .memory_bank import CompressedMemoryBank, check_doc_ids_and_metadata
+from .reader import reader_for, slot_documents
 
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
 KV_LORA_DIR = "kv_lora"
@@ -75,12 +75,6 @@ def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, L-1)
     return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
-
-
-def slot_documents(n_docs: int, num_tokens: int, device=None) -> torch.Tensor:
-    """(N·T,) int64: the document of each memory slot when N documents' T vectors lie one document after another
-    (the layout of `MBCModelForCausalLM.memory_from_documents`)."""
-    return torch.arange(n_docs, device=device).repeat_interleave(num_tokens)
 
 
 def document_id(text: str) -> str:
@@ -141,37 +135,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MBCConfig):
         super().__init__(config)
-        text_config = config.text_config.get_text_config()
-        d = text_config.hidden_size
-        T = config.num_context_tokens
         self.lm = AutoModelForCausalLM.from_config(config.text_config)
-        if self.uses_vocabulary_codebook:  # the codes are LM tokens, read as soft tokens: no encoders, no aggregator
-            pad_code = text_config.eos_token_id if text_config.eos_token_id is not None else text_config.pad_token_id
-            if isinstance(pad_code, list):
-                pad_code = pad_code[0]
-            self.codebook = VocabularyCodebook(config.codebook_size, T, pad_code or 0, config.code_selector,
-                                               config.code_order, config.whole_words)
-            self.amortization = self.question_encoder = self.aggregator = self.prefix_generator = None
-            self.addressing = None  # addressing of token codes: `read_documents` (mbc_hf.addressing.CodeIndex)
-        else:
-            self.amortization = AmortizationNetwork(config.encoder_config, T, d)
-            self.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T,
-                                                        d)
-            self.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                            config.dead_code_threshold, config.codebook_dim,
-                                            config.code_entropy_weight)
-            head_dim = config.aggregator_head_dim or d // config.aggregator_heads
-            self.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
-            num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
-            if config.prefix_mode == "soft_tokens":
-                self.prefix_generator = SoftTokenPrefix(d, T, config.prefix_length,
-                                                        self.lm.get_input_embeddings().embedding_dim)
-            else:
-                self.prefix_generator = PrefixGenerator(d, T, config.prefix_length, config.prefix_rank, num_layers,
-                                                        kv_heads, kv_head_dim)
-            self.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
-            # learned top-k addressing (aggregation="topk"), chosen once here; "histogram"/"dense" still read a bank
-            self.addressing = LearnedAddressing(d, config.addressing_dim) if config.aggregation == "topk" else None
+        self.reader = reader_for(self)  # the memory scheme, chosen once (mbc_hf.reader): builds its modules here
         if config.kv_lora_layers > 0:
             apply_kv_lora(self.lm, self.kv_lora_config)
             for name, module in self.lm.named_modules():
@@ -200,22 +165,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 for adapter in layer.active_adapters:
                     layer.lora_A[adapter].requires_grad_(True)
                     layer.lora_B[adapter].requires_grad_(True)
-        if self.uses_vocabulary_codebook:
-            return
-        if self.config.freeze_encoders:
-            self.amortization.freeze_backbone()
-            self.question_encoder.freeze_backbone()
-        if self.config.freeze_amortization:
-            self.amortization.freeze_backbone()
-            self.amortization.requires_grad_(False)
-        if not self.codebook.frozen.is_meta and bool(self.codebook.frozen):  # (meta while from_pretrained builds)
-            self.codebook.freeze()
+        self.reader.freeze()
 
     # ------------------------------------------------------------------ construction helpers
     @property
     def uses_vocabulary_codebook(self) -> bool:
         """Whether the codebook is the LM's vocabulary (``config.codebook_type="vocabulary"``)."""
-        return self.config.codebook_type == "vocabulary"
+        return self.reader.kind == "vocabulary"
 
     @property
     def kv_lora_config(self) -> KVLoraConfig:
@@ -248,14 +204,9 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                            base_model_name_or_path=base_model_name_or_path, **config_kwargs)
         model = cls(config)
         model.load_base_model_weights(base_model.state_dict())
-        if vocabulary:
-            model.tokenizer, model.encoder_tokenizer = tokenizer, tokenizer
-            return model
-        if isinstance(model.prefix_generator, SoftTokenPrefix):
-            model.prefix_generator.match_embedding_scale(model.lm.get_input_embeddings().weight)
-        model.amortization.backbone.load_state_dict(encoder.state_dict(), strict=False)
-        model.question_encoder.backbone.load_state_dict((question_encoder or encoder).state_dict(), strict=False)
-        model.tokenizer, model.encoder_tokenizer = tokenizer, encoder_tokenizer
+        model.reader.load_encoders(encoder, question_encoder)
+        model.tokenizer = tokenizer
+        model.encoder_tokenizer = encoder_tokenizer if model.reader.own_encoder_tokenizer else tokenizer
         return model
 
     def load_base_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -308,7 +259,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             # config= keeps AutoTokenizer from resolving the folder's auto_map (remote code) again
             if (path / "tokenizer_config.json").exists():
                 model.tokenizer = AutoTokenizer.from_pretrained(path, config=model.config.text_config)
-            if model.uses_vocabulary_codebook:
+            if not model.reader.own_encoder_tokenizer:
                 model.encoder_tokenizer = model.tokenizer
             elif (path / ENCODER_TOKENIZER_DIR).is_dir():
                 model.encoder_tokenizer = AutoTokenizer.from_pretrained(path / ENCODER_TOKENIZER_DIR,
@@ -348,7 +299,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
-        if self.encoder_tokenizer is not None and not self.uses_vocabulary_codebook:  # else it is the LM's
+        if self.encoder_tokenizer is not None and self.reader.own_encoder_tokenizer:  # else it is the LM's
             self.encoder_tokenizer.save_pretrained(os.path.join(save_directory, ENCODER_TOKENIZER_DIR))
         if self.config.kv_lora_layers > 0:
             save_kv_lora_adapter(self.lm, self.kv_lora_config, os.path.join(save_directory, KV_LORA_DIR))
@@ -468,10 +419,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 batch["labels"].append(labels[i] + [-100] * fill)
         device = device or self.device
         out = {k: torch.tensor(v, device=device) for k, v in batch.items() if v}
-        # a vocabulary codebook matches question tokens to document tokens: a leading space tokenizes the first
-        # word as it is inside a document (byte-level BPE: "ĠParis", not "Pa", "ris")
-        texts = [" " + q for q in questions] if self.uses_vocabulary_codebook else questions
-        q = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")
+        q = self.encoder_tokenizer(self.reader.question_texts(questions), padding=True, truncation=True, max_length=n, return_tensors="pt")
         out["question_input_ids"] = q["input_ids"].to(device)
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
@@ -567,7 +515,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             compress = self.config.use_vq if memory_bank is None else isinstance(memory_bank, CompressedMemoryBank)
         if memory_bank is None:
             memory_bank = self.new_memory_bank(compress)
-        self._check_bank(memory_bank)
+        self.reader.check_bank(memory_bank)
         todo = [i for i, doc_id in enumerate(doc_ids) if on_duplicate != "skip" or doc_id not in memory_bank]
         was_training = self.training
         self.eval()
@@ -579,17 +527,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 rows = todo[start:start + batch_size]
                 enc, cut = self._encode_documents([texts[i] for i in rows])
                 n_cut += cut
-                if self.uses_vocabulary_codebook:
-                    memory_bank.extend([doc_ids[i] for i in rows], self.codebook.select(**enc).cpu(),
-                                       metadata=[metadata[i] for i in rows] if metadata is not None else None,
-                                       on_duplicate=on_duplicate)
-                    continue
-                z = self.amortization(**enc)  # (n, T, d)
-                if compress:
-                    values = self.codebook.nearest_codes(z)
-                else:  # VQ bypassed (MAC-style float memory), in the space the aggregator was trained on
-                    values = (self.codebook.unquantized(z) if self.config.use_vq else z).float()
-                memory_bank.extend([doc_ids[i] for i in rows], values.cpu(),
+                memory_bank.extend([doc_ids[i] for i in rows], self.reader.encode_rows(enc, compress).cpu(),
                                    metadata=[metadata[i] for i in rows] if metadata is not None else None,
                                    on_duplicate=on_duplicate)
         finally:
@@ -605,81 +543,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Raises:
             ValueError: a compressed bank asked of a model trained with the VQ bypassed (its codebook is untrained).
         """
-        compress = self.config.use_vq if compress is None else compress
-        if not compress and self.uses_vocabulary_codebook:
-            raise ValueError("a vocabulary codebook stores token ids, which lose nothing: there is no uncompressed "
-                             "bank to build; use compress=True (CLI: drop --no-compress).")
-        if compress:
-            self._check_trained_codebook()
-            return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
-                                        self.codebook.fingerprint())
-        return DenseMemoryBank(self.config.num_context_tokens, self.config.text_config.get_text_config().hidden_size)
-
-    def _check_trained_codebook(self) -> None:
-        if self.uses_vocabulary_codebook and not self.codebook.fitted:
-            raise ValueError("the vocabulary codebook's IDF is not fitted, so every document would get the same "
-                             "codes: train the model with MBCTrainer (it fits the IDF on the training documents) or "
-                             "call model.codebook.fit(lists of LM token ids of your documents) first.")
-        if not self.config.use_vq:
-            raise ValueError("this model was trained with the VQ bypassed (config.use_vq=False), so its codebook is "
-                             "untrained and codes would lose the document: use an uncompressed bank (compress=False; "
-                             "CLI: --no-compress).")
-
-    def _check_bank(self, bank) -> None:
-        if isinstance(bank, CompressedMemoryBank):
-            self._check_trained_codebook()
-            bank.check_codebook(self.codebook.fingerprint())
-            if bank.num_tokens != self.config.num_context_tokens or bank.codebook_size != self.config.codebook_size:
-                raise ValueError(f"bank has T={bank.num_tokens}, K={bank.codebook_size}; this model's codebook has "
-                                 f"T={self.config.num_context_tokens}, K={self.config.codebook_size}: its codes "
-                                 "mean nothing to this model. Fix: re-encode the documents into a new bank with "
-                                 "this model's memorize() (CLI: mbc-hf adapt --model THIS_MODEL --bank NEW_BANK), "
-                                 "or load the model the bank was built with.")
-        elif self.uses_vocabulary_codebook:
-            raise ValueError(f"a vocabulary-codebook model reads banks of token codes (CompressedMemoryBank), got a "
-                             f"{type(bank).__name__}; build the bank with this model's memorize().")
-        elif not isinstance(bank, DenseMemoryBank):
-            raise TypeError("memory_bank must be a CompressedMemoryBank or DenseMemoryBank, "
-                            f"got {type(bank).__name__}.")
+        return self.reader.new_memory_bank(self.config.use_vq if compress is None else compress)
 
     def memory_from_bank(self, memory_bank, aggregation: str | None = None) -> Memory:
         """The aggregator's view of a bank (see `Memory`). ``aggregation``: "histogram" (exact O(K), compressed banks
-        only; the default from config) or "dense" (every stored vector, O(N·T)). ``None`` bank -> empty memory.
-        With a vocabulary codebook the memory is the bank's codes (`token_memory`) and ``aggregation`` does not
-        apply (each question reads whole documents, `read_documents`).
+        only; the default from config), "dense" (every stored vector, O(N·T)) or "topk" (learned addressing). ``None``
+        bank -> empty memory. With a vocabulary codebook the memory is the bank's codes (`token_memory`) with its
+        addressing index, and ``aggregation`` does not apply (each question reads whole documents, `read_documents`).
 
         Raises:
             ValueError: unknown aggregation, histogram asked for a dense bank, or a bank from another codebook.
         """
-        requested, aggregation = aggregation, aggregation or self.config.aggregation
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
-        if self.uses_vocabulary_codebook:  # the question reads whole documents (prefix_key_values): no aggregation
-            if memory_bank is None or len(memory_bank) == 0:
-                return self.token_memory(torch.zeros(0, 0, dtype=torch.long, device=self.device))
-            self._check_bank(memory_bank)
-            memory_bank.check_codes()
-            memory = self.token_memory(memory_bank.codes.to(self.device).long())
-            memory.index = bank_index(memory_bank)
-            return memory
-        d = self.codebook.dim
-        if memory_bank is None or len(memory_bank) == 0:
-            return Memory(self.codebook.codebook.new_zeros(1, 0, d))
-        self._check_bank(memory_bank)
-        if aggregation == "topk" and self.addressing is None:
-            raise ValueError("aggregation='topk' needs learned addressing, which this model was not built with: "
-                             "build and train it with MBCConfig(aggregation='topk') (CLI: --aggregation topk).")
-        if isinstance(memory_bank, DenseMemoryBank):
-            if requested == "histogram":
-                raise ValueError("aggregation='histogram' needs a CompressedMemoryBank; use 'dense' for a dense bank.")
-            vectors = memory_bank.vectors.to(self.device, self.codebook.codebook.dtype)  # (N, T, d)
-        elif aggregation == "histogram":
-            return Memory.from_codebook(self.codebook.codebook, memory_bank.code_counts())
-        else:
-            memory_bank.check_codes()  # codes >= K (edited in place) would index past the codebook
-            vectors = self.codebook.decode(memory_bank.codes.to(self.device).long())  # (N, T, d)
-        keys = self.addressing.document_keys(vectors) if aggregation == "topk" else None  # from the codes alone
-        return Memory(vectors.reshape(1, -1, d), keys=keys)
+        return self.reader.memory_from_bank(memory_bank, aggregation)
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
         """Training memory (MBC §3.4): the batch's own documents, quantized with straight-through gradients.
@@ -694,44 +569,18 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             (Memory of N·T vectors, vq_loss scalar, perplexity scalar); with a vocabulary codebook (`token_memory` of
             the documents' codes, None, None).
         """
-        if self.uses_vocabulary_codebook:
-            codes = self.codebook.select(context_input_ids, context_attention_mask)  # (N, T)
-            mask = None
-            if question_doc_index is not None:
-                mask = slot_documents(*codes.shape, codes.device)[None, :] == question_doc_index[:, None]
-            return self.token_memory(codes, mask), None, None  # nothing learned in the codebook: no VQ loss
-        z = self.amortization(context_input_ids, context_attention_mask)  # (N, T, d)
-        n, T, d = z.shape
-        if self.config.use_vq:
-            vq = self.codebook(z)
-            vectors, vq_loss, perplexity = vq.quantized, vq.loss, vq.perplexity
-        else:
-            vectors, vq_loss, perplexity = z, z.new_zeros(()), z.new_zeros(())
-        mask = None
-        if question_doc_index is not None:
-            mask = slot_documents(n, T, z.device)[None, :] == question_doc_index[:, None]  # (B, N·T)
-        keys = self.addressing.document_keys(vectors) if self.addressing is not None else None  # (N, a)
-        return Memory(vectors.reshape(1, n * T, d), mask=mask, keys=keys), vq_loss, perplexity
+        return self.reader.memory_from_documents(context_input_ids, context_attention_mask, question_doc_index)
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         """Vocabulary codebook: (N, T) int64 codes (+ an optional (B, N·T) bool mask) -> `Memory` with ``codes``
         (1, N·T) and zero-width ``vectors`` (1, N·T, 0): `token_prefix` reads the codes as LM tokens, so no
         (N·T, d) tensor of the bank's vectors is ever built."""
-        codes = codes.reshape(1, -1)  # (1, N·T)
-        width = codes.new_zeros(1, codes.shape[1], 0, dtype=torch.float32)  # the reader reads codes, not vectors
-        return Memory(width, mask=mask, codes=codes)
+        return self.reader.token_memory(codes, mask)
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         """Auxiliary loss: NLL of each document's tokens (N, R) given only that document's T memory vectors, read
         through the aggregator by ``reconstruction_query`` latents (see ``config.reconstruction_loss_weight``)."""
-        n, T = input_ids.shape[0], self.config.num_context_tokens
-        owner = slot_documents(n, T, input_ids.device)  # (N·T,)
-        own = Memory(memory.vectors, mask=owner[None, :] == torch.arange(n, device=input_ids.device)[:, None])
-        latents = self.reconstruction_query[None].expand(n, -1, -1)  # (N, T, d)
-        prefix = self.prefix_from_latents(self.aggregator(latents, own))
-        cache, mask = self._prefix_cache(prefix, attention_mask, n)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return self.lm(input_ids=input_ids, attention_mask=mask, past_key_values=cache, labels=labels).loss
+        return self.reader.reconstruction_loss(memory, input_ids, attention_mask)
 
     # ------------------------------------------------------------------ prefix
     def prefix_key_values(self, question_input_ids, question_attention_mask, memory: Memory,
@@ -745,19 +594,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         if question_input_ids is None:
             raise ValueError("question_input_ids (the question in the encoder's tokenizer) is required; "
                              "build the batch with model.encode_questions(questions).")
-        if self.uses_vocabulary_codebook:
-            prefix = self.token_prefix(question_input_ids, question_attention_mask, memory, documents)
-            return (prefix, None) if return_address_scores else prefix
-        latents = self.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
-        scores = None
-        if memory.keys is not None:
-            B, T, n = latents.shape[0], self.config.num_context_tokens, memory.keys.shape[0]
-            scores = self.addressing.scores(latents, memory.keys)  # (B, N)
-            allowed = None if memory.mask is None else memory.mask.reshape(B, n, T).any(-1)
-            _, vectors = self.addressing.select(memory.vectors.reshape(n, T, -1), scores,
-                                                self.config.topk_documents, allowed)
-            memory = Memory(vectors)  # (B, k·T, d): each question its own documents
-        prefix = self.prefix_from_latents(self.aggregator(latents, memory))
+        prefix, scores = self.reader.prefix_key_values(question_input_ids, question_attention_mask, memory, documents)
         return (prefix, scores) if return_address_scores else prefix
 
     def read_documents(self, question_input_ids, question_attention_mask, memory: Memory,
@@ -776,20 +613,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Returns:
             (scores (B, k) float64, document indices (B, k) int64 into the memory), best first.
         """
-        T, B = self.config.num_context_tokens, question_input_ids.shape[0]
-        codes = memory.codes.reshape(memory.codes.shape[0], -1, T)  # (1 or B, N, T)
-        n = codes.shape[1]
-        k = min(k or self.config.read_documents, n)
-        weights = self.codebook.question_weights(question_input_ids, question_attention_mask)  # (B, V)
-        if memory.index is not None and memory.mask is None:
-            scores, docs = memory.index.search(weights, k)
-            return scores, docs.to(question_input_ids.device)
-        scores = self.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
-        if memory.mask is not None:
-            allowed = memory.mask.reshape(B, n, T).any(-1)  # (B, N)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            k = min(k, int(allowed.sum(1).min()))
-        return top_k(scores, k)
+        return self.reader.read_documents(question_input_ids, question_attention_mask, memory, k)
 
     def token_prefix(self, question_input_ids, question_attention_mask, memory: Memory,
                      documents: torch.Tensor | None = None):
@@ -801,27 +625,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
         Raises:
             ValueError: a non-empty memory without ``codes`` (built from vectors)."""
-        B, T = question_input_ids.shape[0], self.config.num_context_tokens
-        if memory.size > 0 and memory.codes is None:
-            raise ValueError("a vocabulary-codebook model reads codes: build the memory with model.memory_from_bank("
-                             "bank) or memory_from_documents(...), not from vectors.")
-        lm_config = self.config.text_config.get_text_config()
-        start = lm_config.bos_token_id if lm_config.bos_token_id is not None else self.codebook.pad_code
-        tokens = torch.full((B, 1), start, dtype=torch.long, device=question_input_ids.device)  # (B, 1)
-        if memory.size > 0:
-            codes = memory.codes.reshape(memory.codes.shape[0], -1, T).expand(B, -1, -1)  # (B, N, T)
-            docs = documents if documents is not None else \
-                self.read_documents(question_input_ids, question_attention_mask, memory)[1]  # (B, k)
-            chosen = codes.gather(1, docs[..., None].expand(-1, -1, T)).reshape(B, -1)  # (B, k·T)
-            tokens = torch.cat([tokens, chosen], dim=1)
-        cache = self.lm.base_model(input_ids=tokens, use_cache=True).past_key_values
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return self.reader.token_prefix(question_input_ids, question_attention_mask, memory, documents)
 
     def prefix_from_latents(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B, T, d) modulation -> L × (key, value), each (B, n_kv, P, head_dim) (see ``config.prefix_mode``)."""
-        if isinstance(self.prefix_generator, SoftTokenPrefix):
-            return self.prefix_generator(modulation, self.lm)
-        return self.prefix_generator(modulation)
+        return self.reader.prefix_from_latents(modulation)
 
     def _prefix_cache(self, prefix, attention_mask, batch: int, expand: int = 1):
         """DynamicCache holding the prefix (repeated `expand` times per row) and the mask extended by P ones."""
@@ -1025,9 +833,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         questions = _check_texts(questions, "questions")
         _check_batch_size(batch_size)
         self._warn_long_questions(questions)
-        if return_sources and not self.uses_vocabulary_codebook:
-            raise ValueError("return_sources needs addressing, which a learned codebook does not do (its aggregator "
-                             "reads the whole bank's histogram): use codebook_type='vocabulary'.")
+        if return_sources:
+            self.reader.check_addressing()
         memory = self.memory_from_bank(memory_bank, aggregation)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)

@@ -92,7 +92,7 @@ def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, co
                        **settings)
     model = MBCModelForCausalLM(config)
     # a vocabulary codebook reads documents and questions in LM tokens
-    model.tokenizer, model.encoder_tokenizer = tok, tok if model.uses_vocabulary_codebook else enc_tok
+    model.tokenizer, model.encoder_tokenizer = tok, enc_tok if model.reader.own_encoder_tokenizer else tok
     return model
 
 

@@ -32,6 +32,15 @@ class MBCTrainingArguments(TrainingArguments):
     needs the raw text columns)."""
 
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep text columns for the collator."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "aliases": ["--batch-size"], "help": "Questions per training batch and device."})
+    num_train_epochs: float = field(default=3.0, metadata={
+        "aliases": ["--epochs"], "help": "Total number of training epochs to perform."})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "Stop (and save) after this many minutes of training (`StopAfterMinutes`)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Command-line runs: continue from the last checkpoint in output_dir when there is one "
+                "(resume_from_checkpoint names a checkpoint instead)."})
     gold_only_steps: int = field(default=0, metadata={"help": "Steps in which each question sees only its own "
                                                                "document (curriculum), before the whole batch."})
     encoder_learning_rate: float | None = field(default=None, metadata={"help": "LR of the encoder backbones "
@@ -274,6 +283,21 @@ class LoraWarmStartCallback(TrainerCallback):
                     group["lr"] = 0.0
 
 
+class StopAfterMinutes(TrainerCallback):
+    """Stops (and saves) once training has run for ``minutes`` (``MBCTrainingArguments.max_minutes``)."""
+
+    def __init__(self, minutes: float):
+        self.minutes = minutes
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() - self.start > self.minutes * 60:
+            control.should_training_stop = True
+            control.should_save = True
+
+
 class MBCTrainer(Trainer):
     """`Trainer` for MBC meta-training; `evaluate` adds the memory gain (and EM/F1 after online adaptation).
 
@@ -286,6 +310,8 @@ class MBCTrainer(Trainer):
         model = kwargs.get("model") or (args[0] if args else None)
         super().__init__(*args, data_collator=data_collator or MBCDataCollator(model), **kwargs)
         self.add_callback(LoraWarmStartCallback())
+        if self.args.max_minutes:
+            self.add_callback(StopAfterMinutes(self.args.max_minutes))
         self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
         self._parts = {}
         self._retrieval_bank = None  # (N_train, T) codes of every training document, with read_retrieved
