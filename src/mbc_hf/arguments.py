@@ -140,11 +140,13 @@ SCHEMA = (ModelArguments, DataArguments, MBCTrainingArguments)
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def train_parser(prog: str | None = None, extra: tuple = (), show_all: bool = False,
+def train_parser(prog: str | None = None, extra: tuple = (), show_all: bool = False, description: str | None = None,
                  **defaults) -> HfArgumentParser:
     """The `HfArgumentParser` of `SCHEMA` (+ ``extra`` dataclasses) with `TRAIN_DEFAULTS` and ``defaults``; its
     ``--help`` lists `SHOWN` (every field with ``show_all``)."""
-    parser = HfArgumentParser(SCHEMA + tuple(extra), prog=prog, description=__doc__.split("\n\n")[0].replace("`", ""),
+    description = description or ("Meta-train an MBC model (MBCTrainer) on QA file(s), or on one JSON/YAML config "
+                                  "file of these options.")
+    parser = HfArgumentParser(SCHEMA + tuple(extra), prog=prog, description=description,
                               epilog="Every other field (research knobs, all of TrainingArguments): --help-all.")
     parser.add_argument("--help-all", action="store_true", help="show every option and exit")
     parser.set_defaults(**{**TRAIN_DEFAULTS, **defaults})
@@ -186,7 +188,8 @@ def config_file_argv(parser: HfArgumentParser, path: str) -> list[str]:
     return argv
 
 
-def parse_train_args(argv: list[str], prog: str | None = None, extra: tuple = (), **defaults) -> tuple:
+def parse_train_args(argv: list[str], prog: str | None = None, extra: tuple = (), description: str | None = None,
+                     **defaults) -> tuple:
     """Parse a training command line, or a single JSON/YAML config file, into (`ModelArguments`, `DataArguments`,
     `MBCTrainingArguments`, *``extra``), with `resolve` applied.
 
@@ -196,7 +199,7 @@ def parse_train_args(argv: list[str], prog: str | None = None, extra: tuple = ()
     """
     argv = list(argv)
     show_all = "--help-all" in argv
-    parser = train_parser(prog, extra, show_all, **defaults)
+    parser = train_parser(prog, extra, show_all, description, **defaults)
     if show_all:
         parser.print_help()
         raise SystemExit(0)

@@ -228,8 +228,10 @@ def cmd_demo(argv: list[str]) -> None:
     from .data import first_questions, load_qa_file, load_qa_files
     from .demo import run_demo
 
-    model_args, data_args, args, demo = parse_train_args(argv, prog="mbc-hf demo", extra=(DemoArguments,),
-                                                         **DEMO_DEFAULTS)
+    model_args, data_args, args, demo = parse_train_args(
+        argv, prog="mbc-hf demo", extra=(DemoArguments,), description="The main job on the embedded default: a short "
+        "meta-training, then adapt on dev documents and answer from the bank, an empty memory and closed-book.",
+        **DEMO_DEFAULTS)
     shared = shared_data_dir()
     train_files = data_args.train_file or ([shared / SQUAD_TRAIN] if shared else None)
     dev_file = demo.dev_file or (shared / SQUAD_DEV if shared else None)
