@@ -60,7 +60,7 @@ def test_cli_and_example_parse_one_config_file_to_the_same_arguments(tmp_path, m
     from_cli, from_example = as_dicts(cli_parse([str(path)], monkeypatch)), as_dicts(example_parse([str(path)]))
     assert from_cli == from_example
     model, data, training = from_cli
-    assert model["codebook_type"] == "learned" and model["aggregation"] == "topk" and model["contrastive_weight"] == 0.25
+    assert (model["codebook_type"], model["aggregation"], model["contrastive_weight"]) == ("learned", "topk", 0.25)
     assert data["train_file"] == ["a.jsonl", "b.jsonl"] and data["validation_file"] == "dev.jsonl"
     assert training["max_steps"] == 7 and training["per_device_train_batch_size"] == 4
     assert training["learning_rate"] == 0.002 and training["max_minutes"] == 1.5 and training["seed"] == 5
