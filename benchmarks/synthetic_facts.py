@@ -28,7 +28,7 @@ import torch
 from mbc_hf.data import chance_em, synthetic_facts
 from mbc_hf.demo import markdown_table, write_json_report
 from mbc_hf.evaluation import score
-from mbc_hf.factory import build, stop_after_minutes
+from mbc_hf.factory import build
 from mbc_hf.testing import pretrain_tiny_lm
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
@@ -61,9 +61,9 @@ def train_memory(name: str, a, train) -> object:
                                 learning_rate=a.learning_rate, lora_learning_rate=a.lora_learning_rate,
                                 max_steps=a.max_steps, num_train_epochs=100, logging_steps=25, save_strategy="no",
                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
-                                lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps)
-    trainer = MBCTrainer(model=model, args=args, train_dataset=train,
-                         callbacks=[stop_after_minutes(a.minutes)] if a.minutes else None)
+                                lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps,
+                                max_minutes=a.minutes or None)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train)
     start = time.time()
     trainer.train()
     print(f"[synthetic] {name}: {trainer.state.global_step} steps in {time.time() - start:.0f} s", flush=True)

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from mbc_hf.cli import stop_after_minutes
+    from mbc_hf.trainer import StopAfterMinutes
     from mbc_hf.data import load_qa_file
     from mbc_hf.embedded import resolve
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         report_to="none", use_cpu=True, seed=a.seed, disable_tqdm=not sys.stderr.isatty(), dataloader_num_workers=0)
     trainer = Trainer(model=lm, args=args, train_dataset=train,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[stop_after_minutes(a.max_minutes)])
+                      callbacks=[StopAfterMinutes(a.max_minutes)])
     start = time.time()
     result = trainer.train()
     lm.save_pretrained(a.output_dir)

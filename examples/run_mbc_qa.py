@@ -33,7 +33,7 @@ import mbc_hf  # noqa: F401  (registers the Auto classes)
 from mbc_hf.arguments import parse_train_args
 from mbc_hf.atomic import write_text_atomic
 from mbc_hf.data import load_qa_file, load_qa_files
-from mbc_hf.factory import build_from_args, load_model, split_train_eval
+from mbc_hf.factory import model_from_args, split_train_eval
 from mbc_hf.trainer import MBCTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ def main(argv=None):
         train, evaluation = split_train_eval(train, 0 if data_args.validation_file else data_args.eval_docs)
     if data_args.validation_file:
         evaluation = load_qa_file(data_args.validation_file, downsample_to=data_args.max_eval_documents)
-    if model_args.model_name_or_path:
-        model = load_model(model_args.model_name_or_path).train()
-    else:
-        model = build_from_args(model_args)
+    model = model_from_args(model_args)
     trainer = MBCTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation)
 
     results, output_dir = {}, Path(training_args.output_dir)

@@ -130,8 +130,7 @@ DEMO_DEFAULTS = dict(output_dir="outputs/demo", max_minutes=4.0, eval_steps=100,
 TRAIN_DEFAULTS = dict(output_dir="outputs/mbc", learning_rate=5e-4, encoder_learning_rate=5e-5, num_train_epochs=1.0,
                       warmup_steps=50, lr_scheduler_type="constant_with_warmup", logging_steps=25, save_steps=250,
                       eval_steps=250, eval_strategy="steps", save_total_limit=2, seed=42, report_to="none",
-                      use_cpu=True, read_retrieved=True, dataloader_num_workers=0,
-                      disable_tqdm=not sys.stderr.isatty())
+                      use_cpu=True, read_retrieved=True, disable_tqdm=not sys.stderr.isatty())
 SHOWN = ("train_file", "validation_file", "output_dir", "model_name_or_path", "base_model", "encoder",
          "codebook_type", "num_context_tokens", "read_documents", "kv_lora_layers", "max_steps", "num_train_epochs",
          "max_minutes", "per_device_train_batch_size", "learning_rate", "lora_learning_rate", "eval_docs",
@@ -222,5 +221,5 @@ def resolve(namespace) -> None:
     if namespace.lora_learning_rate is None:
         namespace.lora_learning_rate = 1e-3 if vocabulary else 1e-4
     namespace.read_retrieved = bool(namespace.read_retrieved) and vocabulary
-    if not getattr(namespace, "validation_file", None) and not getattr(namespace, "eval_docs", 0):
+    if not namespace.validation_file and not namespace.eval_docs:
         namespace.eval_strategy = "no"

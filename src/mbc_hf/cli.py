@@ -15,8 +15,8 @@ from .factory import (  # noqa: F401
     build,
     build_from_args,
     load_model,
+    model_from_args,
     split_train_eval,
-    stop_after_minutes,
 )
 
 SHARED_DATA_ENV = "MBC_SHARED_DATA"
@@ -53,10 +53,8 @@ def cmd_train(argv: list[str]) -> dict:
                               data_args.eval_docs or None) if data_args.validation_file else held
     if args.resume and Path(args.output_dir, "config.json").exists():
         model = load_model(args.output_dir).train()
-    elif model_args.model_name_or_path:
-        model = load_model(model_args.model_name_or_path).train()
     else:
-        model = build_from_args(model_args)
+        model = model_from_args(model_args)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
     resume = args.resume and any(Path(args.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)

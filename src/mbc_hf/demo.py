@@ -62,17 +62,17 @@ def run_demo(train, dev, model_args, data_args, args, demo) -> dict:
     ``memory_gain_unrelated``, ``bytes_per_doc``, ``models``) and returns it."""
     from . import pretrained
     from .evaluation import evaluate_base_lm, evaluate_online
-    from .factory import build_from_args, split_train_eval
+    from .factory import model_from_args, split_train_eval
     from .trainer import MBCTrainer
 
-    model = build_from_args(model_args)
+    model = model_from_args(model_args)
     train, held = split_train_eval(train, data_args.eval_docs)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
     print(f"meta-training for at most {args.max_minutes} min on {len(train)} questions ...")
     trainer.train()
     model.eval()
-    shipped = (model_args.base_model == "embedded" and model_args.codebook_type == "vocabulary" and not demo.no_pretrained
-               and pretrained.available())
+    shipped = (model_args.base_model == "embedded" and model_args.codebook_type == "vocabulary"
+               and not demo.no_pretrained and pretrained.available())
     reader = pretrained.load() if shipped else model
     name = (f"shipped reader (mbc_hf.pretrained, {reader.config.num_context_tokens} codes/doc)" if shipped
             else f"this run ({trainer.state.global_step} steps)")

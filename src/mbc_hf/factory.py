@@ -102,11 +102,12 @@ def build_from_args(a):
                  aggregation=a.aggregation, topk_documents=a.topk_documents)
 
 
-def stop_after_minutes(minutes: float):
-    """A TrainerCallback that stops (and saves) once training has run for ``minutes`` (`StopAfterMinutes`)."""
-    from .trainer import StopAfterMinutes
-
-    return StopAfterMinutes(minutes)
+def model_from_args(a):
+    """The model a `mbc_hf.arguments.ModelArguments` names: the saved one at ``a.model_name_or_path`` (in training
+    mode) or a new one (`build_from_args`)."""
+    if a.model_name_or_path:
+        return load_model(a.model_name_or_path).train()
+    return build_from_args(a)
 
 
 def split_train_eval(dataset, eval_docs: int):

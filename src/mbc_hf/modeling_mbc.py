@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from .addressing import LearnedAddressing
 from .aggregator import Memory
-from .configuration_mbc import MBCConfig
+from .configuration_mbc import AGGREGATIONS, MBCConfig
 from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
 from .memory_bank import CompressedMemoryBank, check_doc_ids_and_metadata
 from .reader import reader_for, slot_documents
@@ -419,7 +419,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 batch["labels"].append(labels[i] + [-100] * fill)
         device = device or self.device
         out = {k: torch.tensor(v, device=device) for k, v in batch.items() if v}
-        q = self.encoder_tokenizer(self.reader.question_texts(questions), padding=True, truncation=True, max_length=n, return_tensors="pt")
+        q = self.encoder_tokenizer(self.reader.question_texts(questions), padding=True, truncation=True, max_length=n,
+                                   return_tensors="pt")
         out["question_input_ids"] = q["input_ids"].to(device)
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
@@ -554,6 +555,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Raises:
             ValueError: unknown aggregation, histogram asked for a dense bank, or a bank from another codebook.
         """
+        if aggregation is not None and aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
         return self.reader.memory_from_bank(memory_bank, aggregation)
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):

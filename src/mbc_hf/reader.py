@@ -18,7 +18,6 @@ from .addressing import LearnedAddressing, bank_index, top_k
 from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
-from .configuration_mbc import AGGREGATIONS
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 from .vocabulary_codebook import VocabularyCodebook
@@ -162,9 +161,7 @@ class LearnedReader(Reader):
 
     def memory_from_bank(self, bank, aggregation: str | None) -> Memory:
         m = self.model
-        requested, aggregation = aggregation, aggregation or self.config.aggregation
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
+        requested, aggregation = aggregation, aggregation or self.config.aggregation  # (checked by the model)
         d = m.codebook.dim
         if bank is None or len(bank) == 0:
             return Memory(m.codebook.codebook.new_zeros(1, 0, d))
@@ -289,9 +286,7 @@ class VocabularyReader(Reader):
         self.check_compressed_bank(bank)
 
     def memory_from_bank(self, bank, aggregation: str | None) -> Memory:
-        # the question reads whole documents (prefix_key_values): ``aggregation`` does not apply, but is checked
-        if aggregation is not None and aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}.")
+        # the question reads whole documents (prefix_key_values): ``aggregation`` does not apply
         if bank is None or len(bank) == 0:
             return self.token_memory(torch.zeros(0, 0, dtype=torch.long, device=self.model.device))
         self.check_bank(bank)
