@@ -7,8 +7,12 @@ every posting list equally short), short ids (the row number in hex). The bank i
 (``bank.index.json``, 2^20 rows a shard); "append" adds 1,000 documents to the loaded bank and saves it again to the
 same index (only a new shard is written). Addressing: `mbc_hf.addressing.CodeIndex` (exact, the brute-force
 ranking), one question at a time, 10 distinct question tokens drawn from the same distribution, weighted by their
-IDF in the bank. Each size runs in its own process, so peak RSS (``ru_maxrss``) is that size's alone. A last part
-memorizes documents with the tiny random model end to end.
+IDF in the bank. ``--max-postings L`` adds the approximate search (`CodeIndex.search(..., max_postings=L)`, at most
+L postings read per question token) on the same questions: its p50 / p95 and its recall, the share of the exact top-3
+documents it returns (``approx_recall``) and the share of questions whose top-3 scores equal the exact ones
+(``approx_same_scores``: a tie swapped for an equal-scoring document counts as the same). Each size runs in its own
+process, so peak RSS (``ru_maxrss``) is that size's alone. A last part memorizes documents with the tiny random
+model end to end.
 
     python benchmarks/bank_scale.py --docs 100000 1000000 10000000 --output benchmarks/results/scale.json
 """
@@ -50,7 +54,17 @@ def zipf_codes(n: int, t: int, seed: int, exponent: float = 1.0) -> torch.Tensor
     return torch.from_numpy(out)
 
 
-def one_size(n: int, t: int, questions: int, seed: int, exponent: float, queue) -> None:
+def latencies(index: CodeIndex, weights: list, max_postings: int | None) -> tuple[list, list]:
+    """Search each (1, V) question alone, top 3: (milliseconds per question, (scores, docs) per question)."""
+    ms, results = [], []
+    for w in weights:
+        start = time.perf_counter()
+        results.append(index.search(w, 3, max_postings))
+        ms.append((time.perf_counter() - start) * 1000)
+    return ms, results
+
+
+def one_size(n: int, t: int, questions: int, seed: int, exponent: float, max_postings: int | None, queue) -> None:
     torch.set_num_threads(1)
     directory = tempfile.mkdtemp(prefix="bank-scale-")
     path = os.path.join(directory, "bank.index.json")
@@ -76,19 +90,26 @@ def one_size(n: int, t: int, questions: int, seed: int, exponent: float, queue) 
         index_s = time.perf_counter() - start
         df = index.document_frequency()  # documents (with multiplicity) per code
         idf = np.maximum(np.log((len(bank) + 1) / (df + 0.5)), 0)  # a code in nearly every row weighs 0
-        tokens = zipf_codes(questions, 10, seed + 2, exponent)
-        latency = []
-        for q in tokens:
+        questions_weights = []
+        for q in zipf_codes(questions, 10, seed + 2, exponent):
             weights = torch.zeros(1, V, dtype=torch.float64)
             q = q.unique()
             weights[0, q] = torch.round(torch.from_numpy(idf[q.numpy()]) * 2 ** 20) / 2 ** 20
-            start = time.perf_counter()
-            index.search(weights, 3)
-            latency.append((time.perf_counter() - start) * 1000)
-        quantiles = statistics.quantiles(latency, n=20)
-        queue.put({"docs": n, "bytes_per_doc": disk / n, "save_s": save_s, "append_s": append_s, "load_s": load_s,
-                   "index_build_s": index_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "query_ms_p50": statistics.median(latency), "query_ms_p95": quantiles[18]})
+            questions_weights.append(weights)
+        latency, exact = latencies(index, questions_weights, None)
+        row = {"docs": n, "bytes_per_doc": disk / n, "save_s": save_s, "append_s": append_s, "load_s": load_s,
+               "index_build_s": index_s, "query_ms_p50": statistics.median(latency),
+               "query_ms_p95": statistics.quantiles(latency, n=20)[18]}
+        if max_postings:
+            latency, approx = latencies(index, questions_weights, max_postings)
+            row.update({"approx_query_ms_p50": statistics.median(latency),
+                        "approx_query_ms_p95": statistics.quantiles(latency, n=20)[18],
+                        "approx_recall": float(np.mean([len(set(a[1][0].tolist()) & set(e[1][0].tolist())) / 3
+                                                        for a, e in zip(approx, exact)])),
+                        "approx_same_scores": float(np.mean([torch.equal(a[0], e[0])
+                                                             for a, e in zip(approx, exact)]))})
+        row["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(row)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -146,6 +167,8 @@ def main() -> None:
     p.add_argument("--end-to-end-docs", type=int, default=20000, help="0 skips the tiny-model part")
     p.add_argument("--zipf", type=float, default=1.0, help="exponent of the code distribution (0: uniform codes, "
                    "the best case for an inverted index; 1: word-frequency-like, long posting lists)")
+    p.add_argument("--max-postings", type=int, default=None, help="also time the approximate search that reads at "
+                   "most L postings per question token, and measure its recall against the exact ranking")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/scale.json")
     a = p.parse_args()
@@ -153,7 +176,8 @@ def main() -> None:
     sizes = []
     for n in a.docs:
         queue = ctx.Queue()
-        proc = ctx.Process(target=one_size, args=(n, a.num_tokens, a.questions, a.seed, a.zipf, queue))
+        proc = ctx.Process(target=one_size, args=(n, a.num_tokens, a.questions, a.seed, a.zipf, a.max_postings,
+                                                       queue))
         proc.start()
         row = queue.get()
         proc.join()
@@ -163,12 +187,18 @@ def main() -> None:
     for row in sizes:
         row["append_over_save"] = row["append_s"] / row["save_s"]
         row["p50_over_smallest"] = row["query_ms_p50"] / base["query_ms_p50"]
-    record = {"num_tokens": a.num_tokens, "vocab_size": V, "zipf_exponent": a.zipf, "sizes": sizes,
+        if a.max_postings:
+            row["approx_p50_over_smallest"] = row["approx_query_ms_p50"] / base["approx_query_ms_p50"]
+    record = {"num_tokens": a.num_tokens, "vocab_size": V, "zipf_exponent": a.zipf, "max_postings": a.max_postings,
+              "sizes": sizes,
               "end_to_end": end_to_end(a.end_to_end_docs) if a.end_to_end_docs else None,
               "command": "python " + " ".join(sys.argv)}
     write_json_report(a.output, record)
     print(markdown_table(sizes, ["docs", "bytes_per_doc", "save_s", "append_s", "append_over_save", "load_s",
                                  "index_build_s", "rss_mb", "query_ms_p50", "query_ms_p95", "p50_over_smallest"]))
+    if a.max_postings:
+        print(markdown_table(sizes, ["docs", "query_ms_p50", "approx_query_ms_p50", "approx_query_ms_p95",
+                                     "approx_p50_over_smallest", "approx_recall", "approx_same_scores"]))
     if record["end_to_end"]:
         print(markdown_table([record["end_to_end"]], list(record["end_to_end"])))
     assert math.isfinite(base["query_ms_p50"])

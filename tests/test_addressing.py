@@ -110,6 +110,49 @@ def test_code_index_early_stop_is_exact_for_skewed_weights_and_ties_at_the_bound
         index.search(-weights[:1], 1)
 
 
+def test_code_index_with_max_postings_reads_at_most_that_many_documents_per_token_and_scores_them_exactly():
+    """The approximate mode (``max_postings=L``): a cap at least the longest posting list is the exact search; a
+    smaller one finds only documents within the first L postings of some question token, and each document it returns
+    carries its exact brute-force score, best first."""
+    gen = torch.Generator().manual_seed(2)
+    n, t, v = 2000, 6, 40  # 40 tokens over 12,000 codes: every posting list is long
+    codes = torch.randint(0, v, (n, t), generator=gen)
+    index = CodeIndex(codes, v)
+    weights = _dyadic_weights(gen, 8, v, 0.3)
+    longest = int(index.document_frequency().max())
+    exact = index.search(weights, 5)
+    assert [torch.equal(a, b) for a, b in zip(index.search(weights, 5, max_postings=longest), exact)] == [True] * 2
+    brute = score_codes(weights, codes[None])  # (8, n)
+    cap = 20
+    scores, docs = index.search(weights, 5, max_postings=cap)
+    for b in range(8):
+        tokens = weights[b].nonzero().flatten().tolist()
+        reachable = set()
+        for token in tokens:
+            reachable |= set(index.documents[index.indptr[token]:index.indptr[token] + cap].tolist())
+        assert set(docs[b].tolist()) <= reachable, b
+        assert torch.equal(scores[b], brute[b, docs[b]]), b
+        assert (scores[b, :-1] >= scores[b, 1:]).all()
+    assert not torch.equal(docs, exact[1])  # with 20 of ~300 postings a token, some question misses its best
+    with pytest.raises(ValueError, match="max_postings"):
+        index.search(weights, 5, max_postings=0)
+
+
+def test_model_addresses_approximately_when_the_config_caps_the_posting_lists():
+    model = fitted_model(read_documents=2)
+    bank = model.memorize(DOCS * 1 + [f"The cat number {i} sat on a mat in room {i}." for i in range(40)])
+    batch = model.encode_questions(QUESTIONS)
+    q, m = batch["question_input_ids"], batch["question_attention_mask"]
+    exact = model.read_documents(q, m, model.memory_from_bank(bank))
+    model.config.addressing_max_postings = 1
+    approx = model.read_documents(q, m, model.memory_from_bank(bank))
+    assert not torch.equal(exact[1], approx[1])  # "cat", "the" ... are on many rows: one posting each is not enough
+    brute = model.codebook.score(q, m, bank.codes.long()[None])
+    assert torch.equal(approx[0], brute.gather(1, approx[1]))  # what it returns is scored exactly
+    with pytest.raises(ValueError, match="addressing_max_postings"):
+        tiny_mbc_model(codebook_type="vocabulary", addressing_max_postings=0)
+
+
 def test_question_weights_make_index_and_brute_force_agree_whatever_the_order_of_the_codes():
     """Two documents with the same codes in another order tie exactly under both scorers: question_weights are
     multiples of 2^-20, so float64 sums do not depend on the order (with raw IDF floats they differ in the last bit

@@ -74,6 +74,12 @@ class CodeIndex:
     ``top_k(score_codes(weights, codes[None]), k)``, ties included, when every sum of weights is exact in float64
     (as `VocabularyCodebook.question_weights`, multiples of 2^-20, guarantees): the two add a document's weights in
     different orders.
+
+    ``search(..., max_postings=L)`` is the approximate mode, whose cost does not grow with the bank: a posting list
+    longer than L is read only up to its first L documents, so a question reads at most L documents per token
+    whatever N is. Every document it returns still has its exact score (scored in full from its codes); what it may
+    miss is a document found only through a truncated list. Its agreement with the exact ranking is measured by
+    ``benchmarks/bank_scale.py --max-postings L``.
     """
 
     def __init__(self, codes: torch.Tensor, vocab_size: int):
@@ -96,13 +102,17 @@ class CodeIndex:
         """(V,) int64: how many codes of the bank equal each token (a document holding it twice counts twice)."""
         return np.diff(self.indptr)
 
-    def search(self, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, weights: torch.Tensor, k: int, max_postings: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) float64 question weights (nonnegative) -> (scores (B, k') float64, indices (B, k') int64), best
-        first, ties: the earlier document; k' = min(k, N).
+        first, ties: the earlier document; k' = min(k, N). ``max_postings``: None for the exact ranking, or L > 0 to
+        read at most L postings of each token (approximate, cost independent of N; see the class docstring).
 
         Raises:
-            ValueError: a negative weight (the early stop assumes weights >= 0).
+            ValueError: a negative weight (the early stop assumes weights >= 0), or ``max_postings`` < 1.
         """
+        if max_postings is not None and max_postings < 1:
+            raise ValueError(f"CodeIndex.search: max_postings={max_postings}; use None (exact) or a positive cap")
         k = min(k, self.num_docs)
         w = weights.detach().cpu().double().numpy()
         if (w < 0).any():
@@ -110,10 +120,10 @@ class CodeIndex:
         out_scores = np.zeros((w.shape[0], k))
         out_index = np.zeros((w.shape[0], k), dtype=np.int64)
         for b in range(w.shape[0]):
-            out_scores[b], out_index[b] = self._search_one(w[b], k)
+            out_scores[b], out_index[b] = self._search_one(w[b], k, max_postings)
         return torch.from_numpy(out_scores), torch.from_numpy(out_index)
 
-    def _search_one(self, w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_one(self, w: np.ndarray, k: int, max_postings: int | None) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.flatnonzero(w)
         tokens = tokens[np.lexsort((tokens, -w[tokens]))]  # highest weight first
         reach = w[tokens] * self.max_copies[tokens]
@@ -122,7 +132,9 @@ class CodeIndex:
         kth = -np.inf
         try:
             for j, token in enumerate(tokens):
-                new = self.documents[self.indptr[token]:self.indptr[token + 1]]  # sorted: copies are adjacent
+                end = self.indptr[token + 1] if max_postings is None else \
+                    min(self.indptr[token + 1], self.indptr[token] + max_postings)
+                new = self.documents[self.indptr[token]:end]  # sorted: copies are adjacent
                 new = new[~self._seen[new]]
                 new = new[np.r_[True, new[1:] != new[:-1]]] if len(new) else new
                 if len(new):
@@ -176,14 +188,16 @@ class BankIndex:
             first = self.segments.pop()[0]
         self.segments.append((first, CodeIndex(rows_from(first), self.vocab_size)))
 
-    def search(self, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `CodeIndex.search` over all the rows: (scores (B, k') float64, row indices (B, k') int64)."""
+    def search(self, weights: torch.Tensor, k: int, max_postings: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `CodeIndex.search` over all the rows: (scores (B, k') float64, row indices (B, k') int64);
+        ``max_postings`` caps each segment's lists (approximate)."""
         if len(self.segments) == 1:
-            return self.segments[0][1].search(weights, k)
+            return self.segments[0][1].search(weights, k, max_postings)
         if not self.segments:
             return weights.new_zeros(weights.shape[0], 0, dtype=torch.float64), torch.zeros(weights.shape[0], 0,
                                                                                              dtype=torch.int64)
-        parts = [(index.search(weights, k), first) for first, index in self.segments]
+        parts = [(index.search(weights, k, max_postings), first) for first, index in self.segments]
         scores = torch.cat([s for (s, _), _ in parts], dim=1).numpy()
         docs = torch.cat([d + first for (_, d), first in parts], dim=1).numpy()
         k = min(k, len(self))

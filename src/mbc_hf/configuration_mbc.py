@@ -53,6 +53,11 @@ class MBCConfig(PreTrainedConfig):
             codebook".
         read_documents (`int`, defaults to 1): with ``codebook_type="vocabulary"``, the documents of a bank that
             each question reads (ranked by `mbc_hf.addressing`).
+        addressing_max_postings (`int`, *optional*): with ``codebook_type="vocabulary"``, ``None`` (the default)
+            addresses a bank exactly (MaxScore over its inverted index, `mbc_hf.addressing.CodeIndex`); an int L
+            reads at most L postings of each question token, so a question's cost stops growing with the bank, at
+            the price of sometimes missing a document that only long posting lists would find (approximate;
+            ``benchmarks/bank_scale.py --max-postings L`` measures its recall against the exact ranking).
         code_selector (`str`, defaults to "idf"): with ``codebook_type="vocabulary"``, how a document's T codes are
             chosen: "idf" (its highest-IDF tokens) or "trained" (a token scorer fitted on the training questions and
             answers; see `VocabularyCodebook`).
@@ -135,6 +140,7 @@ class MBCConfig(PreTrainedConfig):
     code_entropy_weight: float = 0.0
     codebook_type: str = "learned"
     read_documents: int = 1
+    addressing_max_postings: int | None = None
     code_selector: str = "idf"
     code_order: str = "importance"
     whole_words: bool = False
@@ -190,6 +196,9 @@ class MBCConfig(PreTrainedConfig):
             raise ValueError(f"codebook_size={self.codebook_size} > 65536 does not fit the bank's uint16 codes"
                              + (" (codebook_type='vocabulary' uses the LM's vocabulary size)."
                                 if self.codebook_type == "vocabulary" else "."))
+        if self.addressing_max_postings is not None and self.addressing_max_postings < 1:
+            raise ValueError(f"addressing_max_postings must be None (exact addressing) or >= 1, got "
+                             f"{self.addressing_max_postings}.")
         n_layers = self.text_config.get_text_config().num_hidden_layers
         if not 0 <= self.kv_lora_layers <= n_layers:
             raise ValueError(f"kv_lora_layers={self.kv_lora_layers} must be in [0, {n_layers}] for this base LM.")

@@ -317,7 +317,7 @@ class VocabularyReader(Reader):
         k = min(k or self.config.read_documents, n)
         weights = m.codebook.question_weights(question_input_ids, question_attention_mask)  # (B, V)
         if memory.index is not None and memory.mask is None:
-            scores, docs = memory.index.search(weights, k)
+            scores, docs = memory.index.search(weights, k, self.config.addressing_max_postings)
             return scores, docs.to(question_input_ids.device)
         scores = m.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
         if memory.mask is not None:
