@@ -13,9 +13,10 @@ A bank of n documents holds the gold document and n - 1 other test entities (the
 uniformly from its closed set.
 
 ``--model tiny`` trains its tokenizers on the training texts (vocabulary 1,000: most attribute values become one
-token), makes its random LM a small base LM (`mbc_hf.testing.pretrain_tiny_lm` on the training documents and
-question/answer prompts, ``--pretrain-steps``; a random tiny LM cannot express any answer) and reads documents of up
-to 256 tokens.
+token), makes its random LM a small base LM that reads in context (`mbc_hf.testing.pretrain_tiny_lm` on training
+texts "document, question, answer", ``--pretrain-steps``; a random tiny LM cannot express any answer, and one
+pretrained on documents and prompts apart cannot read a memory) and reads documents of up to 256 tokens.
+``--vq-warmup-steps N`` trains the learned codebooks with the VQ warm-up (`MBCTrainingArguments.vq_warmup_steps`).
 
     python benchmarks/synthetic_facts.py --model embedded --minutes 30 --output benchmarks/results/synthetic.json
 """
@@ -48,12 +49,12 @@ def train_memory(name: str, a, train) -> object:
         options["codebook_dim"] = a.codebook_dim
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
-        model = build("tiny", "tiny-bert", freeze_encoders=True, max_document_length=256, max_question_length=64,
+        model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
                       corpus=corpus, vocab_size=1000, **options)
-        prompts = [model.config.prompt_template.format(question=q) + " " + answers[0] + model.tokenizer.eos_token
-                   for q, answers in zip(train["question"], train["answers"])]
-        loss = pretrain_tiny_lm(model, list(dict.fromkeys(train["context"])) + prompts, steps=a.pretrain_steps,
-                                seed=a.seed)
+        texts = [context + "\n" + model.config.prompt_template.format(question=q) + " " + answers[0]
+                 + model.tokenizer.eos_token for context, q, answers in zip(train["context"], train["question"],
+                                                                            train["answers"])]
+        loss = pretrain_tiny_lm(model, texts, steps=a.pretrain_steps, seed=a.seed)
         print(f"[synthetic] {name}: tiny LM pretrained, {a.pretrain_steps} steps, loss {loss:.2f}", flush=True)
     else:
         model = build("embedded", "embedded", freeze_encoders=True, **options)
@@ -62,6 +63,7 @@ def train_memory(name: str, a, train) -> object:
                                 max_steps=a.max_steps, num_train_epochs=100, logging_steps=25, save_strategy="no",
                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
                                 lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps,
+                                vq_warmup_steps=a.vq_warmup_steps if name.startswith("learned") else 0,
                                 max_minutes=a.minutes or None)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train)
     start = time.time()
@@ -107,9 +109,11 @@ def main(argv=None) -> dict:
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--lora-learning-rate", type=float, default=1e-3)
     p.add_argument("--gold-only-steps", type=int, default=0)
+    p.add_argument("--vq-warmup-steps", type=int, default=0, help="learned codebooks: steps that read the memory "
+                   "unquantized before the codebook is k-means initialised and the codes are read")
     p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "
                    "the paper's d-dim codes)")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="--model tiny: language-modelling steps that "
+    p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "
                    "make the random LM a base LM first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="outputs/synthetic")

@@ -98,6 +98,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("running_mean", torch.zeros(codebook_dim or 0))  # centring of factorized codes
         self.register_buffer("ema_cluster_size", torch.zeros(codebook_size))
         self.register_buffer("frozen", torch.tensor(False))
+        self.bypass = False  # VQ warm-up (`MBCTrainer`, ``vq_warmup_steps``): forward skips the quantization
 
     def _codes(self) -> torch.Tensor:
         """(K, c) code vectors in the lookup space (unit length when factorized)."""
@@ -210,8 +211,17 @@ class VectorQuantizer(nn.Module):
         return self.project_out(F.embedding(codes.long(), self._codes()))
 
     def forward(self, z: torch.Tensor) -> VQOutput:
-        """Quantize z of shape (B, T, d); in training (and not frozen) also update usage and reset dead codes."""
+        """Quantize z of shape (B, T, d); in training (and not frozen) also update usage and reset dead codes.
+
+        While ``bypass`` is set (the VQ warm-up of `MBCTrainer`, not in MBC) ``quantized`` is `unquantized` (z), with
+        zero loss and perplexity and no codebook update: the memory path learns on float vectors first, and the
+        codebook is then k-means initialised on vectors that already carry the documents.
+        """
         x = self._lookup_space(z)  # (B, T, c)
+        if self.bypass:
+            zero = z.new_zeros((), dtype=torch.float32)
+            return VQOutput(quantized=self.project_out(x).to(z.dtype), codes=self._nearest(x), loss=zero,
+                            perplexity=zero)
         distances = self._distances(x)  # (B·T, K)
         codes = distances.argmin(dim=1).view(x.shape[:-1])
         q = F.embedding(codes, self._codes())

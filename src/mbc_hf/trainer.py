@@ -7,6 +7,9 @@ online resetting runs inside the model's training forward.
 
 Additions that make the memory path learnable on a small CPU budget (none is in the paper; see README):
 * a gold-only curriculum: for the first ``gold_only_steps`` steps a question sees only its own document;
+* a VQ warm-up: for the first ``vq_warmup_steps`` steps the memory reads the context vectors unquantized (MAC's
+  float memory), then the codebook is k-means initialised on them and the codes are read (the learned codebook
+  carried nothing without it on CPU budgets; docs/memory-experiments.md);
 * learning rates per module group (encoders, KV-LoRA, the rest), and KV-LoRA frozen until ``lora_start_step``;
 * evaluation reports the **memory gain**: answer NLL with an empty memory (and with unrelated documents) minus
   answer NLL with the gold document, on fixed held-out questions. A positive gain means the memory is read.
@@ -50,6 +53,10 @@ class MBCTrainingArguments(TrainingArguments):
     codebook_kmeans_docs: int = field(default=0, metadata={"help": "If > 0, before the first step initialise the "
                                                                     "codebook by k-means on the context vectors of "
                                                                     "the first N training documents."})
+    vq_warmup_steps: int = field(default=0, metadata={
+        "help": "Learned codebook: for the first N steps the memory reads the context vectors with the VQ bypassed "
+                "(MAC-style float memory); then the codebook is k-means initialised on the context vectors of the "
+                "first codebook_kmeans_docs (default 1000) training documents and the codes are read."})
     freeze_codebook: bool = field(default=False, metadata={
         "help": "Freeze the codebook (after any k-means initialisation): no gradient, no dead-code reset."})
     encoder_state_cache_mb: float = field(default=2048, metadata={
@@ -323,31 +330,55 @@ class MBCTrainer(Trainer):
         codebook, instead: its IDF is fitted on the training documents (`fit_vocabulary_idf`) unless it already is.
 
         Raises:
-            ValueError: before the first step, for ``memory_gain_article_pairs`` with an eval set it cannot pair, and
-                for ``codebook_kmeans_docs`` / ``freeze_codebook`` with a vocabulary codebook."""
+            ValueError: before the first step, for ``memory_gain_article_pairs`` with an eval set it cannot pair, for
+                ``codebook_kmeans_docs`` / ``freeze_codebook`` / ``vq_warmup_steps`` with a vocabulary codebook, and
+                for ``vq_warmup_steps`` with the VQ bypassed (``use_vq=False``: there is no codebook to warm up)."""
         model = self.accelerator.unwrap_model(self.model)
         if self.args.memory_gain_article_pairs and self.eval_dataset is not None:
             self._article_pair_batches(self.eval_dataset)  # fail now, not at the first evaluation
         if model.uses_vocabulary_codebook:
-            if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook:
-                raise ValueError("codebook_kmeans_docs / freeze_codebook apply to a learned codebook; a vocabulary "
+            if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook or self.args.vq_warmup_steps > 0:
+                raise ValueError("codebook_kmeans_docs / freeze_codebook / vq_warmup_steps apply to a learned "
+                                 "codebook; a vocabulary "
                                  "codebook (codebook_type='vocabulary') has nothing to initialise or freeze: drop "
                                  "them.")
             if not model.codebook.fitted and not resume_from_checkpoint:
                 fit_vocabulary_idf(model, self.train_dataset)
             self._retrieval_bank = None  # built at the first step, after a resumed checkpoint restored the codebook
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.args.vq_warmup_steps > 0 and not model.config.use_vq:
+            raise ValueError("vq_warmup_steps reads the memory unquantized before the codes take over, but this model "
+                             "bypasses the VQ for good (use_vq=False): drop vq_warmup_steps, or build the model with "
+                             "use_vq=True.")
         with contextlib.ExitStack() as stack:
             if self.args.encoder_state_cache_mb > 0:
                 stack.enter_context(model.amortization.cache_encoder_states(int(self.args.encoder_state_cache_mb
                                                                                 * 2**20)))
-            if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint:
+            if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint and self.args.vq_warmup_steps == 0:
                 kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
                 if model.amortization.state_cache is not None:  # its documents stay cached; count training rows only
                     model.amortization.state_cache.hits = model.amortization.state_cache.misses = 0
             if self.args.freeze_codebook:
                 model.codebook.freeze()
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            finally:
+                if model.codebook.bypass:  # stopped within the warm-up: the model must leave with usable codes
+                    self._end_vq_warmup(model)
+
+    def _vq_warmup(self, model) -> None:
+        """Bypass the codebook for the first ``vq_warmup_steps`` optimizer steps, then `_end_vq_warmup` once. A run
+        resumed after the warm-up keeps its checkpoint's codebook."""
+        warming = self.state.global_step < self.args.vq_warmup_steps
+        if model.codebook.bypass and not warming:
+            self._end_vq_warmup(model)
+        model.codebook.bypass = warming
+
+    def _end_vq_warmup(self, model) -> None:
+        """K-means initialisation of the codebook on the context vectors the warm-up trained (the same codebook in
+        every process: `kmeans_init_codebook` seeds its RNG), then the codes are read."""
+        model.codebook.bypass = False
+        kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs or 1000, seed=self.args.seed)
 
     def _article_pair_batches(self, dataset) -> list[list[dict]]:
         """The memory-gain batches of ``memory_gain_article_pairs`` (`article_pair_batches`, at most
@@ -403,6 +434,8 @@ class MBCTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        if model.training and self.args.vq_warmup_steps > 0:
+            self._vq_warmup(self.accelerator.unwrap_model(model))
         if model.training and "question_doc_index" in inputs:
             inputs["contrastive_doc_index"] = inputs["question_doc_index"]  # used when contrastive_loss_weight > 0
         if self.state.global_step >= self.args.gold_only_steps or not model.training:
