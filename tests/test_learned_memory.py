@@ -78,3 +78,39 @@ def test_vq_warmup_is_refused_where_there_is_no_codebook_to_warm_up(tmp_path):
     for overrides, match in ((dict(codebook_type="vocabulary"), "vq_warmup_steps"), (dict(use_vq=False), "use_vq")):
         with pytest.raises(ValueError, match=match):
             MBCTrainer(model=tiny_mbc_model(**overrides), args=args, train_dataset=rows).train()
+
+
+def _warmup_run(tmp_path, max_steps: int, warmup: int):
+    rows = synthetic_facts(60, "train", 0)
+    model = tiny_mbc_model(seed=0, codebook_type="learned", max_document_length=256)
+    before = model.codebook.embedding.weight.detach().clone()
+    seen = []  # (step, bypass, vq loss) at every training forward
+    forward = model.codebook.forward
+
+    def spy(z):
+        out = forward(z)
+        seen.append((trainer.state.global_step, model.codebook.bypass, float(out.loss)))
+        return out
+
+    model.codebook.forward = spy
+    args = MBCTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=max_steps,
+                                vq_warmup_steps=warmup, codebook_kmeans_docs=40, report_to="none", use_cpu=True,
+                                save_strategy="no", disable_tqdm=True)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return model, before, seen
+
+
+def test_vq_warmup_bypasses_the_codebook_then_kmeans_initialises_it_and_reads_codes(tmp_path):
+    model, before, seen = _warmup_run(tmp_path, max_steps=4, warmup=2)
+    assert [s for s, bypass, _ in seen if bypass] == [0, 1]  # the first 2 optimizer steps read unquantized vectors
+    assert all(loss == 0 for _, bypass, loss in seen if bypass)
+    assert all(not bypass and loss > 0 for s, bypass, loss in seen if s >= 2)  # then the codes, with the VQ loss
+    assert not torch.equal(model.codebook.embedding.weight, before)  # k-means initialised at the switch
+    assert not model.codebook.bypass
+
+
+def test_a_run_that_stops_within_the_warm_up_leaves_a_kmeans_codebook(tmp_path):
+    model, before, seen = _warmup_run(tmp_path, max_steps=1, warmup=5)
+    assert seen and all(bypass for _, bypass, _ in seen)
+    assert not model.codebook.bypass and not torch.equal(model.codebook.embedding.weight, before)

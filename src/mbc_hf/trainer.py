@@ -361,10 +361,13 @@ class MBCTrainer(Trainer):
             if self.args.freeze_codebook:
                 model.codebook.freeze()
             try:
-                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-            finally:
-                if model.codebook.bypass:  # stopped within the warm-up: the model must leave with usable codes
-                    self._end_vq_warmup(model)
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            except BaseException:
+                model.codebook.bypass = False  # the model object outlives a failed run: it reads its codes again
+                raise
+            if model.codebook.bypass:  # stopped within the warm-up: the model must leave with usable codes
+                self._end_vq_warmup(model)
+            return result
 
     def _vq_warmup(self, model) -> None:
         """Bypass the codebook for the first ``vq_warmup_steps`` optimizer steps, then `_end_vq_warmup` once. A run
