@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-entities", type=int, default=4000)
     p.add_argument("--test-entities", type=int, default=1000)
     p.add_argument("--bank-sizes", default="1,8,64,1000")
+    p.add_argument("--attributes", help="comma-separated subset of city,profession,year,colour: ask (and train on) "
+                   "only these questions; the documents keep all their attributes (default: all)")
     p.add_argument("--questions-docs", type=int, default=64, help="answer the questions of the first N test docs")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -121,6 +123,9 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     train = synthetic_facts(a.train_entities, "train", a.seed)
     test = synthetic_facts(a.test_entities, "test", a.seed)
+    if a.attributes:
+        keep = set(a.attributes.split(","))
+        train, test = (ds.filter(lambda row: row["attribute"] in keep) for ds in (train, test))
     sizes = [min(int(s), a.test_entities) for s in a.bank_sizes.split(",")]
     rows = []
     for name in a.memories.split(","):
