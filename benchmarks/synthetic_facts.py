@@ -47,6 +47,8 @@ def train_memory(name: str, a, train) -> object:
     options = dict(MEMORIES[name][1])
     if options["codebook_type"] == "learned" and options.get("use_vq", True):
         options["codebook_dim"] = a.codebook_dim
+    if options.get("aggregation") == "topk":
+        options["addressing_loss_weight"] = a.addressing_loss_weight
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
@@ -113,6 +115,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gold-only-steps", type=int, default=0)
     p.add_argument("--vq-warmup-steps", type=int, default=0, help="learned codebooks: steps that read the memory "
                    "unquantized before the codebook is k-means initialised and the codes are read")
+    p.add_argument("--addressing-loss-weight", type=float, default=1.0, help="learned_topk: weight of its "
+                   "addressing loss")
     p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "
                    "the paper's d-dim codes)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "
