@@ -134,6 +134,11 @@ def test_code_index_with_max_postings_reads_at_most_that_many_documents_per_toke
         assert torch.equal(scores[b], brute[b, docs[b]]), b
         assert (scores[b, :-1] >= scores[b, 1:]).all()
     assert not torch.equal(docs, exact[1])  # with 20 of ~300 postings a token, some question misses its best
+    # fewer than k found: the earliest other documents fill the list, with their exact scores, best first
+    small = CodeIndex(torch.tensor([[1, 2], [1, 3], [7, 8], [4, 4]]), 10)
+    w = torch.zeros(1, 10, dtype=torch.float64)
+    w[0, 1] = 1.0  # token 1 is in rows 0 and 1; a cap of 1 finds row 0 only, and row 1 fills the list
+    assert [x.tolist() for x in small.search(w, 3, max_postings=1)] == [[[1.0, 1.0, 0.0]], [[0, 1, 2]]]
     with pytest.raises(ValueError, match="max_postings"):
         index.search(weights, 5, max_postings=0)
 

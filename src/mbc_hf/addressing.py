@@ -78,7 +78,8 @@ class CodeIndex:
     ``search(..., max_postings=L)`` is the approximate mode, whose cost does not grow with the bank: a posting list
     longer than L is read only up to its first L documents, so a question reads at most L documents per token
     whatever N is. Every document it returns still has its exact score (scored in full from its codes); what it may
-    miss is a document found only through a truncated list. Its agreement with the exact ranking is measured by
+    miss is a document found only through a truncated list (fewer than k found: the earliest others fill the list,
+    also scored exactly). Its agreement with the exact ranking is measured by
     ``benchmarks/bank_scale.py --max-postings L``.
     """
 
@@ -157,10 +158,11 @@ class CodeIndex:
         docs, scores = docs[keep].astype(np.int64), scores[keep]
         order = np.lexsort((docs, -scores))[:k]  # by score descending, then by document
         docs, scores = docs[order], scores[order]
-        if len(docs) < k:  # the rest score 0: the earliest documents that matched nothing
-            rest = np.setdiff1d(np.arange(min(self.num_docs, k + len(docs))), docs)
-            docs = np.concatenate([docs, rest[:k - len(docs)]])
-            scores = np.concatenate([scores, np.zeros(k - len(scores))])
+        if len(docs) < k:  # padded with the earliest documents not found (exact search: they match nothing, score 0)
+            rest = np.setdiff1d(np.arange(min(self.num_docs, k + len(docs))), docs)[:k - len(docs)].astype(np.int64)
+            docs, scores = np.concatenate([docs, rest]), np.concatenate([scores, w[self.codes[rest]].sum(1)])
+            order = np.lexsort((docs, -scores))
+            docs, scores = docs[order], scores[order]
         return scores, docs
 
 
