@@ -15,7 +15,8 @@ uniformly from its closed set.
 ``--model tiny`` trains its tokenizers on the training texts (vocabulary 1,000: most attribute values become one
 token), makes its random LM a small base LM that reads in context (`mbc_hf.testing.pretrain_tiny_lm` on training
 texts "document, question, answer", ``--pretrain-steps``; a random tiny LM cannot express any answer, and one
-pretrained on documents and prompts apart cannot read a memory) and reads documents of up to 256 tokens.
+pretrained on documents and prompts apart cannot read a memory), trains its random tiny encoders (frozen, a random
+encoder passes little of a document on) and reads documents of up to 256 tokens.
 ``--vq-warmup-steps N`` trains the learned codebooks with the VQ warm-up (`MBCTrainingArguments.vq_warmup_steps`).
 
     python benchmarks/synthetic_facts.py --model embedded --minutes 30 --output benchmarks/results/synthetic.json
