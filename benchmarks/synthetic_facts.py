@@ -31,7 +31,7 @@ from mbc_hf.data import chance_em, synthetic_facts
 from mbc_hf.demo import markdown_table, write_json_report
 from mbc_hf.evaluation import score
 from mbc_hf.factory import build
-from mbc_hf.testing import pretrain_tiny_lm
+from mbc_hf.testing import in_context_texts, pretrain_tiny_lm
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
 MAX_NEW_TOKENS = 12  # an answer is at most a few words
@@ -54,10 +54,7 @@ def train_memory(name: str, a, train) -> object:
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
                       corpus=corpus, vocab_size=1000, **options)
-        texts = [context + "\n" + model.config.prompt_template.format(question=q) + " " + answers[0]
-                 + model.tokenizer.eos_token for context, q, answers in zip(train["context"], train["question"],
-                                                                            train["answers"])]
-        loss = pretrain_tiny_lm(model, texts, steps=a.pretrain_steps, seed=a.seed)
+        loss = pretrain_tiny_lm(model, in_context_texts(model, train), steps=a.pretrain_steps, seed=a.seed)
         print(f"[synthetic] {name}: tiny LM pretrained, {a.pretrain_steps} steps, loss {loss:.2f}", flush=True)
     else:
         model = build("embedded", "embedded", freeze_encoders=True, **options)

@@ -21,7 +21,7 @@ import time
 from safetensors.torch import load_file, save_file
 
 from mbc_hf.data import synthetic_facts
-from mbc_hf.testing import pretrain_tiny_lm, tiny_mbc_model
+from mbc_hf.testing import in_context_texts, pretrain_tiny_lm, tiny_mbc_model
 from mbc_hf.trainer import MBCDataCollator, MBCTrainer, MBCTrainingArguments, kmeans_init_codebook, memory_gain
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,9 +43,8 @@ cache = os.path.join(a.cache_dir, f"lm_seed{a.seed}_steps{a.pretrain}.safetensor
 if os.path.exists(cache):
     model.lm.load_state_dict(load_file(cache))
 else:
-    texts = [c + "\n" + model.config.prompt_template.format(question=q) + " " + ans[0] + model.tokenizer.eos_token
-             for c, q, ans in zip(train["context"], train["question"], train["answers"])]
-    print(f"LM pretrained in context: loss {pretrain_tiny_lm(model, texts, steps=a.pretrain, seed=a.seed):.2f}")
+    loss = pretrain_tiny_lm(model, in_context_texts(model, train), steps=a.pretrain, seed=a.seed)
+    print(f"LM pretrained in context: loss {loss:.2f}")
     os.makedirs(a.cache_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.lm.state_dict().items()}, cache)
 held_out = MBCDataCollator(model)([test[i] for i in range(min(len(test), 200))])

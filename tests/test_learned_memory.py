@@ -12,7 +12,7 @@ import torch
 
 from mbc_hf import CompressedMemoryBank
 from mbc_hf.data import synthetic_facts
-from mbc_hf.testing import pretrain_tiny_lm, tiny_mbc_model
+from mbc_hf.testing import in_context_texts, pretrain_tiny_lm, tiny_mbc_model
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
 PRETRAIN_STEPS, WARMUP_STEPS, STEPS = 1000, 150, 300
@@ -39,9 +39,7 @@ def trained(tmp_path_factory):
     corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
     model = tiny_mbc_model(seed=0, corpus=corpus, vocab_size=1000, codebook_type="learned", freeze_encoders=False,
                            max_document_length=256, max_question_length=64)
-    texts = [context + "\n" + model.config.prompt_template.format(question=q) + " " + a[0] + model.tokenizer.eos_token
-             for context, q, a in zip(train["context"], train["question"], train["answers"])]
-    pretrain_tiny_lm(model, texts, steps=PRETRAIN_STEPS)
+    pretrain_tiny_lm(model, in_context_texts(model, train), steps=PRETRAIN_STEPS)
     args = MBCTrainingArguments(output_dir=str(tmp_path_factory.mktemp("mbc")), per_device_train_batch_size=16,
                                 learning_rate=3e-3, lr_scheduler_type="constant", max_steps=STEPS,
                                 gold_only_steps=STEPS, vq_warmup_steps=WARMUP_STEPS, save_strategy="no",

@@ -96,6 +96,15 @@ def tiny_mbc_model(base: str = "llama", encoder: str = "bert", seed: int = 0, co
     return model
 
 
+def in_context_texts(model: MBCModelForCausalLM, rows) -> list[str]:
+    """Language-modelling texts that teach a tiny LM to read in context (for `pretrain_tiny_lm`): each row's document,
+    a newline, the model's prompt for its question, its first answer and EOS. ``rows``: columns ``context``,
+    ``question``, ``answers`` (a `datasets.Dataset` or dict of lists)."""
+    return [context + "\n" + model.config.prompt_template.format(question=question) + " " + answers[0]
+            + model.tokenizer.eos_token
+            for context, question, answers in zip(rows["context"], rows["question"], rows["answers"])]
+
+
 def pretrain_tiny_lm(model: MBCModelForCausalLM, texts: list[str], steps: int = 200, batch_size: int = 32,
                      learning_rate: float = 3e-3, seed: int = 0) -> float:
     """Turn a tiny model's random LM into a small base LM: ``steps`` of full language modelling (Adam) on ``texts``,
