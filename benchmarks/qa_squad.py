@@ -565,6 +565,11 @@ def main(argv=None) -> dict:
         print(f"[qa_squad]   EM {r['em']:.2f} F1 {r['f1']:.2f} ({r['row_seconds']:.0f} s, peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB)", file=sys.stderr, flush=True)
         rows.append(r)
+        out_dir = Path(a.output_dir)  # rows so far, so that a long run stopped half-way keeps what it measured
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = [{k: v for k, v in x.items() if k not in ("predictions", "retrieved_doc_ids")} for x in rows]
+        (out_dir / "results.partial.json").write_text(json.dumps({"rows": partial, "command": _command_line(argv),
+                                                                   "timestamp": started}, indent=1) + "\n")
     ref = rows[0]
     if any(r["question_ids"] != ref["question_ids"] for r in rows):
         raise RuntimeError("rows were measured on different questions")
@@ -591,6 +596,7 @@ def main(argv=None) -> dict:
     markdown = render_markdown(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "results.md").write_text(markdown)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(markdown)
     return results
 

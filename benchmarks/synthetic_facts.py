@@ -50,6 +50,8 @@ def train_memory(name: str, a, train) -> object:
         options["codebook_dim"] = a.codebook_dim
     if options.get("aggregation") == "topk":
         options["addressing_loss_weight"] = a.addressing_loss_weight
+    if options["codebook_type"] == "learned":
+        options["reconstruction_loss_weight"] = a.reconstruction_loss_weight
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
@@ -115,6 +117,8 @@ def main(argv=None) -> dict:
                    "unquantized before the codebook is k-means initialised and the codes are read")
     p.add_argument("--addressing-loss-weight", type=float, default=1.0, help="learned_topk: weight of its "
                    "addressing loss")
+    p.add_argument("--reconstruction-loss-weight", type=float, default=0.0, help="learned memories: weight of the "
+                   "auxiliary loss that reconstructs each document from its own memory (MBCConfig)")
     p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "
                    "the paper's d-dim codes)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "
