@@ -74,7 +74,8 @@ for variant in a.variants:
     log = [{k: h.get(k) for k in ("step", "qa_loss", "addressing_loss", "grad_norm", "perplexity")}
            for h in trainer.state.log_history if "qa_loss" in h]
     results[variant] = log
-    means = {end: sum(h["qa_loss"] for h in log if end - 50 < h["step"] <= end) / 50 for end in range(50, a.steps + 1, 50)}
+    means = {end: sum(h["qa_loss"] for h in log if end - 50 < h["step"] <= end) / 50
+             for end in range(50, a.steps + 1, 50)}
     print(variant, "mean QA loss over the 50 steps ending at", {k: round(v, 3) for k, v in means.items()}, flush=True)
 if a.output:
     with open(a.output, "w") as f:
