@@ -10,15 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_facts as bench  # noqa: E402  (benchmarks/synthetic_facts.py: its evaluate())
+from learned_topk_probe import colour_topk_model  # noqa: E402
 
 from mbc_hf.arguments import MBCTrainingArguments  # noqa: E402
-from mbc_hf.data import synthetic_facts  # noqa: E402
-from mbc_hf.factory import build  # noqa: E402
-from mbc_hf.testing import in_context_texts, pretrain_tiny_lm  # noqa: E402
 from mbc_hf.trainer import MBCTrainer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,13 +23,7 @@ p.add_argument("seed", type=int)
 p.add_argument("memory_steps", type=int)
 p.add_argument("key_steps", type=int)
 a = p.parse_args()
-train = synthetic_facts(4000, "train", a.seed).filter(lambda r: r["attribute"] == "colour")
-test = synthetic_facts(1000, "test", a.seed).filter(lambda r: r["attribute"] == "colour")
-corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
-torch.manual_seed(a.seed)
-model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
-              corpus=corpus, vocab_size=1000, codebook_type="learned", aggregation="topk", topk_documents=1)
-print(f"pretrained in context: loss {pretrain_tiny_lm(model, in_context_texts(model, train), 1000, seed=a.seed):.2f}")
+train, test, model = colour_topk_model(a.seed)
 
 
 def run(steps: int, warmup: int, tag: str) -> None:
