@@ -554,6 +554,12 @@ def main(argv=None) -> dict:
     loadavg = [round(x, 2) for x in os.getloadavg()]
     parent_rss = peak_rss_mib()
     rows = []
+    out_dir = Path(a.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def slim(r: dict) -> dict:  # a row without its per-question lists
+        return {k: v for k, v in r.items() if k not in ("predictions", "question_ids", "retrieved_doc_ids")}
+
     ctx = multiprocessing.get_context("spawn")
     for name in a.rows:
         print(f"[qa_squad] row {name}: {ROWS[name]} ...", file=sys.stderr, flush=True)
@@ -565,26 +571,20 @@ def main(argv=None) -> dict:
         print(f"[qa_squad]   EM {r['em']:.2f} F1 {r['f1']:.2f} ({r['row_seconds']:.0f} s, peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB)", file=sys.stderr, flush=True)
         rows.append(r)
-        out_dir = Path(a.output_dir)  # rows so far, so that a long run stopped half-way keeps what it measured
-        out_dir.mkdir(parents=True, exist_ok=True)
-        partial = [{k: v for k, v in x.items() if k not in ("predictions", "retrieved_doc_ids")} for x in rows]
-        (out_dir / "results.partial.json").write_text(json.dumps({"rows": partial, "command": _command_line(argv),
-                                                                   "timestamp": started}, indent=1) + "\n")
+        # the rows so far, so that a long run stopped half-way keeps what it measured
+        (out_dir / "results.partial.json").write_text(json.dumps(
+            {"rows": [slim(x) for x in rows], "command": _command_line(argv), "timestamp": started}, indent=1) + "\n")
     ref = rows[0]
     if any(r["question_ids"] != ref["question_ids"] for r in rows):
         raise RuntimeError("rows were measured on different questions")
-    out_dir = Path(a.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, qid in enumerate(ref["question_ids"]):
             rec = {"question_id": qid, **{r["row"]: r["predictions"][i] for r in rows}}
             if "retrieved_doc_ids" in (bm25 := next((r for r in rows if r["row"] == "bm25"), {})):
                 rec["bm25_doc_id"] = bm25["retrieved_doc_ids"][i]
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    slim = [{k: v for k, v in r.items() if k not in ("predictions", "question_ids", "retrieved_doc_ids")}
-            for r in rows]
     results = {
-        "rows": slim, "args": vars(a), "command": _command_line(argv), "timestamp": started,
+        "rows": [slim(r) for r in rows], "args": vars(a), "command": _command_line(argv), "timestamp": started,
         "model": a.model, "model_path": str(Path(a.model).resolve()) if Path(a.model).exists() else a.model,
         "data": str(Path(a.data).resolve()), "n_docs": ref["n_docs"], "n_questions": ref["n_questions"],
         "versions": {"python": platform.python_version(), "torch": _version("torch"),

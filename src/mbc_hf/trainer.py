@@ -339,9 +339,8 @@ class MBCTrainer(Trainer):
         if model.uses_vocabulary_codebook:
             if self.args.codebook_kmeans_docs > 0 or self.args.freeze_codebook or self.args.vq_warmup_steps > 0:
                 raise ValueError("codebook_kmeans_docs / freeze_codebook / vq_warmup_steps apply to a learned "
-                                 "codebook; a vocabulary "
-                                 "codebook (codebook_type='vocabulary') has nothing to initialise or freeze: drop "
-                                 "them.")
+                                 "codebook; a vocabulary codebook (codebook_type='vocabulary') has nothing to "
+                                 "initialise or freeze: drop them.")
             if not model.codebook.fitted and not resume_from_checkpoint:
                 fit_vocabulary_idf(model, self.train_dataset)
             self._retrieval_bank = None  # built at the first step, after a resumed checkpoint restored the codebook
@@ -355,9 +354,7 @@ class MBCTrainer(Trainer):
                 stack.enter_context(model.amortization.cache_encoder_states(int(self.args.encoder_state_cache_mb
                                                                                 * 2**20)))
             if self.args.codebook_kmeans_docs > 0 and not resume_from_checkpoint and self.args.vq_warmup_steps == 0:
-                kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs, seed=self.args.seed)
-                if model.amortization.state_cache is not None:  # its documents stay cached; count training rows only
-                    model.amortization.state_cache.hits = model.amortization.state_cache.misses = 0
+                self._kmeans_init(model)
             if self.args.freeze_codebook:
                 model.codebook.freeze()
             try:
@@ -381,7 +378,14 @@ class MBCTrainer(Trainer):
         """K-means initialisation of the codebook on the context vectors the warm-up trained (the same codebook in
         every process: `kmeans_init_codebook` seeds its RNG), then the codes are read."""
         model.codebook.bypass = False
+        self._kmeans_init(model)
+
+    def _kmeans_init(self, model) -> None:
+        """`kmeans_init_codebook` on the first ``codebook_kmeans_docs`` (default 1,000) training documents. They
+        stay in the encoder state cache; its hit counters restart, so that they count training rows only."""
         kmeans_init_codebook(model, self.train_dataset, self.args.codebook_kmeans_docs or 1000, seed=self.args.seed)
+        if model.amortization.state_cache is not None:
+            model.amortization.state_cache.hits = model.amortization.state_cache.misses = 0
 
     def _article_pair_batches(self, dataset) -> list[list[dict]]:
         """The memory-gain batches of ``memory_gain_article_pairs`` (`article_pair_batches`, at most
