@@ -66,6 +66,7 @@ def train_memory(name: str, a, train) -> object:
                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
                                 lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps,
                                 vq_warmup_steps=a.vq_warmup_steps if name.startswith("learned") else 0,
+                                addressing_grad_ratio=a.addressing_grad_ratio if a.addressing_grad_ratio >= 0 else None,
                                 max_minutes=a.minutes or None)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train)
     start = time.time()
@@ -117,6 +118,8 @@ def main(argv=None) -> dict:
                    "unquantized before the codebook is k-means initialised and the codes are read")
     p.add_argument("--addressing-loss-weight", type=float, default=1.0, help="learned_topk: weight of its "
                    "addressing loss")
+    p.add_argument("--addressing-grad-ratio", type=float, default=0.5, help="learned_topk: the addressing loss's "
+                   "gradient budget (MBCTrainingArguments.addressing_grad_ratio); a negative value turns it off")
     p.add_argument("--reconstruction-loss-weight", type=float, default=0.0, help="learned memories: weight of the "
                    "auxiliary loss that reconstructs each document from its own memory (MBCConfig)")
     p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "

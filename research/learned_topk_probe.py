@@ -40,15 +40,16 @@ class DetachedAddressing(LearnedAddressing):
         return super().scores(latents.detach(), keys)
 
 
-def colour_topk_model(seed: int):
-    """(train rows, test rows, a tiny learned-codebook top-k model (k = 1) pretrained to read in context) on the
-    colour questions of the synthetic fact stream."""
+def colour_topk_model(seed: int, **overrides):
+    """(train rows, test rows, a tiny learned-codebook top-k model (k = 1, `MBCConfig` ``overrides``) pretrained to
+    read in context) on the colour questions of the synthetic fact stream."""
     train, test = (synthetic_facts(n, split, seed).filter(lambda row: row["attribute"] == "colour")
                    for n, split in ((4000, "train"), (1000, "test")))
     corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
     torch.manual_seed(seed)
     model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
-                  corpus=corpus, vocab_size=1000, codebook_type="learned", aggregation="topk", topk_documents=1)
+                  corpus=corpus, vocab_size=1000, codebook_type="learned", aggregation="topk", topk_documents=1,
+                  **overrides)
     loss = pretrain_tiny_lm(model, in_context_texts(model, train), 1000, seed=seed)
     print(f"pretrained in context: loss {loss:.2f}", flush=True)
     return train, test, model

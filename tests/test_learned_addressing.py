@@ -95,3 +95,61 @@ def test_topk_is_refused_without_learned_addressing_and_survives_save_and_load(t
     assert loaded.answer(QUESTIONS, memory_bank=bank, max_new_tokens=4) == \
         model.answer(QUESTIONS, memory_bank=bank, max_new_tokens=4)
     assert model.answer(QUESTIONS, memory_bank=bank, aggregation="histogram", max_new_tokens=2)  # still readable
+
+
+def _rows():
+    return [dict(doc_id=f"d{i}", context=d, question=q, answers=["x"])
+            for i, (d, q) in enumerate(zip(DOCS, ["What sat?", "Capital?", "Boils?", "Red door?", "Blue door?"]))]
+
+
+def _grads(loss, params):
+    return [torch.zeros_like(p) if g is None else g
+            for p, g in zip(params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))]
+
+
+def test_feature_grad_scale_scales_only_what_the_addressing_loss_sends_to_the_memory_path():
+    model = topk_model(1, freeze_encoders=False)
+    batch = MBCDataCollator(model)(_rows())
+    keys = list(model.addressing.parameters())
+    shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("addressing.")]
+    full, scaled = [], []
+    for scale, out in ((1.0, full), (0.25, scaled)):
+        model.addressing.feature_grad_scale = scale
+        loss = model(**batch, contrastive_doc_index=batch["question_doc_index"]).addressing_loss
+        out.append((_grads(loss, keys), _grads(loss, shared)))
+    (keys_full, shared_full), (keys_scaled, shared_scaled) = full[0], scaled[0]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(keys_full, keys_scaled))  # key heads: full weight
+    assert sum(float(g.abs().sum()) for g in shared_full) > 0  # the addressing loss does reach the memory path
+    assert all(torch.allclose(0.25 * a, b, atol=1e-6) for a, b in zip(shared_full, shared_scaled))
+
+
+@pytest.mark.parametrize("ratio", [0.05, 1000.0])
+def test_the_trainer_budgets_the_addressing_gradient_on_the_shared_parameters(tmp_path, ratio):
+    from datasets import Dataset
+
+    from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
+
+    model = topk_model(1, freeze_encoders=False).train()
+    model.codebook.bypass = True  # no codebook update or dead-code reset between the forwards compared here
+    args = MBCTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, addressing_grad_ratio=ratio)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows()))
+    batch = MBCDataCollator(model)(_rows())
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, dict(batch))
+    scale = model.addressing.feature_grad_scale
+    shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("addressing.")]
+    g_total = _grads(loss, shared)  # what the Trainer's backward will apply
+    model.addressing.feature_grad_scale = 1.0
+    torch.manual_seed(0)
+    inputs = dict(batch)  # as the trainer reads it after the gold-only steps: the batch's documents are the memory
+    gold = inputs.pop("question_doc_index")
+    out = model(**inputs, contrastive_doc_index=gold)
+    g_addr = _grads(out.addressing_loss, shared)
+    g_rest = _grads(out.loss - out.addressing_loss, shared)
+    norm = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs)))  # noqa: E731
+    assert abs(scale - min(1.0, ratio * norm(g_rest) / norm(g_addr))) < 1e-4
+    assert all(torch.allclose(t, r + scale * a, atol=1e-5) for t, r, a in zip(g_total, g_rest, g_addr))
+    if ratio < 1:
+        assert scale < 1 and norm([scale * a for a in g_addr]) <= ratio * norm(g_rest) * 1.001
+    else:
+        assert scale == 1.0  # a budget larger than the gradient leaves it whole

@@ -219,6 +219,20 @@ def bank_index(bank) -> BankIndex:
     return cached
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``owner.feature_grad_scale``, read at backward time
+    (so a trainer can set it between the forward and the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.owner.feature_grad_scale, None
+
+
 class LearnedAddressing(nn.Module):
     """Top-k addressing for a learned codebook (``aggregation="topk"``; CMT's top-k aggregation, not in MBC).
 
@@ -227,6 +241,13 @@ class LearnedAddressing(nn.Module):
     question reads the k documents of highest ``score = q · key / sqrt(a)``; the selection itself passes no
     gradient, so the keys are trained by the addressing loss (`loss`): cross-entropy of the gold document among the
     batch's documents.
+
+    ``feature_grad_scale`` (float, default 1.0: plain end-to-end training) multiplies the addressing gradient that
+    leaves the key heads for the features they read (code vectors, question latents), i.e. the share of it that
+    reaches the memory path the QA loss trains too (amortization network, codebook, question encoder); the key heads
+    themselves always get the full gradient. `mbc_hf.trainer.MBCTrainer` sets it at every step from
+    ``addressing_grad_ratio`` (the gradient budget; docs/memory-experiments.md, "A gradient budget for the
+    addressing loss").
 
     Args:
         dim: width of the code vectors and of the question latents (the LM's hidden size).
@@ -238,14 +259,15 @@ class LearnedAddressing(nn.Module):
         self.document_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
         self.question_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
         self.scale = key_dim ** -0.5
+        self.feature_grad_scale = 1.0
 
     def document_keys(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, T, d) float code vectors of N documents -> (N, a) keys."""
-        return self.document_key(vectors.mean(1))
+        return self.document_key(_ScaleGrad.apply(vectors, self).mean(1))
 
     def scores(self, latents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, T, d) question latents and (N, a) document keys -> (B, N) float scores."""
-        return self.question_key(latents.mean(1)) @ keys.T * self.scale
+        return self.question_key(_ScaleGrad.apply(latents, self).mean(1)) @ keys.T * self.scale
 
     @staticmethod
     def select(vectors: torch.Tensor, scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None

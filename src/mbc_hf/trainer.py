@@ -10,6 +10,8 @@ Additions that make the memory path learnable on a small CPU budget (none is in 
 * a VQ warm-up: for the first ``vq_warmup_steps`` steps the memory reads the context vectors unquantized (MAC's
   float memory), then the codebook is k-means initialised on them and the codes are read (the learned codebook
   carried nothing without it on CPU budgets; docs/memory-experiments.md);
+* learned top-k addressing: a gradient budget for its addressing loss (``addressing_grad_ratio``), so that it does
+  not swamp the QA loss on the parameters they share;
 * learning rates per module group (encoders, KV-LoRA, the rest), and KV-LoRA frozen until ``lora_start_step``;
 * evaluation reports the **memory gain**: answer NLL with an empty memory (and with unrelated documents) minus
   answer NLL with the gold document, on fixed held-out questions. A positive gain means the memory is read.
@@ -57,6 +59,13 @@ class MBCTrainingArguments(TrainingArguments):
         "help": "Learned codebook: for the first N steps the memory reads the context vectors with the VQ bypassed "
                 "(MAC-style float memory); then the codebook is k-means initialised on the context vectors of the "
                 "first codebook_kmeans_docs (default 1000) training documents and the codes are read."})
+    addressing_grad_ratio: float | None = field(default=0.5, metadata={
+        "help": "Learned top-k addressing (aggregation='topk'): the gradient budget of its addressing loss. At every "
+                "step the addressing loss's gradient on the parameters it shares with the QA loss (amortization "
+                "network, codebook, question encoder) is scaled to at most this ratio times the other losses' "
+                "gradient norm there; the key heads keep the full weight. Costs two extra backward passes per "
+                "step. None: one loss and one clipped norm, under which the addressing gradient swamps the memory "
+                "path's (docs/memory-experiments.md)."})
     freeze_codebook: bool = field(default=False, metadata={
         "help": "Freeze the codebook (after any k-means initialisation): no gradient, no dead-code reset."})
     encoder_state_cache_mb: float = field(default=2048, metadata={
@@ -457,6 +466,8 @@ class MBCTrainer(Trainer):
                     inputs.pop(key, None)
                 inputs["memory"] = unwrapped.token_memory(self._retrieval_bank.to(inputs["input_ids"].device))
         outputs = model(**inputs)
+        if model.training and outputs.addressing_loss is not None and self.args.addressing_grad_ratio is not None:
+            self._budget_addressing(model, outputs)
         if model.training:
             for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
                         "distillation_loss", "addressing_loss"):
@@ -465,6 +476,25 @@ class MBCTrainer(Trainer):
                     total, count = self._parts.get(key, (0.0, 0))
                     self._parts[key] = (total + float(value.detach()), count + 1)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _budget_addressing(self, model, outputs) -> None:
+        """The addressing loss's gradient budget (``addressing_grad_ratio`` = r; not in the paper): with
+        g_rest and g_addr the gradients of (loss − w·addressing_loss) and of w·addressing_loss on the trainable
+        parameters outside the key heads, the addressing gradient that leaves the key heads is scaled by
+        ``min(1, r·|g_rest| / |g_addr|)`` (`LearnedAddressing.feature_grad_scale`). Two extra backward passes
+        (``torch.autograd.grad``, graph retained); logged as ``addressing_grad_scale``."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        addressing = unwrapped.addressing
+        keys = {id(p) for p in addressing.parameters()}
+        shared = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in keys]
+        if not shared:
+            return
+        weighted = unwrapped.config.addressing_loss_weight * outputs.addressing_loss
+        addressing.feature_grad_scale = 1.0
+        rest, addr = _grad_norm(outputs.loss - weighted, shared), _grad_norm(weighted, shared)
+        addressing.feature_grad_scale = min(1.0, self.args.addressing_grad_ratio * rest / max(addr, 1e-12))
+        total, count = self._parts.get("addressing_grad_scale", (0.0, 0))
+        self._parts["addressing_grad_scale"] = (total + addressing.feature_grad_scale, count + 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._parts:
@@ -526,6 +556,12 @@ class MBCTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------------------- multi-process
+def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """L2 norm of d loss / d params (the graph is kept for the real backward)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
