@@ -66,7 +66,7 @@ def train_memory(name: str, a, train) -> object:
                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
                                 lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps,
                                 vq_warmup_steps=a.vq_warmup_steps if name.startswith("learned") else 0,
-                                addressing_grad_ratio=a.addressing_grad_ratio if a.addressing_grad_ratio >= 0 else None,
+                                addressing_grad_ratio=a.addressing_grad_ratio,
                                 max_minutes=a.minutes or None)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train)
     start = time.time()

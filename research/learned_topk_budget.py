@@ -80,7 +80,8 @@ def main() -> None:
                                 save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
                                 lr_scheduler_type="constant", gold_only_steps=10 ** 6,
                                 vq_warmup_steps=a.vq_warmup_steps,
-                                addressing_grad_ratio=None if a.uniform or a.feature_scale is not None else a.ratio)
+                                addressing_grad_ratio=-1 if a.uniform or a.feature_scale is not None or a.ratio is None
+                                else a.ratio)
     UniformBudgetTrainer.ratio = a.ratio
     trainer = (UniformBudgetTrainer if a.uniform else MBCTrainer)(model=model, args=args, train_dataset=train)
     trainer.train()

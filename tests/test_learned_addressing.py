@@ -123,7 +123,7 @@ def test_feature_grad_scale_scales_only_what_the_addressing_loss_sends_to_the_me
     assert all(torch.allclose(0.25 * a, b, atol=1e-6) for a, b in zip(shared_full, shared_scaled))
 
 
-@pytest.mark.parametrize("ratio", [0.05, 1000.0])
+@pytest.mark.parametrize("ratio", [0.05, 1000.0, -1.0])
 def test_the_trainer_budgets_the_addressing_gradient_on_the_shared_parameters(tmp_path, ratio):
     from datasets import Dataset
 
@@ -147,9 +147,10 @@ def test_the_trainer_budgets_the_addressing_gradient_on_the_shared_parameters(tm
     g_addr = _grads(out.addressing_loss, shared)
     g_rest = _grads(out.loss - out.addressing_loss, shared)
     norm = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs)))  # noqa: E731
-    assert abs(scale - min(1.0, ratio * norm(g_rest) / norm(g_addr))) < 1e-4
+    expected = 1.0 if ratio < 0 else min(1.0, ratio * norm(g_rest) / norm(g_addr))  # negative: no budget
+    assert abs(scale - expected) < 1e-4
     assert all(torch.allclose(t, r + scale * a, atol=1e-5) for t, r, a in zip(g_total, g_rest, g_addr))
-    if ratio < 1:
+    if 0 <= ratio < 1:
         assert scale < 1 and norm([scale * a for a in g_addr]) <= ratio * norm(g_rest) * 1.001
     else:
-        assert scale == 1.0  # a budget larger than the gradient leaves it whole
+        assert scale == 1.0  # a budget larger than the gradient, or none, leaves it whole

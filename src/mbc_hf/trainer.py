@@ -59,13 +59,13 @@ class MBCTrainingArguments(TrainingArguments):
         "help": "Learned codebook: for the first N steps the memory reads the context vectors with the VQ bypassed "
                 "(MAC-style float memory); then the codebook is k-means initialised on the context vectors of the "
                 "first codebook_kmeans_docs (default 1000) training documents and the codes are read."})
-    addressing_grad_ratio: float | None = field(default=0.5, metadata={
+    addressing_grad_ratio: float = field(default=0.5, metadata={
         "help": "Learned top-k addressing (aggregation='topk'): the gradient budget of its addressing loss. At every "
                 "step the addressing loss's gradient on the parameters it shares with the QA loss (amortization "
                 "network, codebook, question encoder) is scaled to at most this ratio times the other losses' "
                 "gradient norm there; the key heads keep the full weight. Costs two extra backward passes per "
-                "step. None: one loss and one clipped norm, under which the addressing gradient swamps the memory "
-                "path's (docs/memory-experiments.md)."})
+                "step. A negative value turns it off: one loss and one clipped norm, under which the addressing "
+                "gradient swamps the memory path's (docs/memory-experiments.md)."})
     freeze_codebook: bool = field(default=False, metadata={
         "help": "Freeze the codebook (after any k-means initialisation): no gradient, no dead-code reset."})
     encoder_state_cache_mb: float = field(default=2048, metadata={
@@ -466,7 +466,7 @@ class MBCTrainer(Trainer):
                     inputs.pop(key, None)
                 inputs["memory"] = unwrapped.token_memory(self._retrieval_bank.to(inputs["input_ids"].device))
         outputs = model(**inputs)
-        if model.training and outputs.addressing_loss is not None and self.args.addressing_grad_ratio is not None:
+        if model.training and outputs.addressing_loss is not None and self.args.addressing_grad_ratio >= 0:
             self._budget_addressing(model, outputs)
         if model.training:
             for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
