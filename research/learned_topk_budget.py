@@ -10,7 +10,9 @@ on a bank of 1,000 new entities, and EM with top-k and with the histogram on ban
   reaches the shared parameters is scaled to at most r times the other losses' there; the key heads keep weight w;
 - ``--ratio r --uniform``: the whole addressing loss weighted by ``min(w, r·|g_rest| / |g_addr|)``, key heads
   included (norms over every trainable parameter);
-- ``--feature-scale c``: a fixed share c of the addressing gradient reaches the shared parameters, no budget.
+- ``--feature-scale c``: a fixed share c of the addressing gradient reaches the shared parameters, no budget;
+- ``--context-tokens T --codebook-size K``: the codes' capacity; ``--key-slots A``: the key reads only the first A
+  of a document's T code vectors.
 
     python research/learned_topk_budget.py --seed 0 --steps 1500 --ratio 0.5
 
@@ -27,8 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_facts as bench  # noqa: E402  (benchmarks/synthetic_facts.py: its evaluate())
 from learned_topk_probe import colour_topk_model  # noqa: E402
 
+from mbc_hf.addressing import LearnedAddressing  # noqa: E402
 from mbc_hf.arguments import MBCTrainingArguments  # noqa: E402
 from mbc_hf.trainer import MBCTrainer, _grad_norm  # noqa: E402
+
+
+class KeySlotAddressing(LearnedAddressing):
+    """``--key-slots A``: a document's key reads only the first A of its T code vectors, so the addressing gradient
+    reaches only those slots (the aggregator still reads all T)."""
+    key_slots = 4
+
+    def document_keys(self, vectors):
+        return super().document_keys(vectors[:, :self.key_slots])
 
 
 class UniformBudgetTrainer(MBCTrainer):
@@ -71,8 +83,12 @@ def main() -> None:
     p.add_argument("--feature-scale", type=float, help="fixed share of the addressing gradient for the shared part")
     p.add_argument("--context-tokens", type=int, default=4, help="T, codes per document")
     p.add_argument("--codebook-size", type=int, default=128, help="K")
+    p.add_argument("--key-slots", type=int, help="the document key reads only the first A code vectors")
     a = p.parse_args()
     train, test, model = colour_topk_model(a.seed, num_context_tokens=a.context_tokens, codebook_size=a.codebook_size)
+    if a.key_slots:
+        model.addressing.__class__ = KeySlotAddressing
+        KeySlotAddressing.key_slots = a.key_slots
     if a.feature_scale is not None:
         model.addressing.feature_grad_scale = a.feature_scale
     args = MBCTrainingArguments(output_dir="outputs/topk_budget", per_device_train_batch_size=16,

@@ -555,13 +555,13 @@ class MBCTrainer(Trainer):
         return metrics
 
 
-# ---------------------------------------------------------------------------------------------- multi-process
 def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     """L2 norm of d loss / d params (the graph is kept for the real backward)."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
 
 
+# ---------------------------------------------------------------------------------------------- multi-process
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
