@@ -49,8 +49,10 @@ def train_memory(name: str, a, train) -> object:
     if options["codebook_type"] == "learned" and options.get("use_vq", True):
         options["codebook_dim"] = a.codebook_dim
     if options.get("aggregation") == "topk":
-        options["addressing_loss_weight"] = a.addressing_loss_weight
+        options.update(addressing_loss_weight=a.addressing_loss_weight, addressing_codes=a.addressing_codes)
     if options["codebook_type"] == "learned":
+        options.update({k: v for k, v in (("num_context_tokens", a.context_tokens),
+                                          ("codebook_size", a.codebook_size)) if v})
         options["reconstruction_loss_weight"] = a.reconstruction_loss_weight
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
@@ -122,6 +124,11 @@ def main(argv=None) -> dict:
                    "gradient budget (MBCTrainingArguments.addressing_grad_ratio); a negative value turns it off")
     p.add_argument("--reconstruction-loss-weight", type=float, default=0.0, help="learned memories: weight of the "
                    "auxiliary loss that reconstructs each document from its own memory (MBCConfig)")
+    p.add_argument("--context-tokens", type=int, help="learned memories: T, codes per document (default: the "
+                   "model's)")
+    p.add_argument("--codebook-size", type=int, help="learned codebook: K (default: the model's)")
+    p.add_argument("--addressing-codes", type=int, default=0, help="learned_topk: the key reads only the first N "
+                   "codes (MBCConfig.addressing_codes; 0: all)")
     p.add_argument("--codebook-dim", type=int, help="learned codebook: factorized codes of this size (default: "
                    "the paper's d-dim codes)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "

@@ -21,16 +21,17 @@ def reference_prefix(model, bank, batch, k):
     """Brute force: score every document by hand, gather the k best documents' decoded codes, aggregate."""
     latents = model.question_encoder(batch["question_input_ids"], batch["question_attention_mask"])
     vectors = model.codebook.decode(bank.codes.long())  # (N, T, d)
-    keys = model.addressing.document_key(vectors.mean(1))
+    read = model.config.addressing_codes or vectors.shape[1]  # the key's codes: the first A, or all T
+    keys = model.addressing.document_key(vectors[:, :read].mean(1))
     scores = model.addressing.question_key(latents.mean(1)) @ keys.T / keys.shape[1] ** 0.5
     best = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
     memory = Memory(torch.stack([vectors[row].reshape(-1, vectors.shape[-1]) for row in best]))
     return model.prefix_from_latents(model.aggregator(latents, memory)), best
 
 
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_topk_reading_equals_a_brute_force_reference(k):
-    model = topk_model(k)
+@pytest.mark.parametrize("k,key_codes", [(1, 0), (2, 0), (5, 0), (2, 2)])
+def test_topk_reading_equals_a_brute_force_reference(k, key_codes):
+    model = topk_model(k, addressing_codes=key_codes)
     bank = model.memorize(DOCS * 20, doc_ids=[f"d{i}" for i in range(100)])  # 100 documents, repeated texts tie
     batch = model.encode_questions(QUESTIONS)
     with torch.no_grad():
@@ -154,3 +155,12 @@ def test_the_trainer_budgets_the_addressing_gradient_on_the_shared_parameters(tm
         assert scale < 1 and norm([scale * a for a in g_addr]) <= ratio * norm(g_rest) * 1.001
     else:
         assert scale == 1.0  # a budget larger than the gradient, or none, leaves it whole
+
+
+def test_key_codes_send_the_addressing_gradient_to_those_codes_only():
+    model = topk_model(1, addressing_codes=2)  # T = 4 codes per document, the key reads the first 2
+    vectors = torch.randn(3, model.config.num_context_tokens, model.config.text_config.hidden_size, requires_grad=True)
+    (grad,) = torch.autograd.grad(model.addressing.document_keys(vectors).square().sum(), vectors)
+    assert grad[:, :2].abs().sum() > 0 and torch.equal(grad[:, 2:], torch.zeros_like(grad[:, 2:]))
+    with pytest.raises(ValueError, match="addressing_codes"):
+        tiny_mbc_model(aggregation="topk", addressing_codes=5)  # more than the T = 4 codes a document has

@@ -236,8 +236,9 @@ class _ScaleGrad(torch.autograd.Function):
 class LearnedAddressing(nn.Module):
     """Top-k addressing for a learned codebook (``aggregation="topk"``; CMT's top-k aggregation, not in MBC).
 
-    A document's key is computed from its codes alone (the mean of its T decoded code vectors, LayerNorm, linear),
-    so the bank stays codes-only; a question's key comes from its question-encoder latents the same way. Each
+    A document's key is computed from its codes alone (the mean of its T decoded code vectors, or of the first
+    ``key_codes`` of them, LayerNorm, linear), so the bank stays codes-only; a question's key comes from its
+    question-encoder latents the same way. Each
     question reads the k documents of highest ``score = q · key / sqrt(a)``; the selection itself passes no
     gradient, so the keys are trained by the addressing loss (`loss`): cross-entropy of the gold document among the
     batch's documents.
@@ -252,17 +253,23 @@ class LearnedAddressing(nn.Module):
     Args:
         dim: width of the code vectors and of the question latents (the LM's hidden size).
         key_dim: a, the width of the keys.
+        key_codes: A, the key reads only the first A of a document's T code vectors (0: all T;
+            ``MBCConfig.addressing_codes``). The addressing loss then shapes only those codes, and the others are
+            left to the QA loss.
     """
 
-    def __init__(self, dim: int, key_dim: int = 64):
+    def __init__(self, dim: int, key_dim: int = 64, key_codes: int = 0):
         super().__init__()
+        self.key_codes = key_codes
         self.document_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
         self.question_key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, key_dim))
         self.scale = key_dim ** -0.5
         self.feature_grad_scale = 1.0
 
     def document_keys(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(N, T, d) float code vectors of N documents -> (N, a) keys."""
+        """(N, T, d) float code vectors of N documents -> (N, a) keys (from the first ``key_codes`` of them)."""
+        if self.key_codes:
+            vectors = vectors[:, :self.key_codes]  # (N, A, d)
         return self.document_key(_ScaleGrad.apply(vectors, self).mean(1))
 
     def scores(self, latents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

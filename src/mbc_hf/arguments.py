@@ -50,6 +50,9 @@ class ModelArguments:
         "help": "Learned codebook: how a bank is read; 'topk' builds learned addressing (each question reads its "
                 "--topk-documents best documents; not in the paper)."})
     topk_documents: int | None = field(default=None, metadata={"help": "k of --aggregation topk (default 1)."})
+    addressing_codes: int | None = field(default=None, metadata={
+        "help": "--aggregation topk: a document's key reads only its first N codes (default 0: all), leaving the "
+                "others to the QA loss (MBCConfig.addressing_codes)."})
     # research knobs (--help-all): the code choice of the vocabulary codebook
     code_selector: Literal["idf", "trained"] | None = field(default=None, metadata={
         "help": "Vocabulary codebook: codes by IDF or by the trained token scorer (default: trained)."})

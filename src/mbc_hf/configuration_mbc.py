@@ -82,6 +82,9 @@ class MBCConfig(PreTrainedConfig):
             whose key, computed from their codes alone, best matches its question key.
         topk_documents (`int`, defaults to 1): k of ``aggregation="topk"``.
         addressing_dim (`int`, defaults to 64): width of the learned addressing keys.
+        addressing_codes (`int`, defaults to 0): with ``aggregation="topk"``, a document's key reads only the first
+            A of its T codes (0: all T), so the addressing loss shapes those codes and leaves the others to the QA
+            loss (the aggregator still reads all T); not in the paper (docs/memory-experiments.md, "Key codes").
         addressing_loss_weight (`float`, defaults to 1.0): weight of the addressing loss (cross-entropy of the gold
             document among the batch's documents) with ``aggregation="topk"``.
         max_document_length (`int`, defaults to 256): encoder tokens kept per document (longer ones are truncated
@@ -157,6 +160,7 @@ class MBCConfig(PreTrainedConfig):
     aggregation: str = "histogram"
     topk_documents: int = 1
     addressing_dim: int = 64
+    addressing_codes: int = 0
     addressing_loss_weight: float = 1.0
     max_document_length: int = 256
     max_question_length: int = 128
@@ -192,6 +196,10 @@ class MBCConfig(PreTrainedConfig):
                      "read_documents", "topk_documents", "addressing_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.addressing_codes <= self.num_context_tokens:
+            raise ValueError(f"addressing_codes={self.addressing_codes} must be in [0, num_context_tokens="
+                             f"{self.num_context_tokens}]: the key reads the first addressing_codes of a document's "
+                             "codes (0: all of them).")
         if self.codebook_size > 65536:
             raise ValueError(f"codebook_size={self.codebook_size} > 65536 does not fit the bank's uint16 codes"
                              + (" (codebook_type='vocabulary' uses the LM's vocabulary size)."

@@ -80,7 +80,7 @@ def build_model(base_model: str = "embedded", encoder: str = "embedded", questio
 
 LEARNED_ONLY = ("no_vq", "freeze_amortization", "freeze_codebook", "codebook_kmeans_docs", "train_encoders",
                 "contrastive_weight", "distillation_weight", "reconstruction_weight", "prefix_mode", "prefix_length",
-                "code_entropy_weight")
+                "code_entropy_weight", "addressing_codes")
 
 
 def build_from_args(a):
@@ -99,7 +99,7 @@ def build_from_args(a):
                  code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
                  distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
-                 aggregation=a.aggregation, topk_documents=a.topk_documents)
+                 aggregation=a.aggregation, topk_documents=a.topk_documents, addressing_codes=a.addressing_codes)
 
 
 def model_from_args(a):

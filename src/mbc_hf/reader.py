@@ -108,7 +108,8 @@ class LearnedReader(Reader):
                                                      kv_heads, kv_head_dim)
         model.reconstruction_query = nn.Parameter(torch.randn(T, d) * 0.02)  # latents of the auxiliary loss
         # learned top-k addressing (aggregation="topk"); "histogram"/"dense" still read a bank whole
-        model.addressing = LearnedAddressing(d, config.addressing_dim) if config.aggregation == "topk" else None
+        model.addressing = (LearnedAddressing(d, config.addressing_dim, config.addressing_codes)
+                            if config.aggregation == "topk" else None)
 
     def load_encoders(self, encoder, question_encoder=None) -> None:
         """Copy pretrained encoder weights into the amortization network and the question encoder (default: the
