@@ -29,18 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_facts as bench  # noqa: E402  (benchmarks/synthetic_facts.py: its evaluate())
 from learned_topk_probe import colour_topk_model  # noqa: E402
 
-from mbc_hf.addressing import LearnedAddressing  # noqa: E402
 from mbc_hf.arguments import MBCTrainingArguments  # noqa: E402
 from mbc_hf.trainer import MBCTrainer, _grad_norm  # noqa: E402
-
-
-class KeySlotAddressing(LearnedAddressing):
-    """``--key-slots A``: a document's key reads only the first A of its T code vectors, so the addressing gradient
-    reaches only those slots (the aggregator still reads all T)."""
-    key_slots = 4
-
-    def document_keys(self, vectors):
-        return super().document_keys(vectors[:, :self.key_slots])
 
 
 class UniformBudgetTrainer(MBCTrainer):
@@ -83,12 +73,11 @@ def main() -> None:
     p.add_argument("--feature-scale", type=float, help="fixed share of the addressing gradient for the shared part")
     p.add_argument("--context-tokens", type=int, default=4, help="T, codes per document")
     p.add_argument("--codebook-size", type=int, default=128, help="K")
-    p.add_argument("--key-slots", type=int, help="the document key reads only the first A code vectors")
+    p.add_argument("--key-slots", type=int, default=0, help="the document key reads only the first A code vectors "
+                   "(MBCConfig.addressing_codes)")
     a = p.parse_args()
-    train, test, model = colour_topk_model(a.seed, num_context_tokens=a.context_tokens, codebook_size=a.codebook_size)
-    if a.key_slots:
-        model.addressing.__class__ = KeySlotAddressing
-        KeySlotAddressing.key_slots = a.key_slots
+    train, test, model = colour_topk_model(a.seed, num_context_tokens=a.context_tokens, codebook_size=a.codebook_size,
+                                           addressing_codes=a.key_slots)
     if a.feature_scale is not None:
         model.addressing.feature_grad_scale = a.feature_scale
     args = MBCTrainingArguments(output_dir="outputs/topk_budget", per_device_train_batch_size=16,
