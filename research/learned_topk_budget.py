@@ -44,8 +44,7 @@ class UniformBudgetTrainer(MBCTrainer):
             params = [p for p in model.parameters() if p.requires_grad]
             rest = loss - w * addr
             s = min(w, self.ratio * _grad_norm(rest, params) / max(_grad_norm(addr, params), 1e-12))
-            total, count = self._parts.get("addressing_grad_scale", (0.0, 0))
-            self._parts["addressing_grad_scale"] = (total + s / w, count + 1)
+            self._log_part("addressing_grad_scale", s / w)
             loss = rest + s * addr
         return (loss, outputs) if return_outputs else loss
 

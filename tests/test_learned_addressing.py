@@ -17,6 +17,12 @@ def topk_model(k=2, **kw):
     return tiny_mbc_model(aggregation="topk", topk_documents=k, seed=0, **kw).eval()
 
 
+def _rows():
+    """One question about each of DOCS."""
+    return [dict(doc_id=f"d{i}", context=d, question=q, answers=["x"])
+            for i, (d, q) in enumerate(zip(DOCS, ["What sat?", "Capital?", "Boils?", "Red door?", "Blue door?"]))]
+
+
 def reference_prefix(model, bank, batch, k):
     """Brute force: score every document by hand, gather the k best documents' decoded codes, aggregate."""
     latents = model.question_encoder(batch["question_input_ids"], batch["question_attention_mask"])
@@ -50,9 +56,7 @@ def test_topk_reading_equals_a_brute_force_reference(k, key_codes):
 
 def test_the_addressing_loss_and_its_gradient_match_cross_entropy_over_the_batch():
     model = topk_model(1)  # eval mode (no dropout, no codebook update), gradients on
-    rows = [dict(doc_id=f"d{i}", context=d, question=q, answers=["x"])
-            for i, (d, q) in enumerate(zip(DOCS, ["What sat?", "Capital?", "Boils?", "Red door?", "Blue door?"]))]
-    batch = MBCDataCollator(model)(rows)
+    batch = MBCDataCollator(model)(_rows())
     gold = batch["question_doc_index"]
     out = model(**batch, contrastive_doc_index=gold)
     grads = torch.autograd.grad(out.addressing_loss, list(model.addressing.parameters()))
@@ -96,11 +100,6 @@ def test_topk_is_refused_without_learned_addressing_and_survives_save_and_load(t
     assert loaded.answer(QUESTIONS, memory_bank=bank, max_new_tokens=4) == \
         model.answer(QUESTIONS, memory_bank=bank, max_new_tokens=4)
     assert model.answer(QUESTIONS, memory_bank=bank, aggregation="histogram", max_new_tokens=2)  # still readable
-
-
-def _rows():
-    return [dict(doc_id=f"d{i}", context=d, question=q, answers=["x"])
-            for i, (d, q) in enumerate(zip(DOCS, ["What sat?", "Capital?", "Boils?", "Red door?", "Blue door?"]))]
 
 
 def _grads(loss, params):

@@ -238,10 +238,9 @@ class LearnedAddressing(nn.Module):
 
     A document's key is computed from its codes alone (the mean of its T decoded code vectors, or of the first
     ``key_codes`` of them, LayerNorm, linear), so the bank stays codes-only; a question's key comes from its
-    question-encoder latents the same way. Each
-    question reads the k documents of highest ``score = q · key / sqrt(a)``; the selection itself passes no
-    gradient, so the keys are trained by the addressing loss (`loss`): cross-entropy of the gold document among the
-    batch's documents.
+    question-encoder latents the same way. Each question reads the k documents of highest
+    ``score = q · key / sqrt(a)``; the selection itself passes no gradient, so the keys are trained by the
+    addressing loss (`loss`): cross-entropy of the gold document among the batch's documents.
 
     ``feature_grad_scale`` (float, default 1.0: plain end-to-end training) multiplies the addressing gradient that
     leaves the key heads for the features they read (code vectors, question latents), i.e. the share of it that

@@ -473,9 +473,13 @@ class MBCTrainer(Trainer):
                         "distillation_loss", "addressing_loss"):
                 value = getattr(outputs, key)
                 if value is not None:
-                    total, count = self._parts.get(key, (0.0, 0))
-                    self._parts[key] = (total + float(value.detach()), count + 1)
+                    self._log_part(key, float(value.detach()))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _log_part(self, key: str, value: float) -> None:
+        """Add a value to the running mean that the next `log` reports under ``key``."""
+        total, count = self._parts.get(key, (0.0, 0))
+        self._parts[key] = (total + value, count + 1)
 
     def _budget_addressing(self, model, outputs) -> None:
         """The addressing loss's gradient budget (``addressing_grad_ratio`` = r; not in the paper): with
@@ -493,8 +497,7 @@ class MBCTrainer(Trainer):
         addressing.feature_grad_scale = 1.0
         rest, addr = _grad_norm(outputs.loss - weighted, shared), _grad_norm(weighted, shared)
         addressing.feature_grad_scale = min(1.0, self.args.addressing_grad_ratio * rest / max(addr, 1e-12))
-        total, count = self._parts.get("addressing_grad_scale", (0.0, 0))
-        self._parts["addressing_grad_scale"] = (total + addressing.feature_grad_scale, count + 1)
+        self._log_part("addressing_grad_scale", addressing.feature_grad_scale)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._parts:
