@@ -17,7 +17,11 @@ token), makes its random LM a small base LM that reads in context (`mbc_hf.testi
 texts "document, question, answer", ``--pretrain-steps``; a random tiny LM cannot express any answer, and one
 pretrained on documents and prompts apart cannot read a memory), trains its random tiny encoders (frozen, a random
 encoder passes little of a document on) and reads documents of up to 256 tokens.
-``--vq-warmup-steps N`` trains the learned codebooks with the VQ warm-up (`MBCTrainingArguments.vq_warmup_steps`).
+``--vq-warmup-steps N`` trains the learned codebooks with the VQ warm-up (`MBCTrainingArguments.vq_warmup_steps`);
+with ``--vq-warmup-gain G`` it ends as soon as the float memory's gain against another document reaches G nats on
+200 held-out entities (never asked about, never trained on), N being the cap. Each learned row also reports the
+codebook's health at the end of training: ``distinct_codes`` over the 1,000 test documents, ``resets`` (codes
+re-seeded by online resetting) and ``warmup_end`` (the step where the codes took over).
 
     python benchmarks/synthetic_facts.py --model embedded --minutes 30 --output benchmarks/results/synthetic.json
 """
@@ -32,7 +36,7 @@ from mbc_hf.demo import markdown_table, write_json_report
 from mbc_hf.evaluation import score
 from mbc_hf.factory import build
 from mbc_hf.testing import in_context_texts, pretrain_tiny_lm
-from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
+from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments, distinct_codes
 
 MAX_NEW_TOKENS = 12  # an answer is at most a few words
 MEMORIES = {  # name -> (addressing, build options)
@@ -44,7 +48,8 @@ MEMORIES = {  # name -> (addressing, build options)
 }
 
 
-def train_memory(name: str, a, train) -> object:
+def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
+    """Train one memory; returns the model (eval mode) and its training record (steps, warm-up end, resets)."""
     options = dict(MEMORIES[name][1])
     if options["codebook_type"] == "learned" and options.get("use_vq", True):
         options["codebook_dim"] = a.codebook_dim
@@ -54,6 +59,7 @@ def train_memory(name: str, a, train) -> object:
         options.update({k: v for k, v in (("num_context_tokens", a.context_tokens),
                                           ("codebook_size", a.codebook_size)) if v})
         options["reconstruction_loss_weight"] = a.reconstruction_loss_weight
+        options["dead_code_steps"] = a.dead_code_steps
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
@@ -68,19 +74,26 @@ def train_memory(name: str, a, train) -> object:
                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=a.seed,
                                 lr_scheduler_type="constant", gold_only_steps=a.gold_only_steps,
                                 vq_warmup_steps=a.vq_warmup_steps if name.startswith("learned") else 0,
-                                addressing_grad_ratio=a.addressing_grad_ratio,
+                                vq_warmup_gain=a.vq_warmup_gain if name.startswith("learned") else None,
+                                vq_warmup_check_steps=a.vq_warmup_check_steps, memory_gain_questions=32,
+                                per_device_eval_batch_size=16, addressing_grad_ratio=a.addressing_grad_ratio,
                                 max_minutes=a.minutes or None)
-    trainer = MBCTrainer(model=model, args=args, train_dataset=train)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     start = time.time()
     trainer.train()
-    print(f"[synthetic] {name}: {trainer.state.global_step} steps in {time.time() - start:.0f} s", flush=True)
-    return model.eval()
+    seconds = time.time() - start
+    print(f"[synthetic] {name}: {trainer.state.global_step} steps in {seconds:.0f} s", flush=True)
+    record = {"steps": trainer.state.global_step, "train_s": round(seconds),
+              "warmup_end": trainer.vq_warmup_end[0] if trainer.vq_warmup_end else None,
+              "resets": getattr(model.codebook, "num_resets", None),
+              "log": [h for h in trainer.state.log_history if "loss" in h or "vq_warmup_gain" in h]}
+    return model.eval(), record
 
 
 @torch.no_grad()
-def evaluate(model, test, n: int, questions: int, empty: bool = False) -> dict:
+def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregation: str | None = None) -> dict:
     """EM/F1/answer NLL on the questions of the first documents, each read from a bank of its group of n test
-    documents (or an empty memory)."""
+    documents (or an empty memory), with the model's aggregation or ``aggregation``."""
     docs = list(dict.fromkeys(zip(test["doc_id"], test["context"])))
     asked = {d for d, _ in docs[:max(questions, 1)]}
     rows = [r for r in test if r["doc_id"] in asked]
@@ -90,12 +103,13 @@ def evaluate(model, test, n: int, questions: int, empty: bool = False) -> dict:
         bank = None if empty else model.memorize([t for d, t in docs if group[d] == g],
                                                  doc_ids=[d for d, _ in docs if group[d] == g])
         members = [i for i, r in enumerate(rows) if group[r["doc_id"]] == g]
-        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS)
+        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS,
+                               aggregation=aggregation)
         for i, p in zip(members, answers):
             predictions[i] = p
         batch = model.encode_questions([rows[i]["question"] for i in members], [rows[i]["answers"][0]
                                                                                 for i in members])
-        nll.append(float(model(**batch, memory_bank=bank).qa_loss) * len(members))
+        nll.append(float(model(**batch, memory_bank=bank, aggregation=aggregation).qa_loss) * len(members))
     result = score(predictions, {"answers": [r["answers"] for r in rows]})
     return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows)}
 
@@ -118,6 +132,11 @@ def main(argv=None) -> dict:
     p.add_argument("--gold-only-steps", type=int, default=0)
     p.add_argument("--vq-warmup-steps", type=int, default=0, help="learned codebooks: steps that read the memory "
                    "unquantized before the codebook is k-means initialised and the codes are read")
+    p.add_argument("--vq-warmup-gain", type=float, help="learned codebooks: end the warm-up as soon as the float "
+                   "memory's gain against another document reaches this (nats), --vq-warmup-steps being the cap")
+    p.add_argument("--vq-warmup-check-steps", type=int, default=50, help="steps between two checks of the gain")
+    p.add_argument("--dead-code-steps", type=int, default=100, help="learned codebook: online resetting re-seeds a "
+                   "code unused for this many training forwards (MBCConfig.dead_code_steps)")
     p.add_argument("--addressing-loss-weight", type=float, default=1.0, help="learned_topk: weight of its "
                    "addressing loss")
     p.add_argument("--addressing-grad-ratio", type=float, default=0.5, help="learned_topk: the addressing loss's "
@@ -138,19 +157,32 @@ def main(argv=None) -> dict:
     p.add_argument("--output")
     a = p.parse_args(argv)
     train = synthetic_facts(a.train_entities, "train", a.seed)
-    test = synthetic_facts(a.test_entities, "test", a.seed)
+    test = synthetic_facts(a.test_entities + 200, "test", a.seed)  # the last 200: the warm-up gate's documents
+    held_out = test.filter(lambda row: int(row["doc_id"].rsplit("-", 1)[1]) >= a.test_entities)
+    test = test.filter(lambda row: int(row["doc_id"].rsplit("-", 1)[1]) < a.test_entities)
     if a.attributes:
         keep = set(a.attributes.split(","))
-        train, test = (ds.filter(lambda row: row["attribute"] in keep) for ds in (train, test))
+        train, test, held_out = (ds.filter(lambda row: row["attribute"] in keep) for ds in (train, test, held_out))
+    all_docs = list(dict.fromkeys(test["context"]))
     sizes = [min(int(s), a.test_entities) for s in a.bank_sizes.split(",")]
-    rows = []
+    rows, training = [], {}
     for name in a.memories.split(","):
-        model = train_memory(name, a, train)
+        model, training[name] = train_memory(name, a, train, held_out)
+        health = {}
+        if MEMORIES[name][1]["codebook_type"] == "learned" and MEMORIES[name][1].get("use_vq", True):
+            health = {"distinct_codes": distinct_codes(model, all_docs), "resets": training[name]["resets"],
+                      "warmup_end": training[name]["warmup_end"]}
         for n in sizes:
             rows.append({"memory": name, "addressing": MEMORIES[name][0], "bank_docs": n,
-                         **evaluate(model, test, n, a.questions_docs)})
+                         **evaluate(model, test, n, a.questions_docs), "steps": training[name]["steps"], **health})
             print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
-        if name == "learned":
+        if MEMORIES[name][0] == "topk":  # the same codes read by the paper's set aggregation: its curve beside
+            for n in sizes[1:] if MEMORIES[name][1]["codebook_type"] == "learned" else []:
+                rows.append({"memory": name, "addressing": "all", "bank_docs": n,
+                             **evaluate(model, test, n, a.questions_docs, aggregation="histogram"),
+                             "steps": training[name]["steps"], **health})
+                print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+        if name.startswith("learned") and not any(r["memory"] == "empty" for r in rows):
             rows.append({"memory": "empty", "addressing": "—", "bank_docs": 0,
                          **evaluate(model, test, 1, a.questions_docs, empty=True)})
             prompts = [f"Question: {q}\nAnswer:" for q in test["question"]]
@@ -161,10 +193,11 @@ def main(argv=None) -> dict:
                          **score(closed, {"answers": [test["answers"][i] for i in keep]}), "answer_nll": None})
     chance = chance_em(test.select([i for i, d in enumerate(test["doc_id"])
                                     if d in set(list(dict.fromkeys(test["doc_id"]))[:a.questions_docs])]))
-    print(f"\n{markdown_table(rows, ['memory', 'addressing', 'bank_docs', 'em', 'f1', 'answer_nll'])}\n\n"
-          f"chance EM {chance:.2f}")
-    record = {"rows": [{k: r.get(k) for k in ("memory", "addressing", "bank_docs", "em", "f1", "answer_nll")}
-                       for r in rows], "chance_em": chance, "args": vars(a)}
+    columns = ["memory", "addressing", "bank_docs", "em", "f1", "answer_nll", "steps", "warmup_end", "resets",
+               "distinct_codes"]
+    print(f"\n{markdown_table(rows, columns)}\n\nchance EM {chance:.2f}")
+    record = {"rows": [{k: r.get(k) for k in columns} for r in rows], "chance_em": chance, "args": vars(a),
+              "training": training}
     if a.output:
         write_json_report(a.output, record)
     return record

@@ -91,7 +91,7 @@ def main() -> None:
     trainer.train()
     for h in trainer.state.log_history:
         if "qa_loss" in h:
-            print({k: h[k] for k in ("step", "qa_loss", "addressing_loss", "perplexity", "grad_norm",
+            print({k: h[k] for k in ("step", "qa_loss", "addressing_loss", "batch_perplexity", "grad_norm",
                                      "addressing_grad_scale") if k in h}, flush=True)
     model.eval()
     print(f"addressing top-1 on 1,000 documents: {address_accuracy(model, test):.3f}", flush=True)

@@ -82,7 +82,7 @@ def main() -> None:
                                     vq_warmup_steps=a.vq_warmup_steps)
         trainer = MBCTrainer(model=model, args=args, train_dataset=train)
         trainer.train()
-        log = [{k: h.get(k) for k in ("step", "qa_loss", "addressing_loss", "grad_norm", "perplexity")}
+        log = [{k: h.get(k) for k in ("step", "qa_loss", "addressing_loss", "grad_norm", "batch_perplexity")}
                for h in trainer.state.log_history if "qa_loss" in h]
         results[variant] = log
         means = {end: sum(h["qa_loss"] for h in log if end - 50 < h["step"] <= end) / 50

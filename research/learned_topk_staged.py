@@ -33,7 +33,7 @@ def run(steps: int, warmup: int, tag: str) -> None:
                                 lr_scheduler_type="constant", gold_only_steps=10 ** 6, vq_warmup_steps=warmup)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
-    print(tag, [(h["step"], h["qa_loss"], h.get("addressing_loss"), h["perplexity"])
+    print(tag, [(h["step"], h["qa_loss"], h.get("addressing_loss"), h["batch_perplexity"])
                 for h in trainer.state.log_history if "qa_loss" in h][::4], flush=True)
 
 

@@ -129,25 +129,21 @@ def rows_from(weight: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def test_dead_codes_are_reseeded_from_the_batch_in_training():
-    k, d, decay = 64, 8, 0.99
+    k, d = 64, 8
     torch.manual_seed(0)
-    vq = VectorQuantizer(k, d, ema_decay=decay).train()  # default init: every code starts dead (EMA 0)
-    assert (vq.ema_cluster_size == 0).all()
+    vq = VectorQuantizer(k, d).train()  # default init: every code starts dead (never used), as in the reference
+    assert (vq.unused_steps >= vq.dead_code_steps).all()
     before = vq.embedding.weight.detach().clone()
     z = torch.randn(2, 4, d)  # 8 vectors
     out = vq(z)
-    counts = torch.bincount(out.codes.flatten(), minlength=k).float()
-    ema = (1 - decay) * counts  # EMA after this step, before resetting
-    alive = ema >= vq.dead_code_threshold
+    used = torch.bincount(out.codes.flatten(), minlength=k) > 0
     weight = vq.embedding.weight.detach()
     changed = (weight != before).any(dim=1)
-    n_reset = min(int((~alive).sum()), 8)
-    assert int(changed.sum()) == n_reset
-    assert not changed[alive].any()  # live codes are never reset
+    assert int(changed.sum()) == 8 == vq.num_resets  # at most one code per batch vector
+    assert not changed[used].any()  # a code picked in this forward is never reset
     assert rows_from(weight, z.reshape(-1, d))[changed].all()  # reseeded rows are batch vectors
-    assert len({tuple(r.tolist()) for r in weight[changed]}) == n_reset  # ... distinct ones
-    assert torch.allclose(vq.ema_cluster_size[~changed], ema[~changed])
-    assert torch.allclose(vq.ema_cluster_size[changed], ema.mean().expand(n_reset))
+    assert len({tuple(r.tolist()) for r in weight[changed]}) == 8  # ... distinct ones
+    assert (vq.unused_steps[changed | used] == 0).all() and torch.equal(vq.reset_mask, changed)
 
     fed = [z.reshape(-1, d)]
     for _ in range(10):
@@ -155,10 +151,105 @@ def test_dead_codes_are_reseeded_from_the_batch_in_training():
         fed.append(batch.reshape(-1, d))
         vq(batch)
     weight = vq.embedding.weight.detach()
-    assert (vq.ema_cluster_size >= vq.dead_code_threshold).all()  # no dead code left
     reseeded = rows_from(weight, torch.cat(fed))
     assert (reseeded | (weight == before).all(dim=1)).all()  # a row is either untouched or a batch vector
-    assert int(reseeded.sum()) > n_reset  # later batches revived more codes
+    assert int(reseeded.sum()) > 8  # later batches revived more codes
+
+
+@pytest.mark.parametrize("n_steps", [1, 5, 100])
+def test_a_code_is_reset_exactly_when_unused_for_dead_code_steps_forwards(n_steps):
+    torch.manual_seed(0)
+    vq = make_vq(16, 4).train()
+    vq.dead_code_steps = n_steps
+    vq.unused_steps.zero_()  # every code just used
+    target = vq.codebook.detach()[3].clone()
+    z = target.expand(1, 16, 4).clone()  # every vector sits on code 3: the other 15 go unused
+    for step in range(1, n_steps + 1):
+        vq(z)
+        assert vq.num_resets == (15 if step == n_steps else 0), step
+
+
+def test_collapsed_input_after_kmeans_is_reseeded_within_dead_code_steps_plus_one():
+    """Issue 35: k-means set the usage EMA to cluster counts over all its vectors, so after the VQ warm-up a code
+    that stopped being used waited ~1,000 steps for its reset. Now the reset fires N steps after the last use."""
+    torch.manual_seed(0)
+    k, d, n_steps = 64, 16, 20
+    points, _ = clustered(k, d, 30)  # 1,920 vectors, as k-means sees ~1,000 documents × T
+    vq = VectorQuantizer(k, d, dead_code_steps=n_steps).train()
+    vq.vectors_per_step = 96
+    vq.kmeans_init(points)
+    collapsed = points[:1].expand(96, d).reshape(8, 12, d)  # the encoder collapsed onto one point
+    first = None
+    for step in range(1, 3 * n_steps):
+        vq(collapsed + 1e-3 * torch.randn_like(collapsed))
+        if first is None and vq.num_resets:
+            first = step
+    assert first is not None and first <= n_steps + 1, first
+
+
+def test_kmeans_init_puts_usage_on_the_per_step_scale():
+    torch.manual_seed(0)
+    points, _ = clustered(8, 16, 20)
+    vq = VectorQuantizer(8, 16)
+    vq.vectors_per_step = 12  # the last training forward quantized 12 vectors
+    counts = vq.kmeans_init(points)
+    torch.testing.assert_close(vq.ema_cluster_size.sum(), torch.tensor(12.0))  # one forward's worth, not 160
+    torch.testing.assert_close(vq.ema_cluster_size, counts.float() * 12 / len(points))
+    assert torch.equal(vq.unused_steps, torch.where(counts > 0, 0, vq.dead_code_steps))
+    assert vq.reset_mask.all()  # the old codebook's optimizer moments restart too
+
+
+def test_reset_restarts_the_optimizer_moments_of_reseeded_codes_only():
+    torch.manual_seed(0)
+    vq = make_vq(16, 4).train()
+    vq.unused_steps.zero_()
+    optimizer = torch.optim.Adam(vq.parameters(), lr=0.1)
+    for _ in range(3):  # build up moments on every code
+        optimizer.zero_grad()
+        vq(torch.randn(4, 8, 4)).loss.backward()
+        vq.reset_mask.fill_(False)
+        optimizer.step()
+    moments = {k: v.clone() for k, v in optimizer.state[vq.embedding.weight].items() if v.dim() == 2}
+    assert all(v.abs().sum(1).gt(0).sum() > 8 for v in moments.values())
+    vq.unused_steps[[2, 5]] = vq.dead_code_steps - 1  # codes 2 and 5 die in the next forward, which skips them
+    others = vq.codebook.detach()[[i for i in range(16) if i not in (2, 5)]]
+    optimizer.zero_grad()
+    vq((others + 0.01 * torch.randn_like(others))[None]).loss.backward()
+    assert vq.reset_mask.nonzero().flatten().tolist() == [2, 5]
+    before = vq.embedding.weight.detach().clone()
+    assert vq.restart_optimizer_state(optimizer) == 2 and not vq.reset_mask.any()
+    state = optimizer.state[vq.embedding.weight]
+    for key, old in moments.items():
+        assert (state[key][[2, 5]] == 0).all()
+        assert torch.equal(state[key][[0, 1, 3]], old[[0, 1, 3]])
+    assert (vq.embedding.weight.grad[[2, 5]] == 0).all()
+    optimizer.step()
+    moved = (vq.embedding.weight.detach() - before).abs().sum(1)
+    assert moved[[2, 5]].eq(0).all() and moved.gt(0).sum() > 0  # a fresh code does not ride the old momentum
+
+
+def test_usage_perplexity_counts_codes_over_time_not_per_batch():
+    torch.manual_seed(0)
+    vq = make_vq(64, 8).train()
+    vq.unused_steps.zero_()
+    codes = vq.codebook.detach()
+    for step in range(200):  # each forward uses 4 codes, a different 4 each time: 64 over time
+        vq(codes[(step * 4) % 64:(step * 4) % 64 + 4][None])
+    assert vq(codes[:4][None]).perplexity <= 4.01  # a batch sees at most its own vectors
+    assert vq.usage_perplexity() > 50
+
+
+@pytest.mark.parametrize("codebook_dim", [None, 4], ids=["paper-d-dim", "factorized"])
+def test_entropy_loss_with_resets_trains(codebook_dim):
+    """The paper's d-dim codes with the entropy loss failed in backward: the reset wrote into the weight that the
+    entropy loss's distances had read ("modified by an inplace operation")."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 16, codebook_dim=codebook_dim, entropy_weight=0.1).train()  # all codes dead: resets
+    z = torch.randn(4, 3, 16, requires_grad=True)
+    out = vq(z)
+    assert vq.num_resets > 0
+    (out.quantized.sum() + out.loss).backward()
+    assert z.grad is not None and vq.embedding.weight.grad is not None
 
 
 def test_codebook_never_changes_in_eval_mode():
@@ -244,7 +335,7 @@ def test_factorized_decode_matches_forward_and_codebook_rows():
 
 
 def test_factorized_training_step_with_reset_backpropagates():
-    vq = factorized(dead_code_threshold=0.5).train()  # every unused code is dead -> resets happen in forward
+    vq = factorized(dead_code_steps=1).train()  # every unused code is dead -> resets happen in forward
     before = vq.embedding.weight.detach().clone()
     z = torch.randn(4, 3, 16, requires_grad=True)
     out = vq(z)
@@ -339,7 +430,6 @@ def test_kmeans_init_puts_a_code_on_each_cluster_and_counts_its_members():
     nearest = torch.cdist(centres, vq.codebook.detach()).min(1).values
     assert nearest.max() < 0.1  # every true centre has a code next to it
     assert vq.nearest_codes(points).unique().numel() == 8
-    assert torch.equal(vq.ema_cluster_size, counts.float())
 
 
 def test_kmeans_init_factorized_gives_unit_codes_and_sets_the_centring_mean():

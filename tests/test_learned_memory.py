@@ -4,8 +4,9 @@ The synthetic fact stream's entities are fictional, so only the memory can carry
 The tiny LM is first pretrained to read a document in its context (`pretrain_tiny_lm` on document + question +
 answer texts: a random or documents-only LM has no circuit that copies from its context, docs/memory-experiments.md),
 then MBC trains the amortization network, the paper's K-code codebook, the aggregator, the prefix generator and
-KV-LoRA with the VQ warm-up (`MBCTrainingArguments.vq_warmup_steps`). At test time each question about a new entity
-reads a bank that holds only integer codes (`memorize`), through the paper's histogram aggregation.
+KV-LoRA with the VQ warm-up, gated on the float memory's gain on held-out documents (`vq_warmup_gain`, capped at
+`vq_warmup_steps`). At test time each question about a new entity reads a bank that holds only integer codes
+(`memorize`), through the paper's histogram aggregation.
 """
 import pytest
 import torch
@@ -15,7 +16,7 @@ from mbc_hf.data import synthetic_facts
 from mbc_hf.testing import in_context_texts, pretrain_tiny_lm, tiny_mbc_model
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
-PRETRAIN_STEPS, WARMUP_STEPS, STEPS = 1000, 150, 300
+PRETRAIN_STEPS, WARMUP_CAP, STEPS, GATE = 1000, 250, 300, 0.5
 
 
 def colour_rows(split: str, entities: int):
@@ -36,20 +37,54 @@ def answer_nll(model, rows, banks) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     train, test = colour_rows("train", 2000), colour_rows("test", 300)
+    held_out = test.select(range(100, len(test)))  # the gate's documents: not the ones the tests ask about
     corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
     model = tiny_mbc_model(seed=0, corpus=corpus, vocab_size=1000, codebook_type="learned", freeze_encoders=False,
                            max_document_length=256, max_question_length=64)
     pretrain_tiny_lm(model, in_context_texts(model, train), steps=PRETRAIN_STEPS)
     args = MBCTrainingArguments(output_dir=str(tmp_path_factory.mktemp("mbc")), per_device_train_batch_size=16,
                                 learning_rate=3e-3, lr_scheduler_type="constant", max_steps=STEPS,
-                                gold_only_steps=STEPS, vq_warmup_steps=WARMUP_STEPS, save_strategy="no",
-                                report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=50, seed=0)
-    MBCTrainer(model=model, args=args, train_dataset=train).train()
-    return model.eval(), [test[i] for i in range(100)]
+                                gold_only_steps=STEPS, vq_warmup_steps=WARMUP_CAP, vq_warmup_gain=GATE,
+                                vq_warmup_check_steps=25, memory_gain_questions=32, per_device_eval_batch_size=16,
+                                eval_codes_docs=0, save_strategy="no", report_to="none", use_cpu=True,
+                                disable_tqdm=True, logging_steps=50, seed=0)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+    trainer.train()
+    return model.eval(), [test[i] for i in range(100)], trainer
+
+
+def test_the_warm_up_gate_switches_once_the_float_memory_has_learned(trained):
+    model, _, trainer = trained
+    step, reason = trainer.vq_warmup_end
+    gains = [h["vq_warmup_gain"] for h in trainer.state.log_history if "vq_warmup_gain" in h]
+    assert reason.startswith("float memory gain") and step < WARMUP_CAP, (step, reason, gains)
+    assert gains[-1] >= GATE and all(g < GATE for g in gains[:-1])  # the first check that passed ended it
+    assert any("codebook_resets" in h for h in trainer.state.log_history)
+
+
+def test_the_warm_up_gate_does_not_switch_on_an_untrained_float_memory(tmp_path):
+    rows, held_out = colour_rows("train", 60), colour_rows("test", 40)
+    model = tiny_mbc_model(seed=0, codebook_type="learned", max_document_length=256)
+    args = MBCTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-12,
+                                max_steps=6, vq_warmup_steps=4, vq_warmup_gain=GATE, vq_warmup_check_steps=1,
+                                codebook_kmeans_docs=40, memory_gain_questions=16, per_device_eval_batch_size=8,
+                                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = MBCTrainer(model=model, args=args, train_dataset=rows, eval_dataset=held_out)
+    trainer.train()
+    gains = [h["vq_warmup_gain"] for h in trainer.state.log_history if "vq_warmup_gain" in h]
+    assert len(gains) == 3 and all(abs(g) < GATE for g in gains)  # checked at steps 1-3, an untrained memory: ~0
+    assert trainer.vq_warmup_end == (4, "step cap vq_warmup_steps=4")
+
+
+def test_the_warm_up_gate_needs_held_out_documents(tmp_path):
+    args = MBCTrainingArguments(output_dir=str(tmp_path), max_steps=1, vq_warmup_steps=4, vq_warmup_gain=GATE,
+                                report_to="none", use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="eval_dataset"):
+        MBCTrainer(model=tiny_mbc_model(seed=0), args=args, train_dataset=colour_rows("train", 40)).train()
 
 
 def test_learned_codes_of_a_new_entity_carry_its_answer(trained):
-    model, rows = trained
+    model, rows, _ = trained
     assert not model.codebook.bypass  # the warm-up ended: what follows reads codes
     banks = [model.memorize([row["context"]]) for row in rows]  # each a bank of one document's integer codes
     assert all(isinstance(b, CompressedMemoryBank) and not b.codes.is_floating_point() for b in banks)
@@ -64,7 +99,7 @@ def test_learned_codes_of_a_new_entity_carry_its_answer(trained):
 def test_the_codebook_is_used_after_the_warm_up(trained):
     """The k-means initialisation at the end of the warm-up spreads the documents over many codes (the paper's
     codebook without it collapsed to a few codes, docs/memory-experiments.md)."""
-    model, rows = trained
+    model, rows, _ = trained
     codes = model.memorize([row["context"] for row in rows]).codes
     assert codes.unique().numel() >= 16
 

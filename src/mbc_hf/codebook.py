@@ -2,10 +2,14 @@
 
 Each context vector is replaced by its nearest code (L2). The codebook is learned by gradient (codebook loss) and
 the encoder is pulled towards it (commitment loss, weight β); gradients reach the encoder through the
-straight-through estimator. *Online resetting* keeps the codebook alive: an EMA of how often each code is used is
-updated on every training forward, and dead codes (EMA below a threshold) are re-initialised from vectors of the
-current batch. Outside training, or after `freeze()`, the codebook never changes, so codes already stored in a
-memory bank never go stale.
+straight-through estimator. *Online resetting* keeps the codebook alive: a code that no vector picked in the last
+``dead_code_steps`` training forwards is dead and is re-seeded from a random vector of the current batch. This is
+the paper's rule (an EMA of usage below a threshold) stated per step: in the reference (decay 0.99, threshold 1e-4,
+gradient accumulation 4) a code that stops being used is re-seeded after ~90-115 optimizer steps, whatever its
+usage was before; the EMA's own window depends on how much a code was used (a k-means cluster of 30 vectors takes
+~900 steps), which left the guard off for whole training runs here (issue 35). The usage EMA is still kept, for the
+usage perplexity over time (`usage_perplexity`). Outside training, or after `freeze()`, the codebook never changes,
+so codes already stored in a memory bank never go stale.
 
 Optional *factorized, l2-normalised codes* (``codebook_dim``; Yu et al. 2022, ViT-VQGAN §3.2, not in MBC): the
 lookup happens in a small projected space where both vectors and codes are unit length, and a code decodes
@@ -35,7 +39,8 @@ class VQOutput:
         codes: (B, T) int64, index of the nearest code per vector.
         loss: scalar, codebook loss + β·commitment loss (MBC Eq. for L_VQ), + w·entropy loss when
             ``entropy_weight`` > 0 (training only).
-        perplexity: scalar, exp(entropy) of code usage in this batch (K = all codes used evenly).
+        perplexity: scalar, exp(entropy) of code usage in this batch (at most B·T: it hides collapse; see
+            `VectorQuantizer.usage_perplexity` for usage over time).
     """
 
     quantized: torch.Tensor
@@ -72,24 +77,33 @@ class VectorQuantizer(nn.Module):
         codebook_dim: ``None`` = the paper's lookup of d-dim codes by L2 distance; an int c = factorized codes:
             ``Linear(d, c)`` + l2-normalise, cosine nearest code, decode with ``Linear(c, d)``.
         commitment_cost: β in ``loss = ||sg(z) - q||² + β·||z - sg(q)||²`` (VQ-VAE; MBC uses 0.25).
-        ema_decay: decay of the usage EMA, ``ema ← decay·ema + (1 - decay)·counts`` (MBC: 0.99).
-        dead_code_threshold: codes with ``ema < threshold`` are dead (MBC: 1e-4).
+        ema_decay: decay of the usage EMA, ``ema ← decay·ema + (1 - decay)·counts`` per training forward (MBC:
+            0.99); it gives `usage_perplexity`.
+        dead_code_steps: N, a code that no vector picked in the last N training forwards is dead and is re-seeded
+            from the current batch (MBC §3.3's online resetting, per step; 100 ≈ the reference's window).
         entropy_weight: w of an entropy loss on soft code assignments ``p = softmax(-dist / 0.1)``:
             ``mean_i H(p_i) - H(mean_i p_i)`` (not in MBC; the LFQ / MAGVIT-v2 penalty, Yu et al. 2023 §3.1; the
             temperature 0.1 suits factorized unit-length codes, whose squared distances lie in [0, 4]). It
             keeps each vector sure of its code while the batch spreads over many codes; without it the embedded
             default drifted during training to ~1 code per document (usage perplexity 8 per batch of 96 vectors).
 
-    The codebook is initialised uniform(-1/K, 1/K) as in the reference, so almost every code starts dead and is
-    re-seeded from encoder outputs within the first training steps (at most B·T codes per step).
+    The codebook is initialised uniform(-1/K, 1/K) as in the reference, so every code starts dead and is re-seeded
+    from encoder outputs within the first training forwards (at most B·T codes per forward), as in the reference.
+
+    A reset also marks its codes in ``reset_mask`` (K,) bool: `MBCTrainer` restarts their optimizer moments before
+    the next optimizer step and clears it (`restart_optimizer_state`), so a re-seeded code does not move on the
+    momentum of the code it replaced. ``num_resets`` counts re-seeded codes since construction.
     """
 
     def __init__(self, codebook_size: int, dim: int, commitment_cost: float = 0.25, ema_decay: float = 0.99,
-                 dead_code_threshold: float = 1e-4, codebook_dim: int | None = None, entropy_weight: float = 0.0):
+                 dead_code_steps: int = 100, codebook_dim: int | None = None, entropy_weight: float = 0.0):
         super().__init__()
+        if dead_code_steps < 1:
+            raise ValueError(f"dead_code_steps must be >= 1 (training forwards without use before a code is "
+                             f"re-seeded), got {dead_code_steps}.")
         self.entropy_weight = entropy_weight
         self.codebook_size, self.dim = codebook_size, dim
-        self.commitment_cost, self.ema_decay, self.dead_code_threshold = commitment_cost, ema_decay, dead_code_threshold
+        self.commitment_cost, self.ema_decay, self.dead_code_steps = commitment_cost, ema_decay, dead_code_steps
         self.factorized = codebook_dim is not None
         self.project_in = nn.Linear(dim, codebook_dim) if self.factorized else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.factorized else nn.Identity()
@@ -97,14 +111,20 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.register_buffer("running_mean", torch.zeros(codebook_dim or 0))  # centring of factorized codes
         self.register_buffer("ema_cluster_size", torch.zeros(codebook_size))
+        # training forwards since each code was last picked; starts at N: every code is dead until used
+        self.register_buffer("unused_steps", torch.full((codebook_size,), dead_code_steps, dtype=torch.long))
+        self.register_buffer("reset_mask", torch.zeros(codebook_size, dtype=torch.bool), persistent=False)
         self.register_buffer("frozen", torch.tensor(False))
+        self.num_resets = 0
+        self.vectors_per_step = None  # vectors of the last training forward (sets the k-means usage scale)
         self.bypass = False  # VQ warm-up (`MBCTrainer`, ``vq_warmup_steps``): forward skips the quantization
 
     def _codes(self) -> torch.Tensor:
         """(K, c) code vectors in the lookup space (unit length when factorized)."""
         weight = self.embedding.weight.detach() if bool(self.frozen) else self.embedding.weight
-        # clone: dead-code resets write into the weight after this call, while autograd still needs the values
-        return l2norm(weight.clone()) if self.factorized else weight
+        # clone: dead-code resets write into the weight after this call, while autograd (the entropy loss's
+        # distances, the codebook loss) still needs the values it read
+        return l2norm(weight.clone()) if self.factorized else weight.clone()
 
     def _lookup_space(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project_in(z.to(self.embedding.weight.dtype))
@@ -117,6 +137,15 @@ class VectorQuantizer(nn.Module):
         else:
             mean = self.running_mean
         return l2norm(x - mean)
+
+    def usage_perplexity(self) -> float:
+        """exp(entropy) of the usage EMA: how many codes are in use over the last ~1/(1 - ema_decay) training
+        forwards (K = all used evenly; unlike a batch's perplexity it is not capped at B·T). 0 before any use."""
+        total = float(self.ema_cluster_size.sum())
+        if total <= 0:
+            return 0.0
+        p = self.ema_cluster_size / total
+        return float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -137,9 +166,14 @@ class VectorQuantizer(nn.Module):
 
         Factorized codes: the centring mean becomes the mean of z's projections and the k-means is spherical
         (cosine, unit centroids); otherwise L2. Seeds are drawn by greedy k-means++ (Arthur & Vassilvitskii 2007)
-        from the global torch RNG, then ``iters`` Lloyd steps; clusters that end empty keep their seed vector. The
-        usage EMA starts at each code's cluster size, so a code nobody picked is dead (and re-seeded if the codebook
-        trains). Source of the need: code collapse on CPU runs (README, "Making the memory learnable").
+        from the global torch RNG, then ``iters`` Lloyd steps; clusters that end empty keep their seed vector.
+
+        Usage restarts on the per-step scale: a code with members counts as just used (``unused_steps`` 0), an
+        empty cluster is dead at once, and the usage EMA is each cluster's share of one forward's vectors
+        (``vectors_per_step``, the last training forward's, else K), not its count over all of z (which made a
+        stranded code wait ~1,000 steps for its reset, issue 35). Every code is marked in ``reset_mask``: the
+        optimizer moments of the old codebook restart too. Source of the need: code collapse on CPU runs
+        (docs/memory-experiments.md).
 
         Returns:
             (K,) int64 cluster sizes.
@@ -166,7 +200,10 @@ class VectorQuantizer(nn.Module):
             means = l2norm(means) if self.factorized else means
             centroids = torch.where(counts[:, None] > 0, means, centroids)
         self.embedding.weight.copy_(centroids)
-        self.ema_cluster_size.copy_(counts.to(self.ema_cluster_size.dtype))
+        per_step = self.vectors_per_step or K
+        self.ema_cluster_size.copy_(counts.to(self.ema_cluster_size.dtype) * (per_step / n))
+        self.unused_steps.copy_(torch.where(counts > 0, 0, self.dead_code_steps))
+        self.reset_mask.fill_(True)
         return counts
 
     def fingerprint(self) -> str:
@@ -218,6 +255,8 @@ class VectorQuantizer(nn.Module):
         codebook is then k-means initialised on vectors that already carry the documents.
         """
         x = self._lookup_space(z)  # (B, T, c)
+        if self.training:
+            self.vectors_per_step = x.shape[:-1].numel()
         if self.bypass:
             zero = z.new_zeros((), dtype=torch.float32)
             return VQOutput(quantized=self.project_out(x).to(z.dtype), codes=self._nearest(x), loss=zero,
@@ -238,9 +277,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _reset_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> None:
-        """Online resetting (MBC §3.3): EMA of usage; up to len(vectors) dead codes re-seeded from `vectors`."""
+        """Online resetting (MBC §3.3), per training forward: update the usage EMA and ``unused_steps``; codes
+        unused for ``dead_code_steps`` forwards are re-seeded from distinct random rows of ``vectors`` (n, c), at
+        most n of them, and restart as just used (``unused_steps`` 0, EMA the mean usage, ``reset_mask``)."""
         self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
-        dead = (self.ema_cluster_size < self.dead_code_threshold).nonzero().flatten()
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.unused_steps >= self.dead_code_steps).nonzero().flatten()
         n = min(dead.numel(), vectors.shape[0])
         if n == 0:
             return
@@ -248,3 +290,28 @@ class VectorQuantizer(nn.Module):
         picks = torch.randperm(vectors.shape[0], device=vectors.device)[:n]
         self.embedding.weight[dead] = vectors[picks].to(self.embedding.weight.dtype)
         self.ema_cluster_size[dead] = self.ema_cluster_size.mean()
+        self.unused_steps[dead] = 0
+        self.reset_mask[dead] = True
+        self.num_resets += n
+
+    @torch.no_grad()
+    def restart_optimizer_state(self, optimizer: torch.optim.Optimizer) -> int:
+        """Zero the gradient and the optimizer moments (Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's momentum) of
+        the codes in ``reset_mask``, then clear it; call between backward and ``optimizer.step()``. A re-seeded
+        code then starts from its batch vector instead of following the momentum of the code it replaced.
+
+        Returns:
+            int, the number of codes restarted.
+        """
+        mask = self.reset_mask
+        n = int(mask.sum())
+        if n == 0:
+            return 0
+        weight = self.embedding.weight
+        if weight.grad is not None:
+            weight.grad[mask] = 0
+        for value in optimizer.state.get(weight, {}).values():
+            if torch.is_tensor(value) and value.shape == weight.shape:
+                value[mask] = 0
+        mask.fill_(False)
+        return n

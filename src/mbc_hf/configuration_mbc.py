@@ -37,9 +37,11 @@ class MBCConfig(PreTrainedConfig):
         codebook_size (`int`, defaults to 512): K, codes in the VQ codebook (MBC §3.2).
         commitment_cost (`float`, defaults to 0.25): β of the commitment loss (VQ-VAE, MBC §3.2).
         vq_loss_weight (`float`, defaults to 1.0): λ in loss = QA loss + λ·(codebook + β·commitment loss).
-        ema_decay (`float`, defaults to 0.99): decay of the EMA of code usage used by online resetting (MBC §3.3).
-        dead_code_threshold (`float`, defaults to 1e-4): a code whose usage EMA is below this is dead and is
-            re-initialised from current encoder outputs during training (MBC §3.3).
+        ema_decay (`float`, defaults to 0.99): decay of the EMA of code usage (MBC §3.3), logged as the usage
+            perplexity.
+        dead_code_steps (`int`, defaults to 100): online resetting (MBC §3.3) per step: a code that no vector
+            picked in the last N training forwards is dead and is re-seeded from current encoder outputs (the
+            reference's EMA rule re-seeds a code ~90-115 optimizer steps after its last use; see `VectorQuantizer`).
         codebook_dim (`int`, *optional*): ``None`` = the paper's codebook of d-dim codes; an int = factorized,
             l2-normalised codes of this size (ViT-VQGAN), which keeps many more codes in use (see `VectorQuantizer`).
         code_entropy_weight (`float`, defaults to 0.0): weight of the codebook's entropy loss (spread the batch over
@@ -138,7 +140,7 @@ class MBCConfig(PreTrainedConfig):
     commitment_cost: float = 0.25
     vq_loss_weight: float = 1.0
     ema_decay: float = 0.99
-    dead_code_threshold: float = 1e-4
+    dead_code_steps: int = 100
     codebook_dim: int | None = None
     code_entropy_weight: float = 0.0
     codebook_type: str = "learned"
@@ -190,12 +192,20 @@ class MBCConfig(PreTrainedConfig):
                 raise ValueError("codebook_type='vocabulary' stores token ids (lossless, no VQ to bypass) and has no "
                                  "aggregator for the reconstruction loss: keep use_vq=True and "
                                  "reconstruction_loss_weight=0.")
-        if "{question}" not in self.prompt_template:
+        if not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
+        try:  # a field other than {question} ("{0}", "{answer}") or a lone brace fails at answer time otherwise
+            self.prompt_template.format(question="")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"prompt_template={self.prompt_template!r} cannot be filled with a question "
+                             f"({type(exc).__name__}: {exc}): its only field may be {{question}}; write a literal "
+                             "brace as {{ or }}.") from None
         for name in ("num_context_tokens", "prefix_length", "codebook_size", "aggregator_heads", "prefix_rank",
-                     "read_documents", "topk_documents", "addressing_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                     "read_documents", "topk_documents", "addressing_dim", "dead_code_steps", "aggregator_layers",
+                     "max_document_length", "max_question_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
         if not 0 <= self.addressing_codes <= self.num_context_tokens:
             raise ValueError(f"addressing_codes={self.addressing_codes} must be in [0, num_context_tokens="
                              f"{self.num_context_tokens}]: the key reads the first addressing_codes of a document's "

@@ -14,8 +14,10 @@ selection by validation F1 after each epoch (`MBCTrainer` evaluates the memory g
 import copy
 
 # aggregation: the reference attends over every stored vector; "histogram" is the same attention, exactly, in O(K)
+# dead_code_steps: the reference's reset (usage EMA, decay 0.99, below 1e-4, updated every forward) re-seeds a code
+# used once ln(1e-4 / 0.01) / ln(0.99) ≈ 458 forwards after that use
 _COMMON_CONFIG = dict(codebook_type="learned", codebook_size=512, commitment_cost=0.25, vq_loss_weight=1.0,
-                      ema_decay=0.99, dead_code_threshold=1e-4, prefix_length=2, aggregator_layers=4,
+                      ema_decay=0.99, dead_code_steps=460, prefix_length=2, aggregator_layers=4,
                       aggregator_heads=8, aggregator_head_dim=96, kv_lora_dropout=0.05, aggregation="histogram",
                       max_question_length=128, codebook_dim=None, reconstruction_loss_weight=0.0)
 _COMMON_TRAINING = dict(learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",

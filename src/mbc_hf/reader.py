@@ -96,7 +96,7 @@ class LearnedReader(Reader):
         model.amortization = AmortizationNetwork(config.encoder_config, T, d)
         model.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
         model.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                         config.dead_code_threshold, config.codebook_dim, config.code_entropy_weight)
+                                         config.dead_code_steps, config.codebook_dim, config.code_entropy_weight)
         head_dim = config.aggregator_head_dim or d // config.aggregator_heads
         model.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
         num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
@@ -219,8 +219,13 @@ class LearnedReader(Reader):
         return generator(modulation)
 
     def check_addressing(self) -> None:
-        raise ValueError("return_sources needs addressing, which a learned codebook does not do (its aggregator "
-                         "reads the whole bank's histogram): use codebook_type='vocabulary'.")
+        if self.model.addressing is not None:  # aggregation="topk": it addresses, but inside the aggregator
+            raise ValueError("return_sources is not supported for learned top-k addressing (aggregation='topk') yet: "
+                             "this model does pick topk_documents documents per question, but inside the aggregator, "
+                             "which does not report them; call answer() without return_sources, or use "
+                             "codebook_type='vocabulary', whose lexical addressing reports its sources.")
+        raise ValueError("return_sources needs addressing, which this model does not do (its aggregator reads the "
+                         f"whole bank, aggregation={self.config.aggregation!r}): use codebook_type='vocabulary'.")
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         m = self.model

@@ -133,4 +133,4 @@ def pretrain_tiny_lm(model: MBCModelForCausalLM, texts: list[str], steps: int = 
     finally:
         for p in params:
             p.requires_grad_(False)
-    return float(loss)
+    return float(loss.detach())

@@ -7,9 +7,14 @@ online resetting runs inside the model's training forward.
 
 Additions that make the memory path learnable on a small CPU budget (none is in the paper; see README):
 * a gold-only curriculum: for the first ``gold_only_steps`` steps a question sees only its own document;
-* a VQ warm-up: for the first ``vq_warmup_steps`` steps the memory reads the context vectors unquantized (MAC's
-  float memory), then the codebook is k-means initialised on them and the codes are read (the learned codebook
-  carried nothing without it on CPU budgets; docs/memory-experiments.md);
+* a VQ warm-up: the memory reads the context vectors unquantized (MAC's float memory) until the float memory's gain
+  against another document passes ``vq_warmup_gain`` on held-out documents (or for ``vq_warmup_steps`` steps, the
+  cap), then the codebook is k-means initialised on them and the codes are read (the learned codebook carried
+  nothing without it on CPU budgets; docs/memory-experiments.md);
+* online resetting's restart of the optimizer moments of re-seeded codes (`CodebookResetCallback`), and the codebook's
+  health in the logs: re-seeded codes (``codebook_resets``), the usage perplexity over time
+  (``codebook_usage_perplexity``) and, at each evaluation, the distinct codes of held-out documents
+  (``eval_distinct_codes``);
 * learned top-k addressing: a gradient budget for its addressing loss (``addressing_grad_ratio``), so that it does
   not swamp the QA loss on the parameters they share;
 * learning rates per module group (encoders, KV-LoRA, the rest), and KV-LoRA frozen until ``lora_start_step``;
@@ -27,8 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 
 from .atomic import write_text_atomic
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -58,7 +66,19 @@ class MBCTrainingArguments(TrainingArguments):
     vq_warmup_steps: int = field(default=0, metadata={
         "help": "Learned codebook: for the first N steps the memory reads the context vectors with the VQ bypassed "
                 "(MAC-style float memory); then the codebook is k-means initialised on the context vectors of the "
-                "first codebook_kmeans_docs (default 1000) training documents and the codes are read."})
+                "first codebook_kmeans_docs (default 1000) training documents and the codes are read. With "
+                "vq_warmup_gain, N is the cap."})
+    vq_warmup_gain: float | None = field(default=None, metadata={
+        "help": "Learned codebook with vq_warmup_steps: end the warm-up as soon as the float memory's gain against "
+                "another document (answer NLL in nats/token with another document's memory minus with the gold "
+                "one, on memory_gain_questions held-out eval documents, every vq_warmup_check_steps steps) reaches "
+                "this value, so that the codes are fitted to a memory that has learned something. Needs an eval "
+                "set."})
+    vq_warmup_check_steps: int = field(default=50, metadata={
+        "help": "Steps between two measurements of the float memory's gain for vq_warmup_gain."})
+    eval_codes_docs: int = field(default=1000, metadata={
+        "help": "Learned codebook: at each evaluation, count the distinct codes of the first N eval documents "
+                "(eval_distinct_codes; a collapsed codebook uses few of its K codes). 0 = off."})
     addressing_grad_ratio: float = field(default=0.5, metadata={
         "help": "Learned top-k addressing (aggregation='topk'): the gradient budget of its addressing loss. At every "
                 "step the addressing loss's gradient on the parameters it shares with the QA loss (amortization "
@@ -271,7 +291,18 @@ def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, se
     Raises:
         ValueError: the documents give fewer context vectors than codes.
     """
-    texts = [row["context"] for row in first_row_per_document(dataset, num_docs)]
+    z = context_vectors(model, [row["context"] for row in first_row_per_document(dataset, num_docs)], batch_size)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return model.codebook.kmeans_init(z)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@torch.no_grad()
+def context_vectors(model, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """(N, T, d) float: the amortization network's context vectors of documents (eval mode, no gradient)."""
     was_training = model.training
     model.eval()
     z = []
@@ -279,12 +310,12 @@ def kmeans_init_codebook(model, dataset, num_docs: int, batch_size: int = 32, se
         enc = model.encode_documents(texts[i:i + batch_size])
         z.append(model.amortization(enc["input_ids"], enc["attention_mask"]))  # (b, T, d)
     model.train(was_training)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return model.codebook.kmeans_init(torch.cat(z))
-    finally:
-        torch.random.set_rng_state(state)
+    return torch.cat(z)
+
+
+def distinct_codes(model, texts: list[str]) -> int:
+    """How many of the learned codebook's K codes the documents' codes use (what `memorize` would store)."""
+    return int(model.codebook.nearest_codes(context_vectors(model, texts)).unique().numel())
 
 
 class LoraWarmStartCallback(TrainerCallback):
@@ -297,6 +328,15 @@ class LoraWarmStartCallback(TrainerCallback):
             if group.get("name") == "kv_lora":
                 if state.global_step < args.lora_start_step:
                     group["lr"] = 0.0
+
+
+class CodebookResetCallback(TrainerCallback):
+    """Before each optimizer step, restart the optimizer moments of the codes that online resetting re-seeded in
+    this step (`VectorQuantizer.restart_optimizer_state`). `MBCTrainer` adds it for a learned codebook."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None:
+            getattr(model, "module", model).codebook.restart_optimizer_state(optimizer)
 
 
 class StopAfterMinutes(TrainerCallback):
@@ -329,7 +369,11 @@ class MBCTrainer(Trainer):
         if self.args.max_minutes:
             self.add_callback(StopAfterMinutes(self.args.max_minutes))
         self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
+        if hasattr(getattr(model, "codebook", None), "restart_optimizer_state"):
+            self.add_callback(CodebookResetCallback())
         self._parts = {}
+        self._resets_logged = 0
+        self.vq_warmup_end = None  # (step, reason) once the VQ warm-up has ended in this trainer
         self._retrieval_bank = None  # (N_train, T) codes of every training document, with read_retrieved
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -358,6 +402,12 @@ class MBCTrainer(Trainer):
             raise ValueError("vq_warmup_steps reads the memory unquantized before the codes take over, but this model "
                              "bypasses the VQ for good (use_vq=False): drop vq_warmup_steps, or build the model with "
                              "use_vq=True.")
+        if self.args.vq_warmup_gain is not None and (self.args.vq_warmup_steps <= 0 or self.eval_dataset is None):
+            raise ValueError("vq_warmup_gain ends the VQ warm-up when the float memory's gain on held-out documents "
+                             "passes it: it needs vq_warmup_steps > 0 (the cap) and an eval_dataset (CLI: "
+                             "--eval-file).")
+        # a codebook already in use (a run resumed after its warm-up, a trained model) keeps its codes
+        self._warming = self.args.vq_warmup_steps > 0 and not bool(model.codebook.ema_cluster_size.sum() > 0)
         with contextlib.ExitStack() as stack:
             if self.args.encoder_state_cache_mb > 0:
                 stack.enter_context(model.amortization.cache_encoder_states(int(self.args.encoder_state_cache_mb
@@ -371,23 +421,48 @@ class MBCTrainer(Trainer):
             except BaseException:
                 model.codebook.bypass = False  # the model object outlives a failed run: it reads its codes again
                 raise
-            if model.codebook.bypass:  # stopped within the warm-up: the model must leave with usable codes
+            if self._warming:  # stopped within the warm-up: the model must leave with usable codes
                 self._end_vq_warmup(model)
             return result
 
     def _vq_warmup(self, model) -> None:
-        """Bypass the codebook for the first ``vq_warmup_steps`` optimizer steps, then `_end_vq_warmup` once. A run
-        resumed after the warm-up keeps its checkpoint's codebook."""
-        warming = self.state.global_step < self.args.vq_warmup_steps
-        if model.codebook.bypass and not warming:
-            self._end_vq_warmup(model)
-        model.codebook.bypass = warming
+        """Bypass the codebook until the warm-up ends, then `_end_vq_warmup` once: at ``vq_warmup_steps`` optimizer
+        steps, or earlier at the first check (every ``vq_warmup_check_steps``) where `float_memory_gain` reaches
+        ``vq_warmup_gain``. A codebook already in use (a run resumed after the warm-up) keeps its codes."""
+        if not self._warming:
+            return
+        step, args = self.state.global_step, self.args
+        if step >= args.vq_warmup_steps:
+            return self._end_vq_warmup(model, f"step cap vq_warmup_steps={args.vq_warmup_steps}")
+        if args.vq_warmup_gain is not None and step > 0 and step % args.vq_warmup_check_steps == 0 \
+                and step != getattr(self, "_gain_checked_at", None):
+            self._gain_checked_at = step
+            gain = self.float_memory_gain(model)
+            self.log({"vq_warmup_gain": round(gain, 4)})
+            if gain >= args.vq_warmup_gain:
+                return self._end_vq_warmup(model, f"float memory gain {gain:.3f} >= vq_warmup_gain="
+                                                  f"{args.vq_warmup_gain}")
+        model.codebook.bypass = True
 
-    def _end_vq_warmup(self, model) -> None:
+    def float_memory_gain(self, model) -> float:
+        """The gate of ``vq_warmup_gain``: mean `memory_gain` against another document (``memory_gain_unrelated``,
+        nats per answer token) of the first ``memory_gain_questions`` eval documents, with the memory as it reads
+        now (float during the warm-up)."""
+        rows = first_row_per_document(self.eval_dataset, self.args.memory_gain_questions or None)
+        size = self.args.per_device_eval_batch_size
+        gains = [memory_gain(model, self.data_collator(rows[i:i + size]))["memory_gain_unrelated"]
+                 for i in range(0, len(rows), size) if len(rows[i:i + size]) > 1]
+        return sum(gains) / max(len(gains), 1)
+
+    def _end_vq_warmup(self, model, reason: str = "the run stopped within the warm-up") -> None:
         """K-means initialisation of the codebook on the context vectors the warm-up trained (the same codebook in
-        every process: `kmeans_init_codebook` seeds its RNG), then the codes are read."""
-        model.codebook.bypass = False
+        every process: `kmeans_init_codebook` seeds its RNG), then the codes are read. Logged with its step and
+        reason (``self.vq_warmup_end``)."""
+        model.codebook.bypass, self._warming = False, False
         self._kmeans_init(model)
+        self.vq_warmup_end = (self.state.global_step, reason)
+        logger.warning(f"VQ warm-up ended at step {self.state.global_step}: {reason}; the codes are read from now on")
+        self.log({"vq_warmup_end_step": float(self.state.global_step)})
 
     def _kmeans_init(self, model) -> None:
         """`kmeans_init_codebook` on the first ``codebook_kmeans_docs`` (default 1,000) training documents. They
@@ -472,8 +547,8 @@ class MBCTrainer(Trainer):
             for key in ("qa_loss", "vq_loss", "perplexity", "reconstruction_loss", "contrastive_loss",
                         "distillation_loss", "addressing_loss"):
                 value = getattr(outputs, key)
-                if value is not None:
-                    self._log_part(key, float(value.detach()))
+                if value is not None:  # a batch's perplexity is capped at its B·T vectors: logged as such
+                    self._log_part("batch_perplexity" if key == "perplexity" else key, float(value.detach()))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _log_part(self, key: str, value: float) -> None:
@@ -486,9 +561,14 @@ class MBCTrainer(Trainer):
         g_rest and g_addr the gradients of (loss − w·addressing_loss) and of w·addressing_loss on the trainable
         parameters outside the key heads, the addressing gradient that leaves the key heads is scaled by
         ``min(1, r·|g_rest| / |g_addr|)`` (`LearnedAddressing.feature_grad_scale`). Two extra backward passes
-        (``torch.autograd.grad``, graph retained); logged as ``addressing_grad_scale``."""
+        (``torch.autograd.grad``, graph retained); logged as ``addressing_grad_scale``. During the VQ warm-up the
+        scale is 0: the float memory path learns from the QA loss alone (on SmolLM2 the addressing gradient took
+        the whole warm-up otherwise, docs/memory-experiments.md)."""
         unwrapped = self.accelerator.unwrap_model(model)
         addressing = unwrapped.addressing
+        if getattr(self, "_warming", False):  # float memory first: the addressing loss trains the key heads only
+            addressing.feature_grad_scale = 0.0
+            return self._log_part("addressing_grad_scale", 0.0)
         keys = {id(p) for p in addressing.parameters()}
         shared = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in keys]
         if not shared:
@@ -508,6 +588,11 @@ class MBCTrainer(Trainer):
             cache = amortization.state_cache if amortization is not None else None
             if cache is not None and cache.hits + cache.misses:  # cumulative share of rows not encoded again
                 logs["encoder_cache_hit_rate"] = round(cache.hits / (cache.hits + cache.misses), 4)
+            codebook = self.accelerator.unwrap_model(self.model).codebook
+            if hasattr(codebook, "usage_perplexity"):  # the learned codebook's health (issue 35)
+                logs["codebook_resets"] = float(codebook.num_resets - self._resets_logged)
+                logs["codebook_usage_perplexity"] = round(codebook.usage_perplexity(), 2)
+                self._resets_logged = codebook.num_resets
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -538,6 +623,9 @@ class MBCTrainer(Trainer):
             for k, v in part.items():
                 metrics.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
+        if hasattr(model.codebook, "usage_perplexity") and model.config.use_vq and self.args.eval_codes_docs > 0:
+            texts = [r["context"] for r in first_row_per_document(dataset, self.args.eval_codes_docs)]
+            metrics["distinct_codes"] = distinct_codes(model, texts)
         self.eval_memory_bank = None
         if self.args.eval_max_questions > 0:
             from .evaluation import evaluate_online
@@ -583,7 +671,7 @@ def sync_codebook(model, src: int = 0) -> bool:
         return False
     codebook = getattr(model, "module", model).codebook
     for tensor in [*codebook.parameters(), *codebook.buffers()]:
-        if tensor.is_floating_point():
+        if tensor.dtype != torch.bool:  # the float codes and usage, and the integer unused-step counts
             torch.distributed.broadcast(tensor.data, src=src)
     return True
 
