@@ -33,6 +33,7 @@ import torch
 
 from mbc_hf.data import chance_em, synthetic_facts
 from mbc_hf.demo import markdown_table, write_json_report
+from mbc_hf.atomic import write_text_atomic
 from mbc_hf.evaluation import score
 from mbc_hf.factory import build
 from mbc_hf.testing import in_context_texts, pretrain_tiny_lm
@@ -46,20 +47,31 @@ MEMORIES = {  # name -> (addressing, build options)
     "vocabulary": ("topk", dict(codebook_type="vocabulary", read_documents=1, code_selector="trained",
                                 code_order="document", num_context_tokens=24)),
 }
+# the paper's claims as one ablation (--memories ablation): learned top-k, without one part at a time
+ABLATION = {
+    "learned_topk_no_reset": ("topk", dict(MEMORIES["learned_topk"][1], dead_code_steps=2**62)),
+    "no_vq_topk": ("topk", dict(MEMORIES["learned_topk"][1], use_vq=False)),
+    "learned_topk_no_kv_lora": ("topk", dict(MEMORIES["learned_topk"][1], kv_lora_layers=0)),
+    "learned_topk_k128": ("topk", dict(MEMORIES["learned_topk"][1], codebook_size=128)),
+    "learned_topk_k2048": ("topk", dict(MEMORIES["learned_topk"][1], codebook_size=2048)),
+}
+MEMORIES.update(ABLATION)
+ABLATION_RUN = ["learned_topk", *ABLATION]
 
 
 def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
     """Train one memory; returns the model (eval mode) and its training record (steps, warm-up end, resets)."""
-    options = dict(MEMORIES[name][1])
-    if options["codebook_type"] == "learned" and options.get("use_vq", True):
-        options["codebook_dim"] = a.codebook_dim
-    if options.get("aggregation") == "topk":
-        options.update(addressing_loss_weight=a.addressing_loss_weight, addressing_codes=a.addressing_codes)
-    if options["codebook_type"] == "learned":
+    options = {}
+    if MEMORIES[name][1]["codebook_type"] == "learned":
         options.update({k: v for k, v in (("num_context_tokens", a.context_tokens),
-                                          ("codebook_size", a.codebook_size)) if v})
-        options["reconstruction_loss_weight"] = a.reconstruction_loss_weight
-        options["dead_code_steps"] = a.dead_code_steps
+                                          ("codebook_size", a.codebook_size), ("codebook_dim", a.codebook_dim))
+                        if v})
+        options.update(reconstruction_loss_weight=a.reconstruction_loss_weight, dead_code_steps=a.dead_code_steps)
+    if MEMORIES[name][1].get("aggregation") == "topk":
+        options.update(addressing_loss_weight=a.addressing_loss_weight, addressing_codes=a.addressing_codes)
+    options.update(MEMORIES[name][1])  # the memory's own settings win (the ablation's K, reset, KV-LoRA)
+    if not options.get("use_vq", True):
+        options.pop("codebook_dim", None)
     if a.model == "tiny":
         corpus = list(dict.fromkeys(train["context"])) + list(train["question"]) + ["Question: Answer:"]
         model = build("tiny", "tiny-bert", freeze_encoders=False, max_document_length=256, max_question_length=64,
@@ -114,12 +126,22 @@ def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregati
     return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows)}
 
 
+def bank_size(model, docs: list[str]) -> dict:
+    """Bytes one document takes in the model's bank (codes, or fp32 vectors for the float memory), and that as a
+    percentage of MAC's float bank (T vectors of d fp32 per document; the paper's "0.3 %")."""
+    bank = model.memorize(docs[:4])
+    rows = bank.codes if hasattr(bank, "codes") else bank.vectors
+    float_bytes = model.config.num_context_tokens * model.codebook.dim * 4
+    return {"bytes_per_doc": rows[0].nbytes, "pct_of_float_bank": 100 * rows[0].nbytes / float_bytes}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["tiny", "embedded"], default="embedded")
     p.add_argument("--minutes", type=float, default=30.0, help="training time per memory")
     p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--memories", default=",".join(MEMORIES))
+    p.add_argument("--memories", default="learned,learned_topk,no_vq,vocabulary", help="comma-separated names of "
+                   f"{sorted(MEMORIES)}, or 'ablation': {', '.join(ABLATION_RUN)}")
     p.add_argument("--train-entities", type=int, default=4000)
     p.add_argument("--test-entities", type=int, default=1000)
     p.add_argument("--bank-sizes", default="1,8,64,1000")
@@ -166,12 +188,15 @@ def main(argv=None) -> dict:
     all_docs = list(dict.fromkeys(test["context"]))
     sizes = [min(int(s), a.test_entities) for s in a.bank_sizes.split(",")]
     rows, training = [], {}
-    for name in a.memories.split(","):
+    names = ABLATION_RUN if a.memories == "ablation" else a.memories.split(",")
+    for name in names:
         model, training[name] = train_memory(name, a, train, held_out)
         health = {}
+        if MEMORIES[name][1]["codebook_type"] == "learned":
+            health = bank_size(model, all_docs)
         if MEMORIES[name][1]["codebook_type"] == "learned" and MEMORIES[name][1].get("use_vq", True):
-            health = {"distinct_codes": distinct_codes(model, all_docs), "resets": training[name]["resets"],
-                      "warmup_end": training[name]["warmup_end"]}
+            health.update(distinct_codes=distinct_codes(model, all_docs), resets=training[name]["resets"],
+                          warmup_end=training[name]["warmup_end"])
         for n in sizes:
             rows.append({"memory": name, "addressing": MEMORIES[name][0], "bank_docs": n,
                          **evaluate(model, test, n, a.questions_docs), "steps": training[name]["steps"], **health})
@@ -179,7 +204,8 @@ def main(argv=None) -> dict:
         if MEMORIES[name][0] == "topk":  # the same codes read by the paper's set aggregation: its curve beside
             for n in sizes[1:] if MEMORIES[name][1]["codebook_type"] == "learned" else []:
                 rows.append({"memory": name, "addressing": "all", "bank_docs": n,
-                             **evaluate(model, test, n, a.questions_docs, aggregation="histogram"),
+                             **evaluate(model, test, n, a.questions_docs,
+                                        aggregation="histogram" if model.config.use_vq else "dense"),
                              "steps": training[name]["steps"], **health})
                 print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
         if name.startswith("learned") and not any(r["memory"] == "empty" for r in rows):
@@ -194,12 +220,14 @@ def main(argv=None) -> dict:
     chance = chance_em(test.select([i for i, d in enumerate(test["doc_id"])
                                     if d in set(list(dict.fromkeys(test["doc_id"]))[:a.questions_docs])]))
     columns = ["memory", "addressing", "bank_docs", "em", "f1", "answer_nll", "steps", "warmup_end", "resets",
-               "distinct_codes"]
-    print(f"\n{markdown_table(rows, columns)}\n\nchance EM {chance:.2f}")
+               "distinct_codes", "bytes_per_doc", "pct_of_float_bank"]
+    table = f"{markdown_table(rows, columns)}\n\nchance EM {chance:.2f}"
+    print(f"\n{table}")
     record = {"rows": [{k: r.get(k) for k in columns} for r in rows], "chance_em": chance, "args": vars(a),
               "training": training}
     if a.output:
         write_json_report(a.output, record)
+        write_text_atomic(a.output.removesuffix(".json") + ".md", table + "\n")
     return record
 
 

@@ -187,6 +187,21 @@ def test_collapsed_input_after_kmeans_is_reseeded_within_dead_code_steps_plus_on
     assert first is not None and first <= n_steps + 1, first
 
 
+def test_a_trained_codebook_saved_without_unused_steps_is_not_reset_wholesale():
+    """A checkpoint from before ``unused_steps`` existed loads with every code marked unused for N steps; a used
+    codebook (usage EMA > 0) then restarts them all as just used instead of re-seeding every code at once."""
+    vq = make_vq(32, 8).train()
+    state = {k: v for k, v in vq.state_dict().items() if k != "unused_steps"}
+    state["ema_cluster_size"] = torch.ones(32)
+    fresh = make_vq(32, 8, seed=1).train()
+    fresh.load_state_dict(state, strict=False)
+    fresh(torch.randn(2, 4, 8))
+    assert fresh.num_resets == 0
+    vq_fresh = VectorQuantizer(32, 8).train()  # a new codebook (usage 0) still re-seeds its dead codes at once
+    vq_fresh(torch.randn(2, 4, 8))
+    assert vq_fresh.num_resets == 8
+
+
 def test_kmeans_init_puts_usage_on_the_per_step_scale():
     torch.manual_seed(0)
     points, _ = clustered(8, 16, 20)

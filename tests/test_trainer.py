@@ -77,6 +77,21 @@ def test_evaluate_reports_memory_gain_and_online_em_f1(tmp_path):
     assert metrics["eval_n_questions"] == 4
 
 
+@pytest.mark.parametrize("docs", [3, 8])
+def test_evaluate_counts_the_distinct_codes_of_held_out_documents(tmp_path, docs):
+    model = tiny_mbc_model(seed=0, codebook_size=16)
+    with torch.no_grad():
+        model.codebook.embedding.weight.normal_()  # spread codes (the default init maps everything to a few)
+    ds = datasets.Dataset.from_list(ROWS)
+    metrics = MBCTrainer(model=model, args=args(tmp_path, max_steps=1, memory_gain_questions=4, eval_codes_docs=docs),
+                         train_dataset=ds, eval_dataset=ds).evaluate()
+    model.eval()
+    enc = model.encode_documents([r["context"] for r in ROWS[:docs]])
+    with torch.no_grad():
+        codes = model.codebook.nearest_codes(model.amortization(enc["input_ids"], enc["attention_mask"]))
+    assert metrics["eval_distinct_codes"] == codes.unique().numel() > 1
+
+
 def test_memory_gain_is_zero_when_the_memory_is_ignored():
     model = tiny_mbc_model(seed=0, aggregator_layers=1)
     batch = MBCDataCollator(model)(ROWS[:4])

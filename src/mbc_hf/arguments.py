@@ -76,6 +76,9 @@ class ModelArguments:
         "help": "Learned codebook: prefix key/values per layer (default 2)."})
     code_entropy_weight: float | None = field(default=None, metadata={
         "help": "Learned codebook: codebook entropy loss weight (default 0)."})
+    dead_code_steps: int | None = field(default=None, metadata={
+        "help": "Learned codebook: online resetting re-seeds a code that no vector picked in this many training "
+                "forwards (MBC §3.3 per step; default 100)."})
     reconstruction_weight: float | None = field(default=None, metadata={
         "help": "Learned codebook: weight of the auxiliary reconstruction loss (default 0.5; 0 = off)."})
     reconstruction_length: int = field(default=32, metadata={"help": "Document tokens of the reconstruction loss."})

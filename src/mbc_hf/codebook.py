@@ -280,6 +280,8 @@ class VectorQuantizer(nn.Module):
         """Online resetting (MBC §3.3), per training forward: update the usage EMA and ``unused_steps``; codes
         unused for ``dead_code_steps`` forwards are re-seeded from distinct random rows of ``vectors`` (n, c), at
         most n of them, and restart as just used (``unused_steps`` 0, EMA the mean usage, ``reset_mask``)."""
+        if bool(self.ema_cluster_size.sum() > 0) and bool((self.unused_steps >= self.dead_code_steps).all()):
+            self.unused_steps.zero_()  # a used codebook from a checkpoint without unused_steps: all restart as used
         self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.unused_steps >= self.dead_code_steps).nonzero().flatten()

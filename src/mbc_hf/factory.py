@@ -80,7 +80,7 @@ def build_model(base_model: str = "embedded", encoder: str = "embedded", questio
 
 LEARNED_ONLY = ("no_vq", "freeze_amortization", "freeze_codebook", "codebook_kmeans_docs", "train_encoders",
                 "contrastive_weight", "distillation_weight", "reconstruction_weight", "prefix_mode", "prefix_length",
-                "code_entropy_weight", "addressing_codes")
+                "code_entropy_weight", "addressing_codes", "dead_code_steps")
 
 
 def build_from_args(a):
@@ -96,7 +96,8 @@ def build_from_args(a):
                  num_context_tokens=a.num_context_tokens, kv_lora_layers=a.kv_lora_layers,
                  freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
-                 code_entropy_weight=a.code_entropy_weight, freeze_amortization=a.freeze_amortization or None,
+                 code_entropy_weight=a.code_entropy_weight, dead_code_steps=a.dead_code_steps,
+                 freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
                  distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
                  aggregation=a.aggregation, topk_documents=a.topk_documents, addressing_codes=a.addressing_codes)
