@@ -3,6 +3,7 @@ part. Every file mbc-hf writes goes through `atomic_write`."""
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,13 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def temporary_files(directory: str, name: str) -> list[str]:
+    """Names in ``directory`` of the temporary files `atomic_write` makes for files whose name fully matches the
+    regex ``name`` (``.<name>.<random>.tmp``): strays of killed writers once no writer of those files runs."""
+    pattern = re.compile(rf"\.(?:{name})\.[A-Za-z0-9_]+\.tmp")
+    return [f for f in os.listdir(directory) if pattern.fullmatch(f)]
 
 
 def write_text_atomic(path, text: str) -> None:

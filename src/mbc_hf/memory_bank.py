@@ -15,11 +15,16 @@ checkpoints' ``model.safetensors.index.json``); no pickle.
 
 File format 2 (`_DocRowBank.save`): the rows, the doc ids and the metadata are
 tensors in the file body (ids and metadata as uint8 UTF-8 JSON), so a file has no
-row ceiling; the header holds the format tag, T, the payload keys and a SHA-256
-checksum of the tensors, verified on load. Sharded banks append by writing a new
-shard, record removals as tombstones in the index (``compact()`` rewrites them),
-and every save runs under ``<path>.lock`` and merges with a concurrent writer's
-save instead of dropping it. Format-1 files (ids in the header) stay readable.
+row ceiling; the header holds the format tag, T, the payload keys, a SHA-256
+``checksum`` of the tensors and a ``header_checksum`` of every other header key,
+both verified on load (files written before ``header_checksum`` existed are read
+with the tensor checksum only). A sharded bank's JSON index carries an
+``index_checksum`` of its other fields the same way. Sharded banks append by writing
+a new shard, record removals as tombstones in the index (``compact()`` rewrites
+them), and every save runs under ``<path>.lock`` and merges with a concurrent
+writer's save instead of dropping it. A save deletes only superseded shards of the
+bank it replaces, never a file it did not write. Format-1 files (ids in the header)
+stay readable.
 
 Where the rules come from:
 
@@ -63,7 +68,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, temporary_files
 
 __all__ = ["CompressedMemoryBank", "DenseMemoryBank", "DUPLICATE_POLICIES", "load_bank"]
 
@@ -72,13 +77,18 @@ DUPLICATE_POLICIES = ("skip", "overwrite", "fail")
 #: File name of the memory bank inside a saved folder / Hub repo.
 MEMORY_BANK_FILE = "memory_bank.safetensors"
 
-_FORMAT_VERSION = "2"  # 2: doc ids and metadata in the file body, a checksum in the header; 1: ids in the header
+# 2: doc ids and metadata in the file body, checksums in the header (`header_checksum` optional, see the module
+# docstring: adding it changed no layout, and older readers ignore it); 1: ids in the header
+_FORMAT_VERSION = "2"
 _READABLE_VERSIONS = ("1", "2")
 #: A bank saved to a path with this suffix is a JSON index of safetensors shards (`_DocRowBank.save`).
 INDEX_SUFFIX = ".index.json"
 #: Rows per shard of a sharded bank (default of ``save(shard_rows=...)``): 2^20 rows, 24 MiB of codes at T=12.
 SHARD_ROWS = 1 << 20
-_SHARD_NAME = re.compile(r"[0-9a-f]{16}\.safetensors")
+_SHARD_NAME = re.compile(r"[0-9a-f]{16}\.safetensors")  # after "<index stem>-"
+_SHARD_FILE = re.compile(r"[^/\\\x00]*-[0-9a-f]{16}\.safetensors")  # any shard named by an index (a copied index too)
+# Loads of a sharded bank retried when a writer replaced its index and deleted a shard the old index named.
+_LOAD_ATTEMPTS = 10
 # Same-width signed dtypes, for bit views of unsigned tensors (see _extend).
 _SIGNED_VIEW = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 # Elements converted to int64 at a time when counting / range-checking codes.
@@ -354,18 +364,32 @@ class _DocRowBank:
         written = self._extend([doc_id], row.reshape(1, *row.shape), [metadata], on_duplicate)
         return written[0] if written else None
 
-    def remove(self, doc_id: str) -> None:
-        """Remove one document's row. O(N). Raises ``KeyError`` naming the id if absent."""
-        i = self.index_of(doc_id)
-        rows = self._rows()
-        self._chunks = [torch.cat([rows[:i], rows[i + 1 :]], dim=0)]
-        del self._doc_ids[i]
-        del self._meta[i]
-        del self._index[doc_id]
-        for j in range(i, len(self._doc_ids)):
-            self._index[self._doc_ids[j]] = j
-        self._id_bytes -= len(doc_id.encode("utf-8"))
-        self._note_removed(i, doc_id)
+    def remove(self, doc_ids: str | Sequence[str]) -> None:
+        """Remove documents: ``doc_ids`` is one id or a list of ids (an id listed twice is removed once).
+
+        One pass over the bank whatever the number of ids, O(N + n) for n ids, in vectorised copies: remove many
+        documents in ONE call (a loop of single removes costs O(N) each; rows keep their order, so a removal
+        shifts every later row).
+
+        Raises:
+            KeyError: naming the first id that is not in the bank; nothing is removed.
+        """
+        ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+        gone = sorted({self.index_of(d) for d in ids})
+        if not gone:
+            return
+        self._note_removed(gone)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[gone] = False
+        rows = self._rows()[keep]
+        self._chunks = [rows] if rows.shape[0] else []
+        spans = list(zip([0] + [r + 1 for r in gone], gone + [len(self)]))  # the kept runs of rows
+        for d in (self._doc_ids[r] for r in gone):
+            del self._index[d]
+            self._id_bytes -= len(d.encode("utf-8"))
+        self._doc_ids = list(itertools.chain.from_iterable(self._doc_ids[a:b] for a, b in spans))
+        self._meta = list(itertools.chain.from_iterable(self._meta[a:b] for a, b in spans))
+        self._index.update(zip(self._doc_ids[gone[0]:], range(gone[0], len(self._doc_ids))))
         self._invalidate()
 
     # ------------------------------------------------------------ persistence
@@ -379,29 +403,39 @@ class _DocRowBank:
     def save(self, path: str | os.PathLike, shard_rows: int = SHARD_ROWS) -> None:
         """Write the bank atomically, as ONE ``.safetensors`` file or, for a ``path`` ending in ``.index.json``, as
         safetensors shards of at most ``shard_rows`` rows beside a JSON index (as ``model.safetensors.index.json``).
+        A ``path`` that is a symbolic link is resolved first: the file it points to is written and the link stays
+        (as editors and SQLite do), so writers through the link and through the target share one bank and lock.
 
         Format (version 2): each file holds the rows (``codes`` / ``vectors``, storage dtype), the doc ids and,
         if any row has some, the metadata as uint8 tensors of UTF-8 JSON in the file body, so a file holds any
-        number of rows; its header holds the format tag, T, the payload keys and a SHA-256 ``checksum`` of the
-        tensors, checked by `load`. Version-1 files (ids in the header) stay readable.
+        number of rows; its header holds the format tag, T, the payload keys, a SHA-256 ``checksum`` of the
+        tensors and a ``header_checksum`` of every other header key, checked by `load`; the index holds an
+        ``index_checksum`` of its other fields. Version-1 files (ids in the header) stay readable.
 
         Every write goes to a temporary or new file that is then renamed into place (a process killed during a
-        save leaves the previous bank complete). The save runs under ``<path>.lock`` (`filelock`, the lock
-        ``mbc-hf adapt`` takes). Saving again to the path this bank was loaded from or last saved to writes only
-        what changed: for a sharded bank, the added rows as a new shard (merged with a small last shard, so a
-        stream of appends keeps O(log N) shards), rewrites of the shards holding overwritten rows, and removed
-        rows as tombstones in the index (`compact` rewrites them away). If another writer saved to that path in
-        the meantime, the bank is merged first: the file's current content plus this bank's additions,
-        overwrites and removals since it was loaded (this bank's version wins for ids both changed), and this
-        bank then holds the merged content. Saving to any other path replaces what is there.
+        save leaves the previous bank complete; a failed save deletes the shards it wrote). The save runs under
+        ``<path>.lock`` (`filelock`, the lock ``mbc-hf adapt`` takes). Saving again to the path this bank was
+        loaded from or last saved to writes only what changed: for a sharded bank, the added rows as a new shard
+        (merged with a small last shard, so a stream of appends keeps O(log N) shards), rewrites of the shards
+        holding overwritten rows and of shards deleted or replaced on disk since, and removed rows as tombstones
+        in the index (`compact` rewrites them away). If another writer saved to that path in the meantime, the
+        bank is merged first: the file's current content plus this bank's additions, overwrites and removals
+        since it was loaded (this bank's version wins for ids both changed), and this bank then holds the merged
+        content. Saving to any other path replaces what is there.
+
+        A save deletes only shard files superseded by it: named by the memory bank index it replaces (one that
+        loads as a bank of this kind), with the checksum that index lists, and named by no other ``*.index.json``
+        in the folder; never another file, whatever an index names.
 
         Raises:
             FileNotFoundError: the parent directory does not exist (it is not created).
             IsADirectoryError: ``path`` is a directory.
-            ValueError: ``shard_rows`` is not a positive int.
+            ValueError: ``shard_rows`` is not a positive int, or ``path`` now holds a bank of another codebook,
+                T or format than the one this bank was loaded from (it was replaced since; nothing is written).
+            OSError: a file could not be written (a full disk), naming it; the bank on disk is as before.
         """
         shard_rows = _positive_int(shard_rows, "shard_rows")
-        path = os.path.abspath(os.fspath(path))
+        path = os.path.realpath(os.fspath(path))
         directory = os.path.dirname(path)
         if not os.path.isdir(directory):
             raise FileNotFoundError(
@@ -414,23 +448,23 @@ class _DocRowBank:
             if linked and os.path.exists(path) and _disk_token(path) != self._sync.token:
                 self._merge_from_disk(path)  # another writer saved since we loaded: take theirs, redo ours
             if path.endswith(INDEX_SUFFIX):
-                self._save_sharded(path, shard_rows, linked)
+                self._save_sharded(path, shard_rows, (self._sync.shards or []) if linked else [])
             else:
-                tensors = self._shard_tensors(0, len(self))
-                checksum = _checksum(tensors)
-                header = dict(self._payload(), num_documents=str(len(self)), checksum=checksum)
-                atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
-                self._sync = _Sync(path, checksum, None)
+                header = _write_bank_file(path, self._shard_tensors(0, len(self)),
+                                          dict(self._payload(), num_documents=str(len(self))))
+                self._sync = _Sync(path, header["header_checksum"], None)
             self._changed, self._removed = set(), set()
 
     def compact(self, shard_rows: int = SHARD_ROWS) -> None:
         """Rewrite the sharded bank this bank was loaded from or saved to without its tombstones and small
-        shards (full shards of ``shard_rows`` rows), deleting shard files the index no longer names, stray ones
-        from killed writes included. O(N).
+        shards (full shards of ``shard_rows`` rows), deleting the shard files the index no longer names (as
+        `save`) and the strays of killed writes: files ``<stem>-<16 hex>.safetensors`` that no index in the
+        folder names and the temporary files of this bank's writes (``.<stem>...tmp``). O(N).
 
         Raises:
-            ValueError: the bank is not linked to a sharded bank (``.index.json``) by `load` or `save`, or
-                ``shard_rows`` is not a positive int.
+            ValueError: the bank is not linked to a sharded bank (``.index.json``) by `load` or `save`,
+                ``shard_rows`` is not a positive int, or the path now holds another codebook's bank (as `save`).
+            OSError: a file could not be written, naming it; the bank on disk is as before.
         """
         shard_rows = _positive_int(shard_rows, "shard_rows")
         if self._sync is None or self._sync.shards is None:
@@ -438,10 +472,9 @@ class _DocRowBank:
                              "bank has no tombstones (save() rewrites it whole)")
         path = self._sync.path
         with bank_lock(path):
-            if _disk_token(path) != self._sync.token:
+            if os.path.exists(path) and _disk_token(path) != self._sync.token:
                 self._merge_from_disk(path)
-            self._sync.shards = []  # every row is written anew
-            self._save_sharded(path, shard_rows, linked=True, delete_strays=True)
+            self._save_sharded(path, shard_rows, [], compact=True)  # every row is written anew
             self._changed, self._removed = set(), set()
 
     def _shard_tensors(self, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -453,54 +486,75 @@ class _DocRowBank:
             tensors["metadata"] = _json_tensor(meta)
         return tensors
 
-    def _save_sharded(self, path: str, shard_rows: int, linked: bool, delete_strays: bool = False) -> None:
-        old = _read_index_files(path)  # shard files named by the index being replaced, to delete after
-        shards = [dict(s) for s in self._sync.shards] if linked and self._sync.shards is not None else []
-        stem = os.path.basename(path)[: -len(INDEX_SUFFIX)]
+    def _save_sharded(self, path: str, shard_rows: int, persisted: list[dict], compact: bool = False) -> None:
+        """Write the index at ``path`` over the ``persisted`` shards (as `_Sync.shards`) that are still on disk
+        unchanged, rewriting the dirty ones and writing the rows after them as new shards; then delete what
+        `save` / `compact` say."""
+        directory, stem = os.path.dirname(path), os.path.basename(path)[: -len(INDEX_SUFFIX)]
+        old = _index_shards(path, self._FORMAT)  # the shards of the index being replaced: may be deleted after
+        shards = [dict(s) for s in persisted]
+        for s in shards:  # deleted, moved or replaced since this bank last saw it: write its rows again
+            if _file_header(os.path.join(directory, s["file"])).get("checksum") != s["checksum"]:
+                s["dirty"] = True
         tail_start = sum(s["live"] for s in shards)
         # Merge trailing shards that are not much larger than what is added (a binary counter): O(log N) shards.
         while shards and shards[-1]["rows"] <= 2 * (len(self) - tail_start) \
                 and shards[-1]["live"] + len(self) - tail_start <= shard_rows:
             tail_start -= shards.pop()["live"]
-        start = 0
-        for s in shards:  # rewrite the shards that hold overwritten rows, with their tombstones dropped
-            if s["dirty"]:
-                s.update(self._write_shard(path, stem, start, start + s["live"]))
-            start += s["live"]
-        for lo in range(tail_start, len(self), shard_rows):
-            shards.append(self._write_shard(path, stem, lo, min(lo + shard_rows, len(self))))
-        index = dict(self._payload(), num_documents=len(self),
-                     shards=[{"file": s["file"], "rows": s["rows"], "checksum": s["checksum"]} for s in shards],
-                     tombstones={s["file"]: s["tombstones"] for s in shards if s["tombstones"]})
-        text = json.dumps(index, ensure_ascii=False, indent=1)
-        atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+        written: list[str] = []
+
+        def write_shard(start: int, stop: int) -> dict:
+            name = f"{stem}-{uuid.uuid4().hex[:16]}.safetensors"
+            written.append(name)
+            header = _write_bank_file(os.path.join(directory, name), self._shard_tensors(start, stop),
+                                      dict(self._payload(), num_documents=str(stop - start)))
+            return {"file": name, "rows": stop - start, "live": stop - start, "checksum": header["checksum"],
+                    "tombstones": [], "dirty": False}
+
+        try:
+            start = 0
+            for s in shards:  # rewrite the shards that hold overwritten rows, with their tombstones dropped
+                if s["dirty"]:
+                    s.update(write_shard(start, start + s["live"]))
+                start += s["live"]
+            for lo in range(tail_start, len(self), shard_rows):
+                shards.append(write_shard(lo, min(lo + shard_rows, len(self))))
+            index = dict(self._payload(), num_documents=len(self),
+                         shards=[{"file": s["file"], "rows": s["rows"], "checksum": s["checksum"]} for s in shards],
+                         tombstones={s["file"]: s["tombstones"] for s in shards if s["tombstones"]})
+            index["index_checksum"] = _fields_checksum(index, "index_checksum")
+            text = json.dumps(index, ensure_ascii=False, indent=1)
+            _write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+        except BaseException:  # the index was not replaced: the shards of this save are orphans
+            for name in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+            raise
         self._sync = _Sync(path, hashlib.sha256(text.encode("utf-8")).hexdigest(), shards)
         keep = {s["file"] for s in shards}
-        directory = os.path.dirname(path)
-        stale = set(old) - keep
-        if delete_strays:
-            stale |= {f for f in os.listdir(directory) if f.startswith(stem + "-") and f.endswith(".safetensors")
-                      and _SHARD_NAME.fullmatch(f[len(stem) + 1:])} - keep
-        for name in stale:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
-
-    def _write_shard(self, path: str, stem: str, start: int, stop: int) -> dict:
-        tensors = self._shard_tensors(start, stop)
-        checksum = _checksum(tensors)
-        name = f"{stem}-{uuid.uuid4().hex[:16]}.safetensors"
-        header = dict(self._payload(), num_documents=str(stop - start), checksum=checksum)
-        atomic_write(os.path.join(os.path.dirname(path), name),
-                     lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
-        return {"file": name, "rows": stop - start, "live": stop - start, "checksum": checksum, "tombstones": [],
-                "dirty": False}
+        stale = {f for f, checksum in old.items()
+                 if f not in keep and _file_header(os.path.join(directory, f)).get("checksum") == checksum}
+        if compact:
+            own = re.escape(stem) + "-" + _SHARD_NAME.pattern
+            stale |= {f for f in os.listdir(directory) if re.fullmatch(own, f)} - keep
+            stale |= set(temporary_files(directory, f"{own}|{re.escape(os.path.basename(path))}"))
+        if stale:
+            for name in stale - _files_of_other_indexes(directory, path):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
 
     def _merge_from_disk(self, path: str) -> None:
-        """Replace this bank's content by the bank at ``path`` plus this bank's changes since it was synced."""
+        """Replace this bank's content by the bank at ``path`` plus this bank's changes since it was synced.
+        Raises ``ValueError`` if that bank is not of this bank's codebook, T and format (nothing changes)."""
         disk = type(self).load(path)
-        for d in self._removed:
-            if d in disk:
-                disk.remove(d)
+        if disk._payload() != self._payload():
+            differ = ", ".join(f"{k} {v!r} (this bank: {self._payload().get(k)!r})"
+                               for k, v in disk._payload().items() if self._payload().get(k) != v)
+            raise ValueError(f"{path} was replaced since this bank was loaded from it by a bank with {differ}; "
+                             "merging would mix codes of two codebooks under one fingerprint, so nothing was "
+                             "written. Fix: save this bank to another path, or load the new bank and add the "
+                             "documents to it again")
+        disk.remove([d for d in self._removed if d in disk])
         changed = [d for d in self._doc_ids if d in self._changed]
         if changed:
             rows = [self._index[d] for d in changed]
@@ -517,18 +571,21 @@ class _DocRowBank:
                 if k < len(self._sync.shards):
                     self._sync.shards[k]["dirty"] = True
 
-    def _note_removed(self, row: int, doc_id: str) -> None:
-        self._changed.discard(doc_id)
+    def _note_removed(self, rows: list[int]) -> None:
+        """Record the removal of ``rows`` (row numbers before the removal), as tombstones of their shards."""
+        ids = [self._doc_ids[r] for r in rows]
+        self._changed.difference_update(ids)
         if self._sync is None:
             return
-        self._removed.add(doc_id)
+        self._removed.update(ids)
         if self._sync.shards is not None:
             starts = self._shard_starts()
-            k = bisect.bisect_right(starts, row) - 1
-            if k < len(self._sync.shards):
-                shard = self._sync.shards[k]
-                shard["live"] -= 1
-                shard["tombstones"].append(doc_id)
+            for row, doc_id in zip(rows, ids):
+                k = bisect.bisect_right(starts, row) - 1
+                if k < len(self._sync.shards):
+                    shard = self._sync.shards[k]
+                    shard["live"] -= 1
+                    shard["tombstones"].append(doc_id)
 
     def _shard_starts(self) -> list[int]:
         """First in-memory row of each persisted shard, then the first row not yet persisted."""
@@ -542,12 +599,18 @@ class _DocRowBank:
         Each file is read once, through one open file, into memory (transiently about twice its size), so loading
         while another process saves gives either the old or the new bank, never a mix. Checksums are verified.
 
+        A sharded bank's index is checked whole before any shard is read (its checksum, shard names that stay in
+        its folder and appear once, tombstones, ``num_documents``), so a hostile index costs no more than its own
+        size. If a writer replaces the index and deletes a shard the old one named while the shards are read, the
+        load starts again from the new index (up to 10 times). A symbolic link ``path`` is resolved (as `save`).
+
         Raises ``FileNotFoundError`` if ``path`` (or a shard) does not exist, and ``ValueError`` naming the file
-        and the problem when it is truncated, corrupted (checksum mismatch), has a forged header, the wrong format
-        tag or version, missing/garbled keys, a row tensor of the wrong dtype/shape or out-of-range values, or
-        duplicate / invalid doc ids.
+        and the problem when it is truncated, corrupted (checksum mismatch, of the data or of the header), has a
+        forged header, the wrong format tag or version, missing/garbled keys, a row tensor of the wrong
+        dtype/shape or out-of-range values, duplicate / invalid doc ids, or (an index) malformed, duplicate or
+        escaping shard entries, malformed tombstones or a ``num_documents`` that is not the number of rows.
         """
-        path = os.path.abspath(os.fspath(path))
+        path = os.path.realpath(os.fspath(path))
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "memory bank file not found", path)
         if path.endswith(INDEX_SUFFIX):
@@ -555,7 +618,7 @@ class _DocRowBank:
         header, tensors = _read_safetensors(path)
         bank = cls._bank_for(header, path)
         bank._fill(path, *_parse_bank_file(header, tensors, bank._TENSOR_NAME, path))
-        bank._sync = _Sync(path, header.get("checksum"), None)
+        bank._sync = _Sync(path, _token(header), None)
         return bank
 
     @classmethod
@@ -563,6 +626,11 @@ class _DocRowBank:
         fmt = header.get("format")
         if cls is _DocRowBank:  # load_bank(): the class the file names
             cls = next((c for c in _DocRowBank.__subclasses__() if c._FORMAT == fmt), cls)
+        if fmt is None or cls is _DocRowBank:
+            tags = " or ".join(repr(c._FORMAT) for c in _DocRowBank.__subclasses__())
+            found = "has no format tag" if fmt is None else f"has the format tag {fmt!r}"
+            raise ValueError(f"{path}: {found}, but a memory bank's is {tags}: it is not a memory bank file "
+                             "(or its header was damaged; restore it from a backup)")
         if fmt != cls._FORMAT:
             hint = ""
             for other in _DocRowBank.__subclasses__():
@@ -598,35 +666,37 @@ class _DocRowBank:
 
     @classmethod
     def _load_sharded(cls, path: str) -> "_DocRowBank":
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            index = json.loads(raw)
-            assert isinstance(index, dict) and isinstance(index.get("shards"), list)
-            tombstones = index.get("tombstones", {})
-            assert isinstance(tombstones, dict)
-        except (ValueError, AssertionError):
-            raise ValueError(f"{path}: not a memory bank index (a JSON object with a 'shards' list)") from None
-        header = {k: v for k, v in index.items() if isinstance(v, str)}
-        bank = cls._bank_for(header, path)
+        attempts = _LOAD_ATTEMPTS
+        while True:
+            raw, index = _read_index(path)
+            try:
+                return cls._load_index(path, raw, index)
+            except FileNotFoundError:  # a shard is gone: retry if a writer replaced the index since it was read
+                attempts -= 1
+                if not attempts or _disk_token(path) == hashlib.sha256(raw).hexdigest():
+                    raise
+
+    @classmethod
+    def _load_index(cls, path: str, raw: bytes, index: dict) -> "_DocRowBank":
+        tombstones = _check_index(path, index)
+        bank = cls._bank_for({k: v for k, v in index.items() if isinstance(v, str)}, path)
         directory = os.path.dirname(path)
         parts, doc_ids, meta, shards = [], [], [], []
         for entry in index["shards"]:
-            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _SHARD_NAME.fullmatch(
-                    entry["file"].rsplit("-", 1)[-1]) and os.path.basename(entry["file"]) == entry["file"]):
-                raise ValueError(f"{path}: malformed shard entry {entry!r}")
             shard_path = os.path.join(directory, entry["file"])
-            if not os.path.exists(shard_path):
-                raise FileNotFoundError(errno.ENOENT, f"memory bank shard named by {path} is missing", shard_path)
-            shard_header, tensors = _read_safetensors(shard_path)
+            try:
+                shard_header, tensors = _read_safetensors(shard_path)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"memory bank shard named by {path} is missing (restore it "
+                                        "from a backup; the index cannot be loaded without it)", shard_path) from None
             bank._bank_for(shard_header, shard_path)
             rows, ids, m = _parse_bank_file(shard_header, tensors, bank._TENSOR_NAME, shard_path)
-            if shard_header.get("checksum") != entry.get("checksum") or len(ids) != entry.get("rows"):
+            if shard_header.get("checksum") != entry["checksum"] or len(ids) != entry["rows"]:
                 raise ValueError(f"{shard_path}: does not match its entry in {path} (checksum or row count "
                                  "differs): the shard was replaced or the index is stale")
             if {k: shard_header.get(k) for k in bank._payload()} != bank._payload():
                 raise ValueError(f"{shard_path}: its format, T or codebook differ from the index {path}")
-            dead = set(tombstones.get(entry["file"], []))
+            dead = tombstones.get(entry["file"], set())
             if dead:
                 if not dead <= set(ids):
                     raise ValueError(f"{path}: tombstones of {entry['file']} name ids the shard does not hold")
@@ -660,10 +730,11 @@ _LOCKS: dict[str, Any] = {}
 
 def bank_lock(path: str | os.PathLike):
     """The inter-process lock of a bank file: a `filelock.FileLock` on ``<path>.lock``, one object per path in a
-    process (so nested use is re-entrant, as `mbc-hf adapt` holding it around `save`)."""
+    process (so nested use is re-entrant, as `mbc-hf adapt` holding it around `save`); a symbolic link is
+    resolved first, as `save` does."""
     from filelock import FileLock
 
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # one lock for a bank reached through a symbolic link and directly
     if path not in _LOCKS:
         _LOCKS[path] = FileLock(path + ".lock")
     return _LOCKS[path]
@@ -684,27 +755,135 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _fields_checksum(fields: dict, own_key: str) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``fields`` without ``own_key`` (the key that stores it)."""
+    rest = {k: v for k, v in fields.items() if k != own_key}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _token(header: dict[str, str]) -> str | None:
+    """A file's content token (`_Sync.token`): its header checksum, else (older files) its tensor checksum."""
+    return header.get("header_checksum") or header.get("checksum")
+
+
+def _write(path: str, write) -> None:
+    """`atomic_write`, raising a failure (a full disk: ``OSError`` or ``SafetensorError``) as an ``OSError`` that
+    names the file."""
+    try:
+        atomic_write(path, write)
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise OSError(getattr(exc, "errno", None) or errno.EIO,
+                      f"cannot write memory bank file ({exc}); the bank on disk is as it was before this save: "
+                      "free disk space, or save to another path", path) from exc
+
+
+def _write_bank_file(path: str, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
+    """Write one bank file (a bank or a shard) with its checksums added to ``header``; returns the header."""
+    header = dict(header, checksum=_checksum(tensors))
+    header["header_checksum"] = _fields_checksum(header, "header_checksum")
+    _write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+    return header
+
+
+def _file_header(path: str) -> dict[str, str]:
+    """The metadata header of the safetensors file at ``path`` ({} if there is none or it is unreadable)."""
+    with contextlib.suppress(Exception), safetensors.safe_open(path, "pt") as fh:
+        return fh.metadata() or {}
+    return {}
+
+
 def _disk_token(path: str) -> str | None:
-    """The content token of the bank at ``path`` (as `_Sync.token`): the index's SHA-256, or a file's header
-    checksum (its SHA-256 for a version-1 file); None if there is no file."""
+    """The content token of the bank at ``path`` (as `_Sync.token`): the index's SHA-256, or a file's `_token`
+    (None for a version-1 file); None if there is no file."""
     if not os.path.exists(path):
         return None
     if path.endswith(INDEX_SUFFIX):
         with open(path, "rb") as fh:
             return hashlib.sha256(fh.read()).hexdigest()
-    with contextlib.suppress(Exception), safetensors.safe_open(path, "pt") as fh:
-        checksum = (fh.metadata() or {}).get("checksum")
-        if checksum:
-            return checksum
-    return None
+    return _token(_file_header(path))
 
 
-def _read_index_files(path: str) -> list[str]:
-    """Shard file names named by the index at ``path`` (none if absent or unreadable)."""
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        with open(path, encoding="utf-8") as fh:
-            return [s["file"] for s in json.load(fh)["shards"] if os.path.basename(s["file"]) == s["file"]]
-    return []
+def _read_index(path: str) -> tuple[bytes, dict]:
+    """The bytes and the JSON object of a sharded bank's index. Raises ``ValueError`` naming the file if it is
+    not a JSON object with a ``shards`` list (nested too deeply included), ``OSError`` if it cannot be read."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        index = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ValueError(f"{path}: not a memory bank index: not valid JSON ({problem})") from None
+    if not (isinstance(index, dict) and isinstance(index.get("shards"), list)):
+        raise ValueError(f"{path}: not a memory bank index (a JSON object with a 'shards' list)")
+    return raw, index
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_index(path: str, index: dict) -> dict[str, set[str]]:
+    """Check a sharded bank's index before any shard is read; return its tombstones (doc ids per shard file).
+    Raises ``ValueError`` naming the index and the problem."""
+    restore = "restore the index from a backup"
+    if "index_checksum" in index and index["index_checksum"] != _fields_checksum(index, "index_checksum"):
+        raise ValueError(f"{path}: index checksum mismatch: the index was changed or damaged after it was written "
+                         f"({restore})")
+    directory, files = os.path.dirname(path), set()
+    for entry in index["shards"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _SHARD_FILE.fullmatch(
+                entry["file"]) and _count(entry.get("rows")) and isinstance(entry.get("checksum"), str)):
+            raise ValueError(f"{path}: malformed shard entry {str(entry)[:200]} (a shard entry is "
+                             "{'file': '<stem>-<16 hex>.safetensors', 'rows': int, 'checksum': str}); " + restore)
+        name = entry["file"]
+        if name in files:
+            raise ValueError(f"{path}: names the shard {name!r} twice ({restore})")
+        files.add(name)
+        shard = os.path.join(directory, name)
+        if os.path.islink(shard) and os.path.dirname(os.path.realpath(shard)) != directory:
+            raise ValueError(f"{path}: shard {name!r} is a symbolic link out of the bank's folder {directory}; "
+                             "a bank's shards are files beside its index (copy the file there instead)")
+    tombstones = index.get("tombstones", {})
+    if not isinstance(tombstones, dict):
+        raise ValueError(f"{path}: 'tombstones' must map shard files to lists of doc ids, got "
+                         f"{type(tombstones).__name__} ({restore})")
+    dead = {}
+    for name, ids in tombstones.items():
+        if name not in files:
+            raise ValueError(f"{path}: tombstones name the shard {name!r}, which the index does not list ({restore})")
+        if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids):
+            raise ValueError(f"{path}: tombstones of {name!r} must be a list of doc id strings, got "
+                             f"{str(ids)[:100]} ({restore})")
+        dead[name] = set(ids)
+    live = sum(e["rows"] for e in index["shards"]) - sum(map(len, dead.values()))
+    if not _count(index.get("num_documents")) or index["num_documents"] != live:
+        raise ValueError(f"{path}: num_documents is {index.get('num_documents')!r} but the shard entries hold {live} "
+                         f"live rows: the index lost a shard entry or was edited ({restore})")
+    return dead
+
+
+def _index_shards(path: str, fmt: str) -> dict[str, str]:
+    """``{shard file: checksum}`` of the index at ``path`` if it is a valid index of a bank of format ``fmt``, else
+    ``{}``: a foreign, forged or damaged file names nothing that a save may delete."""
+    with contextlib.suppress(OSError, ValueError):
+        _, index = _read_index(path)
+        if index.get("format") == fmt:
+            _check_index(path, index)
+            return {e["file"]: e["checksum"] for e in index["shards"]}
+    return {}
+
+
+def _files_of_other_indexes(directory: str, path: str) -> set[str]:
+    """Every file named as a shard by an ``*.index.json`` in ``directory`` other than ``path`` (read leniently: a
+    copy of an index or another bank keeps its shards even if it is damaged)."""
+    names: set[str] = set()
+    for f in os.listdir(directory):
+        other = os.path.join(directory, f)
+        if f.endswith(INDEX_SUFFIX) and other != path:
+            with contextlib.suppress(OSError, ValueError):
+                names.update(e["file"] for e in _read_index(other)[1]["shards"]
+                             if isinstance(e, dict) and isinstance(e.get("file"), str))
+    return names
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -717,7 +896,9 @@ def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor
         tensors = safetensors.torch.load(data)
         (header_length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_length]).get("__metadata__")
-    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, struct.error) as exc:
+    except FileNotFoundError:
+        raise
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, RecursionError, struct.error) as exc:
         raise ValueError(
             f"{path}: not a readable safetensors file (truncated, corrupted or forged header): {exc}"
         ) from exc
@@ -725,6 +906,10 @@ def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor
         raise ValueError(f"{path}: safetensors metadata header must map str to str")
     if not header:
         raise ValueError(f"{path}: safetensors file has no metadata header; it is not a memory bank")
+    if "header_checksum" in header and header["header_checksum"] != _fields_checksum(header, "header_checksum"):
+        raise ValueError(f"{path}: header checksum mismatch: the file's header (format, T, codebook size or "
+                         "fingerprint, ...) was changed or damaged after it was written (restore it from a backup "
+                         "or re-adapt its documents)")
     return header, tensors
 
 
@@ -747,6 +932,9 @@ def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], n
             raise ValueError(f"{path}: expected the tensors {sorted(expected)}, found {sorted(tensors)}")
         doc_ids = _json_body(tensors, "doc_ids", path)
         meta = _json_body(tensors, "metadata", path) if "metadata" in tensors else None
+        if isinstance(doc_ids, list) and header.get("num_documents", str(len(doc_ids))) != str(len(doc_ids)):
+            raise ValueError(f"{path}: header key 'num_documents' is {header['num_documents']!r} but the file "
+                             f"holds {len(doc_ids)} doc ids")
     if set(tensors) != expected:
         raise ValueError(f"{path}: expected exactly one tensor named {name!r}, found {sorted(tensors)}")
     if not isinstance(doc_ids, list) or not all(isinstance(d, str) and d for d in doc_ids):
@@ -768,8 +956,8 @@ def _json_body(tensors: dict[str, torch.Tensor], key: str, path: str) -> Any:
         raise ValueError(f"{path}: tensor {key!r} (uint8, UTF-8 JSON) is missing or malformed")
     try:
         return json.loads(t.numpy().tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: tensor {key!r} is not UTF-8 JSON: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: tensor {key!r} is not UTF-8 JSON (or is nested too deeply): {exc}") from exc
 
 
 def _json_field(header: dict[str, str], key: str, path: str) -> Any:
@@ -777,8 +965,8 @@ def _json_field(header: dict[str, str], key: str, path: str) -> Any:
         raise ValueError(f"{path}: header key {key!r} is missing")
     try:
         return json.loads(header[key])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: header key {key!r} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: header key {key!r} is not valid JSON (or is nested too deeply): {exc}") from exc
 
 
 def _int_field(header: dict[str, str], key: str, path: str) -> int:
