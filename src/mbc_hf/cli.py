@@ -12,6 +12,7 @@ from .atomic import write_text_atomic
 from .factory import (  # noqa: F401
     LEARNED_ONLY,
     VOCABULARY_DEFAULTS,
+    _one_line,
     build,
     build_from_args,
     load_model,
@@ -22,6 +23,13 @@ from .factory import (  # noqa: F401
 SHARED_DATA_ENV = "MBC_SHARED_DATA"
 SQUAD_TRAIN = "squad/train-part.first44articles.paragraphs.jsonl"
 SQUAD_DEV = "squad/dev.minus-holdout.paragraphs.jsonl"
+#: Prefix of the temporary folders ``mbc-hf adapt --num-proc N`` keeps its part banks in (in the temp folder).
+PART_FOLDER_PREFIX = "mbc-adapt-"
+_PART_OWNER_LOCK = ".owner.lock"  # held (flock) by the run that owns a part folder, released by the OS at its death
+
+
+class CommandError(Exception):
+    """A failure the command line reports in one line (exit status 1), like a ValueError / OSError."""
 
 
 def shared_data_dir() -> Path | None:
@@ -53,6 +61,8 @@ def cmd_train(argv: list[str]) -> dict:
                               data_args.eval_docs or None) if data_args.validation_file else held
     if args.resume and Path(args.output_dir, "config.json").exists():
         model = load_model(args.output_dir).train()
+    elif model_args.model_name_or_path:  # a saved folder, loaded without running its code (load_model)
+        model = load_model(model_args.model_name_or_path).train()
     else:
         model = model_from_args(model_args)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
@@ -70,6 +80,7 @@ def cmd_adapt(a) -> None:
     ``mbc-hf adapt`` runs on one bank take turns and the second appends to what the first saved, instead of both
     starting from the same file and the last save dropping the other's documents."""
     from filelock import Timeout
+    from safetensors import SafetensorError
 
     from .data import load_documents_file
     from .evaluation import adapt_stream
@@ -78,6 +89,7 @@ def cmd_adapt(a) -> None:
     if a.num_proc < 1 or (a.num_proc > 1 and a.save_every):
         raise ValueError(f"--num-proc must be >= 1 (got {a.num_proc}) and --save-every works with one process only")
     docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
+    clean_stale_part_folders()
     model = load_model(a.model)
     lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
     try:
@@ -89,17 +101,85 @@ def cmd_adapt(a) -> None:
         bank = load_bank(a.bank) if Path(a.bank).exists() else None
         before = len(bank) if bank is not None else 0
         start = time.perf_counter()
-        if a.num_proc > 1:
-            bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size)
-            bank.save(a.bank)
-        else:
-            bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every,
-                                bank_path=a.bank)
+        try:
+            if a.num_proc > 1:
+                bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size)
+                bank.save(a.bank)
+            else:
+                bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every,
+                                    bank_path=a.bank)
+        except SafetensorError as exc:  # e.g. a full disk: safetensors names no file
+            raise CommandError(f"could not write the bank {a.bank}: {_one_line(exc)} (is the disk full?). The bank "
+                               "file keeps its last complete save; free some space and run the same command again "
+                               "(documents already in the bank are skipped).") from exc
         ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
     finally:
         lock.release()
     print(f"bank {a.bank}: {len(bank)} documents (+{len(bank) - before}), {bank.nbytes} bytes "
           f"({bank.nbytes / max(len(bank), 1):.1f} bytes/doc), {ms:.1f} ms/doc")
+
+
+def _exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Initializer of the ``--num-proc`` worker processes: a daemon thread ends the worker (``os._exit``) as soon as
+    ``parent_pid`` is no longer its parent, i.e. the parent died (even by SIGKILL, which runs no cleanup): otherwise
+    a worker blocks forever on the task pipe it holds both ends of, with the model loaded, and keeps
+    multiprocessing's resource tracker alive too."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="mbc-exit-with-parent", daemon=True).start()
+
+
+def _part_owner_lock(folder: str):
+    from filelock import FileLock
+
+    return FileLock(os.path.join(folder, _PART_OWNER_LOCK))
+
+
+def clean_stale_part_folders(tmp_dir: str | None = None) -> list[str]:
+    """Remove the part folders (``mbc-adapt-*`` in the temp folder) that ``mbc-hf adapt --num-proc`` runs killed
+    before they could clean up: a folder whose owner lock (held by its run until it ends) can be taken, or, from
+    versions without the lock, one holding only part banks and untouched for an hour. Their part banks were never
+    appended to a bank file, so the next run encodes those documents again. Returns the folders removed."""
+    import glob
+    import re
+    import shutil
+    import tempfile
+
+    from filelock import Timeout
+
+    removed = []
+    for folder in sorted(glob.glob(os.path.join(tmp_dir or tempfile.gettempdir(), PART_FOLDER_PREFIX + "*"))):
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        try:
+            if os.path.exists(os.path.join(folder, _PART_OWNER_LOCK)):
+                lock = _part_owner_lock(folder)
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # a running adapt owns it
+                lock.release()
+            else:
+                names = os.listdir(folder)
+                if not all(re.fullmatch(r"part\d+\.safetensors(\.lock)?|\..*\.tmp", n) for n in names):
+                    continue  # not a part folder of mbc-hf adapt
+                newest = max([os.path.getmtime(folder)] + [os.path.getmtime(os.path.join(folder, n)) for n in names])
+                if time.time() - newest < 3600:
+                    continue
+        except OSError:  # another user's folder, or removed meanwhile: not ours to clean
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        print(f"removed {folder}, left by a killed `mbc-hf adapt --num-proc` run (its documents were not saved to "
+              "a bank; this run encodes them again)", file=sys.stderr)
+    return removed
 
 
 def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int, threads: int, out: str) -> None:
@@ -115,10 +195,21 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
     process memorizes the first with ``model`` while N - 1 spawned processes (each loading the model from
     ``model_path``) memorize the others into their own bank files; the parts are then appended in order, so the
     result equals one process's bank (memorize is batch-invariant), with no document lost or repeated. Each process
-    uses cpu_count / N torch threads. Returns the extended bank (a new one when ``bank`` is None)."""
+    uses cpu_count / N torch threads. Returns the extended bank (a new one when ``bank`` is None).
+
+    The workers exit when this process dies (`_exit_with_parent`); the part folder (``mbc-adapt-*`` in the temp
+    folder) is removed at the end, or, when this process is killed, by the next run (`clean_stale_part_folders`).
+
+    Raises:
+        CommandError: a worker process died (killed, out of memory); ``bank`` is unchanged.
+    """
     import multiprocessing
+    import shutil
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from safetensors import SafetensorError
 
     import torch
 
@@ -132,24 +223,41 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
     size = -(-len(todo) // num_proc)
     parts = [todo[i:i + size] for i in range(0, len(todo), size)]
     threads = max(1, (os.cpu_count() or 1) // num_proc)
-    with tempfile.TemporaryDirectory(prefix="mbc-adapt-") as tmp, \
-            ProcessPoolExecutor(max(len(parts) - 1, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(1, len(parts))]
-        futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
-                   for part, out in zip(parts[1:], outs)]
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:  # the first part here, while the other processes start and load the model
-            first = model.memorize([t for _, t in parts[0]], doc_ids=[d for d, _ in parts[0]], batch_size=batch_size)
-        finally:
-            torch.set_num_threads(previous)
-        for future in futures:
-            future.result()
-        bank.extend(first.doc_ids, first.codes, first.metadata, on_duplicate="fail")
-        for out in outs:
-            part = load_bank(out)
-            part.check_codebook(bank.codebook_fingerprint)
-            bank.extend(part.doc_ids, part.codes, part.metadata, on_duplicate="fail")
+    tmp = tempfile.mkdtemp(prefix=PART_FOLDER_PREFIX)
+    owner = _part_owner_lock(tmp)
+    owner.acquire()  # released by the OS if this process is killed: the next run then removes the folder
+    try:
+        with ProcessPoolExecutor(max(len(parts) - 1, 1), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+            outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(1, len(parts))]
+            futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
+                       for part, out in zip(parts[1:], outs)]
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:  # the first part here, while the other processes start and load the model
+                first = model.memorize([t for _, t in parts[0]], doc_ids=[d for d, _ in parts[0]],
+                                       batch_size=batch_size)
+            finally:
+                torch.set_num_threads(previous)
+            try:
+                for future in futures:
+                    future.result()
+            except BrokenProcessPool as exc:
+                raise CommandError(f"a worker process of --num-proc {num_proc} died (killed, or out of memory?); "
+                                   "nothing was added to the bank: run again, with fewer processes if memory is "
+                                   "short.") from exc
+            except SafetensorError as exc:
+                raise CommandError(f"a worker process could not write its part bank in {tmp}: {_one_line(exc)} (is "
+                                   "the disk of the temp folder full? set TMPDIR to a folder with space); nothing was "
+                                   "added to the bank.") from exc
+            bank.extend(first.doc_ids, first.codes, first.metadata, on_duplicate="fail")
+            for out in outs:
+                part = load_bank(out)
+                part.check_codebook(bank.codebook_fingerprint)
+                bank.extend(part.doc_ids, part.codes, part.metadata, on_duplicate="fail")
+    finally:
+        owner.release()
+        shutil.rmtree(tmp, ignore_errors=True)
     return bank
 
 
@@ -311,8 +419,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     """Run ``mbc-hf``. Bad input (a ValueError or OSError: malformed data file, corrupted bank, bank from another
-    codebook, missing file...) exits with status 1 and ``mbc-hf COMMAND: error: MESSAGE`` on stderr, without a
-    traceback; set ``MBC_HF_TRACEBACK=1`` to get the traceback instead."""
+    codebook, missing file, damaged model folder...; a `CommandError`; a ``SafetensorError``) exits with status 1 and
+    ``mbc-hf COMMAND: error: MESSAGE`` on stderr, without a traceback; set ``MBC_HF_TRACEBACK=1`` to get the
+    traceback instead."""
+    from safetensors import SafetensorError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["train"], ["demo"]):  # the training schema: mbc_hf.arguments
         command, func, rest = argv[0], {"train": cmd_train, "demo": cmd_demo}[argv[0]], argv[1:]
@@ -321,7 +432,7 @@ def main(argv=None):
         command, func, rest = args.command, args.func, args
     try:
         func(rest)  # nothing returned: the console script passes main()'s value to sys.exit
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, CommandError, SafetensorError) as exc:
         if os.environ.get("MBC_HF_TRACEBACK"):
             raise
         raise SystemExit(f"mbc-hf {command}: error: {exc}") from exc

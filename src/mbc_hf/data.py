@@ -143,6 +143,8 @@ def _parse_jsonl(path: Path, text: str) -> _Source:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise _too_deep(path, f"line {lineno}") from None
         if not isinstance(obj, dict):
             raise ValueError(
                 f"{path}: line {lineno}: expected a JSON object per line, got {type(obj).__name__}"
@@ -153,10 +155,37 @@ def _parse_jsonl(path: Path, text: str) -> _Source:
     return _Source(path, records=records)
 
 
+def _too_deep(path: Path, where: str) -> ValueError:
+    return ValueError(f"{path}: {where}: JSON nested too deeply to read (more levels of arrays/objects than Python's "
+                      f"recursion limit, {sys.getrecursionlimit()}); a record is a flat object of strings: fix or drop "
+                      "that line")
+
+
+def _line_too_deep(text: str) -> int:
+    """Line (from 1) where the arrays/objects of a JSON text first nest deeper than the recursion limit allows."""
+    limit, depth, line, in_string, escaped = sys.getrecursionlimit() // 2, 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return line
+
+
 def _parse_json(path: Path, text: str) -> _Source:
     """A single JSON document (SQuAD object or array of records); falls back to JSON lines."""
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise _too_deep(path, f"line {_line_too_deep(text)}") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values: JSON lines (e.g. Dataset.to_json output)
             return _parse_jsonl(path, text)

@@ -1,6 +1,7 @@
 """Building, loading and training MBC models from names and command-line options: what the CLI, the demo, the
 examples and the benchmarks share (``mbc_hf.cli`` re-exports these names)."""
 
+import json
 import os
 
 from . import embedded
@@ -26,24 +27,73 @@ def build(base_model: str, encoder: str, **config_kwargs):
     return build_model(base_model, encoder, **config_kwargs)
 
 
+# what a damaged or hand-edited model folder raises while it loads (and SafetensorError)
+_DAMAGED_FOLDER_ERRORS = (ValueError, OSError, OverflowError, TypeError, KeyError, IndexError, AttributeError,
+                          RuntimeError)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _check_model_folder(folder: str) -> None:
+    """A local model folder must hold a config.json of an MBC model (``model_type: "mbc"``): the command line loads
+    it with this package's classes and never runs code shipped in the folder."""
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"--model {folder}: no config.json in this folder; pass a folder written by "
+                                "`mbc-hf train` / save_pretrained (config.json + model.safetensors).")
+    try:
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"--model {folder}: config.json is not a JSON object ({_one_line(exc, 200)}); the folder "
+                         "is damaged: restore config.json from where the model was saved, or save the model "
+                         "again.") from None
+    if model_type != "mbc":
+        raise ValueError(f"--model {folder}: config.json names model_type {model_type!r}, not 'mbc', so it is not "
+                         "an MBC model folder (or its config was edited). mbc-hf loads MBC folders with its own "
+                         "classes and never runs code shipped in a folder (trust_remote_code=False): set "
+                         "\"model_type\": \"mbc\" in config.json, or save the model again with save_pretrained.")
+
+
 def load_model(path: str):
-    """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode.
+    """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode,
+    loaded with this package's classes (``trust_remote_code=False``: code shipped in the folder is never run).
 
     Raises:
         FileNotFoundError: ``path`` is a local path (absolute, ``./``, ``../``, ``~`` or more than one ``/``) that
-            does not exist (not the Hub's repo-id error).
+            does not exist, or a folder without config.json / model.safetensors.
+        ValueError: the folder is not an MBC model (``model_type``) or is damaged (truncated weights, an edited
+            config, the weights of another model...): one line naming the folder and the fix.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     import mbc_hf  # noqa: F401  (registers the Auto classes)
 
-    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-    if local and not os.path.exists(os.path.expanduser(path)):
+    local = (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+             or os.sep != "/" and os.sep in path)
+    folder = os.path.expanduser(path)
+    if local and not os.path.exists(folder):
         raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
                                 "(config.json + model.safetensors) or a Hub repo id")
-    path = os.path.expanduser(path)
-
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    if os.path.isdir(folder):
+        _check_model_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, *_DAMAGED_FOLDER_ERRORS) as exc:
+        if isinstance(exc, OSError) and not os.path.isdir(folder):
+            raise  # a Hub repo id: transformers' message (no such repo, offline...) says what is wrong
+        if isinstance(exc, ValueError) and folder in str(exc) and "\n" not in str(exc):
+            raise  # already names the folder and the fix (weights of another model, missing weights file)
+        raise ValueError(f"--model {path}: cannot load this model folder ({type(exc).__name__}: {_one_line(exc)}). "
+                         "The folder is damaged or was edited: restore its files from where the model was saved, or "
+                         "save the model again with save_pretrained / `mbc-hf train`.") from exc
+    return model.eval()
 
 
 def build_model(base_model: str = "embedded", encoder: str = "embedded", question_encoder: str | None = None,

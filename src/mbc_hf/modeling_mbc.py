@@ -49,7 +49,7 @@ class MBCOutput(ModelOutput):
         logits: (B, L, vocab) float, LM logits over the question/answer tokens (the prefix is not included).
         qa_loss: scalar, mean NLL of the labelled (answer) tokens.
         vq_loss: scalar, codebook + β·commitment loss of the documents encoded in this call (0 when none).
-        perplexity: scalar, codebook usage perplexity of those documents.
+        perplexity: scalar, codebook usage perplexity of those documents (at most their N·T vectors).
         reconstruction_loss: scalar, NLL of each document's first tokens from its own memory (auxiliary, optional).
         contrastive_loss: scalar, the memory-contrastive hinge (``config.contrastive_loss_weight``; optional).
         distillation_loss: scalar, KL from the base LM reading the gold document in context to the LM reading the
@@ -232,15 +232,33 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the referenced base LM weights and the saved tokenizers.
 
+        The MBC weights must fit the config exactly: a ``model.safetensors`` that lacks MBC weights the model has,
+        holds weights it does not have, or holds them in other shapes (e.g. the weights file of another MBC model
+        copied into the folder) is refused instead of leaving those modules randomly initialised.
+
         Raises:
-            ValueError: if the checkpoint neither stores nor references the base LM weights.
+            ValueError: if the checkpoint neither stores nor references the base LM weights, or its weights do not
+                fit its config (missing, unexpected or mismatched MBC weights; the message names the folder).
+            FileNotFoundError: a local folder without ``model.safetensors`` (nor its sharded index).
         """
-        referenced = not _checkpoint_has_base_weights(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        subfolder = kwargs.get("subfolder", "")
+        _check_local_weights(pretrained_model_name_or_path, subfolder)
+        referenced = not _checkpoint_has_base_weights(pretrained_model_name_or_path, subfolder)
+        wants_info = kwargs.pop("output_loading_info", False)
         with _quiet_about_referenced_base_weights(referenced):
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        info = None
-        if isinstance(model, tuple):
-            model, info = model
+            try:
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                      **kwargs)
+            except RuntimeError as exc:
+                if "ignore_mismatched_sizes" not in str(exc):
+                    raise
+                raise ValueError(f"{pretrained_model_name_or_path}: model.safetensors does not fit config.json: it "
+                                 "holds MBC weights of other shapes (the weights file of another MBC model, or an "
+                                 "edited config); put back the model.safetensors saved with this config.json, or "
+                                 "save the model again with save_pretrained / `mbc-hf train`.") from None
+        _check_loading_info(pretrained_model_name_or_path, info, model,
+                            allow_mismatched=bool(kwargs.get("ignore_mismatched_sizes")))
+        info = info if wants_info else None
         if referenced:
             ref = model.config.base_model_name_or_path
             if ref is None:
@@ -351,6 +369,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         grown until the prefix holds enough tokens), so a 5 MB document costs what its first tokens cost."""
         self._require_tokenizers()
         tok, n = self.encoder_tokenizer, self.config.max_document_length
+        if n < 1:  # a prefix of 16 * 0 characters would never hold enough tokens
+            raise ValueError(f"config.max_document_length must be >= 1, got {n}.")
         heads = []
         for text in texts:
             limit = 16 * n
@@ -371,14 +391,25 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     def _warn_long_questions(self, questions: list[str]) -> None:
         """Warn (counted) when questions exceed ``config.max_question_length`` tokens: `encode_questions` keeps
         only their last tokens, for the LM prompt and for the question encoder."""
-        self._require_tokenizers()
         n = self.config.max_question_length
-        prompts = [self.config.prompt_template.format(question=q) for q in questions]
-        n_cut = sum(len(ids) > n for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        _, n_cut = self._question_prompts(questions)
         if n_cut:
             warnings.warn(f"{n_cut} of {len(questions)} questions exceed max_question_length={n} tokens (with the "
                           "prompt template); only their last tokens are read. Shorten them, or raise "
                           "config.max_question_length.", stacklevel=3)
+
+    def _question_prompts(self, questions: list[str]) -> tuple[list[str], int]:
+        """The LM prompts of ``questions`` (``config.prompt_template``) and how many exceed
+        ``config.max_question_length`` tokens. Only a prompt's last tokens are read, so a long question is cut to a
+        suffix that still gives more than that many tokens before it is tokenized (a 10 MB question costs what its
+        last tokens cost; the tokens read are the same)."""
+        self._require_tokenizers()
+        tok, n, template = self.tokenizer, self.config.max_question_length, self.config.prompt_template
+        prompts = [template.format(question=_cut_text(tok, q, n, keep="tail",
+                                                      wrap=lambda part: template.format(question=part)))
+                   for q in questions]
+        n_cut = sum(len(ids) > n for ids in tok(prompts, add_special_tokens=False)["input_ids"]) if prompts else 0
+        return prompts, n_cut
 
     def encode_questions(self, questions: list[str], answers: list[str] | None = None, device=None,
                          contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -391,9 +422,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         (hybrid reading): one passage per question put before its prompt as ``passage + "\n\n"`` (its first
         ``config.max_document_length`` tokens; "" for none).
         """
-        self._require_tokenizers()
         tok, n = self.tokenizer, self.config.max_question_length
-        prompts = [self.config.prompt_template.format(question=q) for q in questions]
+        prompts, _ = self._question_prompts(questions)
         prompt_ids = [ids[-n:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
         if contexts is not None:
             passages = tok([c + "\n\n" if c else "" for c in contexts], add_special_tokens=False, truncation=True,
@@ -419,8 +449,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 batch["labels"].append(labels[i] + [-100] * fill)
         device = device or self.device
         out = {k: torch.tensor(v, device=device) for k, v in batch.items() if v}
-        q = self.encoder_tokenizer(self.reader.question_texts(questions), padding=True, truncation=True, max_length=n,
-                                   return_tensors="pt")
+        enc_tok = self.encoder_tokenizer
+        keep = "tail" if getattr(enc_tok, "truncation_side", "right") == "left" else "head"
+        q = enc_tok([_cut_text(enc_tok, text, n, keep=keep) for text in self.reader.question_texts(questions)],
+                    padding=True, truncation=True, max_length=n, return_tensors="pt")
         out["question_input_ids"] = q["input_ids"].to(device)
         out["question_attention_mask"] = q["attention_mask"].to(device)
         return out
@@ -816,7 +848,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
     def answer(self, questions: list[str], memory_bank=None, max_new_tokens: int = 16, aggregation: str | None = None,
                batch_size: int = 16, show_progress: bool = False, return_sources: bool = False, text_store=None,
                **generate_kwargs) -> list[str] | list[dict]:
-        """Answer questions from a memory bank (greedy by default), one string per question.
+        """Answer questions from a memory bank (greedy by default), one string per question (``[]`` for no
+        questions).
 
         The memory is prepared once for all questions (O(K) with histogram aggregation; a bank's addressing index
         with a vocabulary codebook). The answer is the generated text up to the first newline, stripped. Questions
@@ -827,7 +860,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 "scores": [float, ...]}``, the bank documents read (best first) and their addressing scores
                 (vocabulary codebook), plus ``"passages"`` (doc ids) with ``text_store``.
             text_store: hybrid reading (MAC's BM25 + memory row; off by default): a `mbc_hf.text_store.TextStore`
-                whose BM25 top-1 passage goes in the prompt before the question, on top of the bank's prefix.
+                whose BM25 top-1 passage goes in the prompt before the question, on top of the bank's prefix (when
+                its score is above 0, i.e. it shares a word with the question; otherwise no passage).
 
         Raises:
             ValueError: a bank built with another codebook, an unknown aggregation, empty questions,
@@ -835,9 +869,11 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """
         questions = _check_texts(questions, "questions")
         _check_batch_size(batch_size)
-        self._warn_long_questions(questions)
         if return_sources:
             self.reader.check_addressing()
+        if not questions:  # as memorize([]) stores nothing
+            return []
+        self._warn_long_questions(questions)
         memory = self.memory_from_bank(memory_bank, aggregation)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
@@ -850,7 +886,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
             for start in tqdm(range(0, len(questions), batch_size), desc="answer", disable=not show_progress):
                 chunk = questions[start:start + batch_size]
-                found = text_store.search(chunk, k=1) if text_store is not None else None
+                found = None
+                if text_store is not None:  # a passage sharing no word with the question (score 0) is not used
+                    found = [([i for i, x in zip(ids, scores) if x > 0], [x for x in scores if x > 0])
+                             for ids, scores in text_store.search(chunk, k=1)]
                 batch = self.encode_questions(chunk, contexts=None if found is None else
                                               [text_store.get(ids[0]) if ids else "" for ids, _ in found])
                 read = None
@@ -925,6 +964,20 @@ def complete_prompts(lm, tokenizer, prompts: list[str], max_new_tokens: int = 16
     return answers
 
 
+def _cut_text(tok, text: str, n: int, keep: str = "head", wrap=None) -> str:
+    """``text``, or its prefix (``keep="head"``) / suffix (``"tail"``) that still tokenizes (through ``wrap``, e.g.
+    the prompt template) to more than ``n`` + 8 tokens: tokenizing it then keeps the same first / last ``n``
+    tokens as tokenizing the whole text, at the cost of those tokens only. Starts at 16 characters per token and
+    grows the part 4x while it holds too few tokens."""
+    limit = 16 * (n + 8)
+    while len(text) > limit:
+        part = text[:limit] if keep == "head" else text[-limit:]
+        if len(tok(wrap(part) if wrap else part, add_special_tokens=False)["input_ids"]) > n + 8:
+            return part
+        limit *= 4
+    return text
+
+
 def _bos(tok) -> list[int]:
     """[bos id] when the tokenizer starts sequences with it, else [] (how `encode_questions` starts a prompt)."""
     return [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
@@ -957,6 +1010,44 @@ def _quiet_about_referenced_base_weights(active: bool):
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def _check_local_weights(name_or_path, subfolder: str = "") -> None:
+    """A local model folder must hold its weights file: without this check transformers' error points to a
+    huggingface.co URL built from the local path."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    folder = Path(os.fspath(name_or_path)) / subfolder
+    if folder.is_dir() and not any((folder / name).is_file() for name in (SAFE_WEIGHTS_NAME,
+                                                                          SAFE_WEIGHTS_INDEX_NAME)):
+        raise FileNotFoundError(f"{folder} has no {SAFE_WEIGHTS_NAME} (nor {SAFE_WEIGHTS_INDEX_NAME}): the model "
+                                "weights are missing from this folder; copy them back from where the model was saved, "
+                                "or save the model again with save_pretrained / `mbc-hf train`.")
+
+
+#: Buffers that only steer training (codebook usage statistics): a checkpoint saved before one of them existed still
+#: loads, the buffer keeping its initial value.
+_TRAINING_STATE_BUFFERS = re.compile(r"(^|\.)codebook\.(ema_cluster_size|unused_steps)$")
+
+
+def _check_loading_info(name_or_path, info: dict, model, allow_mismatched: bool = False) -> None:
+    """Refuse a checkpoint whose MBC weights do not fit its config (transformers only logs this and initialises the
+    missing modules randomly: a bank memorized with them would be random codes). Missing training-only buffers
+    (`_TRAINING_STATE_BUFFERS`) are allowed."""
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(k for k in info.get("missing_keys") or [] if not (k in buffers and
+                                                                       _TRAINING_STATE_BUFFERS.search(k)))
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = [] if allow_mismatched else sorted(k if isinstance(k, str) else k[0]
+                                                    for k in info.get("mismatched_keys") or [])
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("with other shapes", mismatched)) if keys]
+    raise ValueError(f"{name_or_path}: model.safetensors does not fit config.json: MBC weights {'; '.join(parts)}. "
+                     "The weights file belongs to another MBC model (or the config was edited); loading it would "
+                     "leave those modules randomly initialised. Put back the model.safetensors saved with this "
+                     "config.json, or save the model again with save_pretrained / `mbc-hf train`.")
 
 
 def _checkpoint_has_base_weights(name_or_path, subfolder: str = "") -> bool:
