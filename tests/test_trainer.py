@@ -77,6 +77,24 @@ def test_evaluate_reports_memory_gain_and_online_em_f1(tmp_path):
     assert metrics["eval_n_questions"] == 4
 
 
+def test_the_trainer_restarts_the_optimizer_moments_of_reseeded_codes_before_each_step(tmp_path):
+    model = tiny_mbc_model(seed=0, codebook_size=16, dead_code_steps=1)  # every unused code is re-seeded at once
+    calls = []
+    restart = model.codebook.restart_optimizer_state
+
+    def spy(optimizer):
+        marked = int(model.codebook.reset_mask.sum())
+        calls.append((marked, restart(optimizer)))
+        return calls[-1][1]
+
+    model.codebook.restart_optimizer_state = spy
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=datasets.Dataset.from_list(ROWS))
+    trainer.train()
+    assert len(calls) == 3  # once per optimizer step
+    assert all(marked == n > 0 for marked, n in calls)  # the codes re-seeded in the step, restarted before it
+    assert not model.codebook.reset_mask.any()
+
+
 @pytest.mark.parametrize("docs", [3, 8])
 def test_evaluate_counts_the_distinct_codes_of_held_out_documents(tmp_path, docs):
     model = tiny_mbc_model(seed=0, codebook_size=16)
