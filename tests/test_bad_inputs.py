@@ -296,6 +296,7 @@ main(["adapt", "--model", sys.argv[2], "--documents", sys.argv[3], "--bank", sys
 """
 
 
+@pytest.mark.slow  # several processes, 4-9 s (issue 37: the fast tier skips it)
 def test_sigkill_during_cli_adapt_leaves_the_last_checkpoint_and_a_rerun_resumes(model_dir, model, tmp_path):
     bank_path = tmp_path / "bank.safetensors"
     model.memorize(DOCS[:2]).save(bank_path)
@@ -349,6 +350,7 @@ def rows(start: int, stop: int, t: int, k: int) -> torch.Tensor:
     return (torch.arange(start, stop)[:, None] * 7 + torch.arange(t)[None, :]) % k
 
 
+@pytest.mark.slow  # several processes, 4-9 s (issue 37: the fast tier skips it)
 def test_a_reader_sees_complete_banks_while_another_process_appends(tmp_path):
     path, stop = tmp_path / "bank.safetensors", tmp_path / "stop"
     K, T, step = 512, 8, 400
@@ -417,6 +419,7 @@ def test_one_text_under_two_ids_in_a_documents_file_is_stored_under_both_as_by_t
     assert cli.doc_ids == api.doc_ids == ["a", "b"] and torch.equal(cli.codes, api.codes)
 
 
+@pytest.mark.slow  # several processes, 4-9 s (issue 37: the fast tier skips it)
 def test_adapt_in_two_processes_equals_one_process_without_losses_or_duplicates(model_dir, model, tmp_path):
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(DOCS) + "\n")

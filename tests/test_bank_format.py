@@ -189,6 +189,7 @@ bank.save(path)
 """
 
 
+@pytest.mark.slow  # several processes, 4-9 s (issue 37: the fast tier skips it)
 @pytest.mark.parametrize("name", ["bank.safetensors", "bank.index.json"])
 def test_two_processes_that_load_memorize_and_save_one_bank_lose_nothing(tmp_path, name):
     path = tmp_path / name

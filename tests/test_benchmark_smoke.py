@@ -105,6 +105,7 @@ def test_unrelated_bank_row_holds_as_many_documents_none_of_them_asked_about(tmp
                     str(tmp_path / "r4"), "--in-process", "--max-new-tokens", "4", "--rows", "unrelated"])
 
 
+@pytest.mark.slow  # a subprocess that imports torch (issue 37: the fast tier skips it)
 def test_rows_in_spawned_children(tmp_path):
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
     out = tmp_path / "results"
@@ -395,7 +396,14 @@ def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
     assert {(r["memory"], r["bank_docs"]) for r in rows} >= {(m, n) for m in ("learned", "learned_topk", "vocabulary")
                                                               for n in (1, 4, 10)}
     assert {"empty", "closed_book"} <= {r["memory"] for r in rows}
-    assert all(set(r) == {"memory", "addressing", "bank_docs", "em", "f1", "answer_nll"} for r in rows)
+    assert all(set(r) == {"memory", "addressing", "bank_docs", "em", "f1", "answer_nll", "steps", "warmup_end",
+                          "resets", "distinct_codes", "bytes_per_doc", "pct_of_float_bank"} for r in rows)
+    # the top-k model's codes are also read by set aggregation, at every bank size but 1
+    assert {r["bank_docs"] for r in rows if r["memory"] == "learned_topk" and r["addressing"] == "all"} == {4, 10}
+    learned = [r for r in rows if r["memory"].startswith("learned")]
+    assert all(1 <= r["distinct_codes"] <= 512 and r["resets"] >= 0 and r["steps"] == 2 for r in learned)
+    # the tiny model's T = 4 codes of K = 128 are 4 uint8 bytes, against 4 vectors of 32 fp32 in MAC's float bank
+    assert all(r["bytes_per_doc"] == 4 and r["pct_of_float_bank"] == 100 * 4 / (4 * 32 * 4) for r in learned)
     assert 1 < record["chance_em"] < 7
     assert all(math.isfinite(r["answer_nll"]) for r in rows if r["memory"] != "closed_book")
 
@@ -421,6 +429,7 @@ def test_codes_diagnostic_scores_every_selection_against_bm25(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["n_docs"] == 4
 
 
+@pytest.mark.slow  # a subprocess that imports torch (issue 37: the fast tier skips it)
 def test_bank_scale_benchmark_writes_the_issue_keys(tmp_path):
     """benchmarks/bank_scale.py at two small sizes (its 100k/1M/10M run is in benchmarks/README.md): the JSON has
     one row per size with the keys of the issue, and the sharded bank's bytes per document match T=12 uint16 codes

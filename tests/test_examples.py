@@ -19,6 +19,8 @@ import mbc_hf  # noqa: F401
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.hub import folder_files, load_memory_bank
 
+pytestmark = pytest.mark.slow  # subprocesses / training loops (issue 37: the fast tier skips them)
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

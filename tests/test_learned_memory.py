@@ -16,6 +16,8 @@ from mbc_hf.data import synthetic_facts
 from mbc_hf.testing import in_context_texts, pretrain_tiny_lm, tiny_mbc_model
 from mbc_hf.trainer import MBCTrainer, MBCTrainingArguments
 
+pytestmark = pytest.mark.slow  # subprocesses / training loops (issue 37: the fast tier skips them)
+
 PRETRAIN_STEPS, WARMUP_CAP, STEPS, GATE = 1000, 250, 300, 0.5
 
 

@@ -462,6 +462,7 @@ def test_metadata_copies_are_independent(tmp_path):
     assert loaded[1] == {} and loaded[3] == {}
 
 
+@pytest.mark.slow  # several processes, 4-9 s (issue 37: the fast tier skips it)
 def test_ids_and_metadata_beyond_the_old_header_limit_save_and_load(tmp_path):
     """Format 1 kept ids and metadata in the safetensors header (100 MB at most: ~5M documents); format 2 keeps
     them in the body, so a bank whose ids alone exceed that limit saves and loads."""

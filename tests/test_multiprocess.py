@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
 from test_examples import EXAMPLES, write_paragraphs
 from transformers import AutoModelForCausalLM
@@ -22,6 +23,8 @@ import mbc_hf  # noqa: F401
 from mbc_hf.data import documents, load_qa_file
 from mbc_hf.evaluation import evaluate_online
 from mbc_hf.hub import load_memory_bank
+
+pytestmark = pytest.mark.slow  # subprocesses / training loops (issue 37: the fast tier skips them)
 
 ROWS = [dict(doc_id=f"d{i}", context=f"Fact {i}: the code of room {i} is {i * 7}.",
              question=f"What is the code of room {i}?", answers=[str(i * 7)], question_id=f"q{i}")

@@ -43,6 +43,7 @@ def test_an_unknown_preset_names_the_known_ones():
         preset("gpt5")
 
 
+@pytest.mark.slow  # a subprocess that imports torch (issue 37: the fast tier skips it)
 def test_train_preset_example_applies_the_preset_and_lets_the_command_line_win(tmp_path):
     from test_cli import write_paragraphs
 

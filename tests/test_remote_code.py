@@ -12,6 +12,7 @@ DOCS = ["The cat sat on the mat.", "Paris is the capital of France."]
 QUESTIONS = ["Where is Paris?", "Where did the cat sit?"]
 
 
+@pytest.mark.slow  # a subprocess that imports torch (issue 37: the fast tier skips it)
 @pytest.mark.parametrize("base, codebook_type", [("llama", "learned"), ("gpt2", "learned"),
                                                   ("llama", "vocabulary")])
 def test_trust_remote_code_without_mbc_hf(tmp_path, base, codebook_type):
@@ -42,6 +43,7 @@ def test_trust_remote_code_without_mbc_hf(tmp_path, base, codebook_type):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 
+@pytest.mark.slow  # a subprocess that imports torch (issue 37: the fast tier skips it)
 def test_trust_remote_code_reads_the_shipped_memory_bank(tmp_path):
     """save_pretrained(memory_bank=...) -> a process without mbc_hf loads the model with trust_remote_code=True,
     gets the bank back with model.load_memory_bank() (remote copy of mbc_hf.hub) and answers as the original."""

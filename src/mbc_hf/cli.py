@@ -48,10 +48,12 @@ def cmd_train(argv: list[str]) -> dict:
     Raises:
         ValueError: no --train-file.
     """
+    from . import register_auto_classes  # `import mbc_hf` skips it on the command line; save_pretrained needs it
     from .arguments import parse_train_args
     from .data import load_qa_file, load_qa_files
     from .trainer import MBCTrainer
 
+    register_auto_classes()
     model_args, data_args, args = parse_train_args(argv, prog="mbc-hf train")
     if not data_args.train_file:
         raise ValueError("no training data: pass --train-file FILE [FILE ...] (or train_file in the config file).")
@@ -65,30 +67,56 @@ def cmd_train(argv: list[str]) -> dict:
         model = load_model(model_args.model_name_or_path).train()
     else:
         model = model_from_args(model_args)
+    existed = Path(args.output_dir).exists()
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
     resume = args.resume and any(Path(args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    metrics = trainer.evaluate() if evaluation is not None else {}
-    trainer.save_model(args.output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        metrics = trainer.evaluate() if evaluation is not None else {}
+        trainer.save_model(args.output_dir)
+    except BaseException:  # Ctrl-C, a crash: leave the checkpoints written so far, or nothing
+        remove_empty_output_dir(args.output_dir, existed)
+        raise
     Path(args.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
+
+
+def remove_empty_output_dir(output_dir: str, existed: bool) -> bool:
+    """After an interrupted ``mbc-hf train``: remove ``output_dir`` when this run created it and it is still empty
+    (possibly but for empty subfolders such as a logging folder), so that no empty folder is later passed as a
+    model. A folder holding a checkpoint (``checkpoint-N``, a loadable model folder) stays. Returns whether it was
+    removed."""
+    folder = Path(output_dir)
+    if existed or not folder.is_dir():
+        return False
+    for sub in sorted(folder.rglob("*"), key=lambda q: -len(q.parts)):  # deepest first
+        if not sub.is_dir() or sub.is_symlink() or any(sub.iterdir()):
+            return False
+        sub.rmdir()
+    folder.rmdir()
+    print(f"removed {output_dir}: the interrupted run had written nothing there", file=sys.stderr)
+    return True
 
 
 def cmd_adapt(a) -> None:
     """Append documents to a bank file. The load-memorize-save runs under ``<bank>.lock`` (`filelock`), so two
     ``mbc-hf adapt`` runs on one bank take turns and the second appends to what the first saved, instead of both
     starting from the same file and the last save dropping the other's documents."""
-    from filelock import Timeout
-    from safetensors import SafetensorError
-
     from .data import load_documents_file
-    from .evaluation import adapt_stream
-    from .memory_bank import bank_lock, load_bank
 
     if a.num_proc < 1 or (a.num_proc > 1 and a.save_every):
         raise ValueError(f"--num-proc must be >= 1 (got {a.num_proc}) and --save-every works with one process only")
-    docs = load_documents_file(a.documents)  # malformed input fails here, before the model loads
+    # malformed input fails here, before torch and the model load
+    sourced = load_documents_file(a.documents, with_sources=True)
+    docs = [(d, t) for d, t, _ in sourced]
+    metadata = {d: m for d, _, m in sourced}  # first words and file:line, which `mbc-hf ask` prints
+    from filelock import Timeout
+    from safetensors import SafetensorError
+
+    from .evaluation import adapt_stream
+    from .memory_bank import bank_lock, load_bank
+
     clean_stale_part_folders()
     model = load_model(a.model)
     lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
@@ -103,11 +131,11 @@ def cmd_adapt(a) -> None:
         start = time.perf_counter()
         try:
             if a.num_proc > 1:
-                bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size)
+                bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size, metadata)
                 bank.save(a.bank)
             else:
-                bank = adapt_stream(model, docs, bank, batch_size=a.batch_size, save_every=a.save_every,
-                                    bank_path=a.bank)
+                bank = adapt_stream(_WithMetadata(model, metadata), docs, bank, batch_size=a.batch_size,
+                                    save_every=a.save_every, bank_path=a.bank)
         except SafetensorError as exc:  # e.g. a full disk: safetensors names no file
             raise CommandError(f"could not write the bank {a.bank}: {_one_line(exc)} (is the disk full?). The bank "
                                "file keeps its last complete save; free some space and run the same command again "
@@ -182,15 +210,18 @@ def clean_stale_part_folders(tmp_dir: str | None = None) -> list[str]:
     return removed
 
 
-def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int, threads: int, out: str) -> None:
+def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int, threads: int, out: str,
+                   metadata: list[dict | None] | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    bank = load_model(model_path).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], batch_size=batch_size)
+    bank = load_model(model_path).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], metadata=metadata,
+                                           batch_size=batch_size)
     bank.save(out)
 
 
-def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank, num_proc: int, batch_size: int):
+def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank, num_proc: int, batch_size: int,
+                       metadata: dict[str, dict] | None = None):
     """`mbc-hf adapt --num-proc N`: the documents not yet in ``bank`` are split into N contiguous parts; this
     process memorizes the first with ``model`` while N - 1 spawned processes (each loading the model from
     ``model_path``) memorize the others into their own bank files; the parts are then appended in order, so the
@@ -230,13 +261,14 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
         with ProcessPoolExecutor(max(len(parts) - 1, 1), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(1, len(parts))]
-            futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out)
+            meta = lambda part: [metadata.get(d) for d, _ in part] if metadata else None  # noqa: E731
+            futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out, meta(part))
                        for part, out in zip(parts[1:], outs)]
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:  # the first part here, while the other processes start and load the model
                 first = model.memorize([t for _, t in parts[0]], doc_ids=[d for d, _ in parts[0]],
-                                       batch_size=batch_size)
+                                       metadata=meta(parts[0]), batch_size=batch_size)
             finally:
                 torch.set_num_threads(previous)
             try:
@@ -261,6 +293,34 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
     return bank
 
 
+def source_label(bank, doc_id: str) -> str:
+    """What ``mbc-hf ask`` adds after a source's id and score: ``, my_docs.txt:12 "its first words…"`` (the file and
+    line, stored by ``mbc-hf adapt`` for documents without an id of their own, and the first words), or "" for a
+    bank written without them."""
+    try:
+        meta = bank.get_metadata(doc_id)
+    except KeyError:
+        meta = {}
+    parts = [meta[k] if k == "source" else f'"{meta[k]}"' for k in ("source", "text") if isinstance(meta.get(k), str)]
+    return ", " + " ".join(parts) if parts else ""
+
+
+class _WithMetadata:
+    """A model whose ``memorize`` stores each document's metadata (by doc id) in the bank: `adapt_stream` passes
+    ids and texts only."""
+
+    def __init__(self, model, metadata: dict[str, dict]):
+        self._model, self._metadata = model, metadata
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def memorize(self, texts, memory_bank=None, doc_ids=None, **kwargs):
+        if doc_ids is not None and "metadata" not in kwargs:
+            kwargs["metadata"] = [self._metadata.get(d) for d in doc_ids]
+        return self._model.memorize(texts, memory_bank, doc_ids, **kwargs)
+
+
 def cmd_ask(a) -> None:
     from .memory_bank import load_bank
 
@@ -273,7 +333,16 @@ def cmd_ask(a) -> None:
         return
     for question, out in zip(a.question, model.answer(a.question, memory_bank=bank, max_new_tokens=a.max_new_tokens,
                                                       return_sources=True)):
-        sources = ", ".join(f"{doc_id} ({score:.2f})" for doc_id, score in zip(out["sources"], out["scores"]))
+        if not out.get("grounded", True):  # abstention: no document read, the answer is the empty memory's
+            threshold = model.config.relevance_threshold
+            why = ("the bank is empty" if bank is None or not len(bank) else
+                   f"relevance {out['relevance']:.2f} < threshold {threshold:.2f}" if threshold is not None
+                   else "no document read")
+            print(f"Q: {question}\nnot found in the memory ({why})\n"
+                  f"A (empty memory, closed-book: not from the bank): {out['answer']}\nsources: (none)")
+            continue
+        sources = ", ".join(f"{doc_id} ({score:.2f}{source_label(bank, doc_id)})" for doc_id, score in
+                            zip(out["sources"], out["scores"]))
         print(f"Q: {question}\nA: {out['answer']}\nsources: {sources or '(empty bank)'}")
 
 
@@ -330,10 +399,12 @@ def cmd_eval_retention(a) -> list[dict]:
 
 def cmd_demo(argv: list[str]) -> None:
     """``mbc-hf demo``: `mbc_hf.arguments.DemoArguments` on top of the training schema (``--help``)."""
+    from . import register_auto_classes
     from .arguments import DEMO_DEFAULTS, DemoArguments, parse_train_args
     from .data import first_questions, load_qa_file, load_qa_files
     from .demo import run_demo
 
+    register_auto_classes()
     model_args, data_args, args, demo = parse_train_args(
         argv, prog="mbc-hf demo", extra=(DemoArguments,), description="The main job on the embedded default: a short "
         "meta-training, then adapt on dev documents and answer from the bank, an empty memory and closed-book.",
@@ -370,28 +441,38 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("adapt", help="stream documents into a (new or existing) memory bank")
-    p.add_argument("--model", required=True)
-    p.add_argument("--documents", required=True, help="a QA file, a .txt (one document per line) or a JSONL with "
-                                                       "'text' (and optional 'id')")
-    p.add_argument("--bank", required=True, help=".safetensors bank; appended to when it exists")
-    p.add_argument("--batch-size", type=int, default=32)
+    model_help = ("a model folder written by `mbc-hf train` (config.json + model.safetensors) or a Hub id owner/name; "
+                  "a path that is not owner/name, or whose first folder exists here (runs/mbc), is always local")
+    bank_help = ("the memory bank: one .safetensors file, or a sharded bank's index (bank.index.json, its shards "
+                 "beside it)")
+    p = sub.add_parser("adapt", help="stream documents into a (new or existing) memory bank",
+                       description="Memorize documents into a memory bank (codes only, no gradient); documents "
+                                   "already in the bank are skipped, so running again resumes.")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--documents", required=True, help="a .txt (one document per line; blank lines are skipped; "
+                   "sources print as FILE:LINE), a JSONL/JSON/CSV with 'text' (and optional 'id'), or a QA file "
+                   "(its unique documents)")
+    p.add_argument("--bank", required=True, help=bank_help + "; created, or appended to when it exists")
+    p.add_argument("--batch-size", type=int, default=32, help="documents encoded per forward (default: 32)")
     p.add_argument("--save-every", type=int, help="also save the bank (atomically) every N new documents, so a "
                                                   "killed run keeps its progress; rerunning resumes")
     p.add_argument("--num-proc", type=int, default=1, help="memorize in N processes (each loads the model and "
-                   "encodes a contiguous part of the documents); the bank equals one process's")
+                   "encodes a contiguous part of the documents); the bank equals one process's (default: 1)")
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("ask", help="answer questions from a memory bank")
-    p.add_argument("--model", required=True)
-    p.add_argument("--bank", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("question", nargs="+")
+    p = sub.add_parser("ask", help="answer questions from a memory bank, with the sources read",
+                       description="Answer each question from the bank and print the documents it read (sources: "
+                                   "FILE:LINE or id, first words, addressing score).")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--bank", required=True, help=bank_help + " (written by `mbc-hf adapt`)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default: 16)")
+    p.add_argument("question", nargs="+", help="one or more questions (quote each)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("eval", help="adapt on a QA file's documents, answer its questions, report EM/F1")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", required=True, help="a QA file (SQuAD JSON, paragraph JSONL, StreamingQA/ArchivalQA "
+                                                 "CSV/JSONL)")
     p.add_argument("--downsample-to", type=int, help="first N unique documents in file order (paper: 1665)")
     p.add_argument("--output", help="metrics.json")
     p.add_argument("--predictions", help="predictions .jsonl (with --output)")
@@ -399,16 +480,17 @@ def parser() -> argparse.ArgumentParser:
                    "read (default: the model's); 'topk' needs a model trained with --aggregation topk")
     p.add_argument("--no-compress", action="store_true", help="uncompressed MAC-style bank (VQ bypassed; the "
                    "default for a model trained with --no-vq)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="documents / questions per forward (default: 16)")
     p.add_argument("--retention", action="store_true", help="MAC's forgetting curve instead of one score: F1 on the "
                    "first documents' questions while further documents stream into the same bank; writes "
                    "retention.csv and retention.png in --output-dir")
     p.add_argument("--retention-first", type=int, default=200, help="documents memorized before the first "
-                                                                     "measurement; their questions are measured")
-    p.add_argument("--retention-step", type=int, default=200, help="re-measure after every N further documents")
+                                                                     "measurement; their questions are measured (default: 200)")
+    p.add_argument("--retention-step", type=int, default=200, help="re-measure after every N further documents "
+                                                                    "(default: 200)")
     p.add_argument("--retention-until", type=int, default=1600, help="stop after this many documents "
-                                                                      "(0 = the whole file)")
+                                                                      "(0 = the whole file; default: 1600)")
     p.add_argument("--max-questions-per-doc", type=int, help="with --retention: measure at most N questions per "
                                                              "document")
     p.add_argument("--output-dir", help="with --retention: where retention.csv and retention.png go")
@@ -422,14 +504,14 @@ def main(argv=None):
     codebook, missing file, damaged model folder...; a `CommandError`; a ``SafetensorError``) exits with status 1 and
     ``mbc-hf COMMAND: error: MESSAGE`` on stderr, without a traceback; set ``MBC_HF_TRACEBACK=1`` to get the
     traceback instead."""
-    from safetensors import SafetensorError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["train"], ["demo"]):  # the training schema: mbc_hf.arguments
         command, func, rest = argv[0], {"train": cmd_train, "demo": cmd_demo}[argv[0]], argv[1:]
-    else:
+    else:  # --help and argument errors end here, before torch / transformers are imported
         args = parser().parse_args(argv)
         command, func, rest = args.command, args.func, args
+    from safetensors import SafetensorError  # light; the commands import torch / transformers when they need them
+
     try:
         func(rest)  # nothing returned: the console script passes main()'s value to sys.exit
     except (ValueError, OSError, CommandError, SafetensorError) as exc:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -39,7 +40,22 @@ from typing import Any
 
 import datasets
 
-from .modeling_mbc import document_id, lone_surrogate_at
+
+# `mbc_hf.modeling_mbc.document_id` and `lone_surrogate_at`, restated here so that reading a data file (and reporting a
+# malformed one) needs neither torch nor transformers; tests/test_first_hour.py checks that they agree.
+def document_id(text: str) -> str:
+    """The first 16 hex chars of SHA-1 of the UTF-8 text (`mbc_hf.modeling_mbc.document_id`)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text``, or None (`mbc_hf.modeling_mbc.lone_surrogate_at`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
 
 __all__ = [
     "ANSWER_COLUMNS",
@@ -831,8 +847,13 @@ def load_documents_file(
     *,
     downsample_to: int | None = None,
     filter_label: str | None = "Y",
-) -> list[tuple[str, str]]:
-    """Documents to stream into the memory (``mbc-hf adapt``): ``[(doc_id, text), ...]``.
+    with_sources: bool = False,
+) -> list[tuple[str, str]] | list[tuple[str, str, dict]]:
+    """Documents to stream into the memory (``mbc-hf adapt``): ``[(doc_id, text), ...]``, or with
+    ``with_sources=True`` ``[(doc_id, text, metadata), ...]`` where metadata (stored in the bank by ``mbc-hf adapt``,
+    printed by ``mbc-hf ask``) holds ``text``, the document's first words (`snippet`), and, for a document without an
+    id of its own (a ``.txt`` line, a JSONL/CSV record without ``id``), ``source``: ``"<file name>:<line>"``, the
+    line where it starts.
 
     Accepted files:
 
@@ -840,9 +861,9 @@ def load_documents_file(
       the SQuAD ``data`` object): its unique documents, i.e.
       ``documents(load_qa_file(path, downsample_to=..., filter_label=...))``, so the
       stream matches the evaluated questions; paragraphs without questions are not included;
-    * ``.txt`` (any extension other than json/jsonl/csv/tsv whose content does not start
-      with ``{`` or ``[``): one document per non-empty line, surrounding whitespace
-      stripped, doc_id = `document_id` (SHA-1 prefix) of the text;
+    * ``.txt`` / ``.text``: one document per non-empty line (blank lines are skipped),
+      surrounding whitespace stripped, doc_id = `document_id` (SHA-1 prefix) of the text
+      (content-addressed, so adapting the edited file again skips only unchanged lines);
     * JSON lines / JSON array / CSV with a ``text`` (or ``context``) field per record and
       an optional ``id`` / ``doc_id`` (string or integer; default SHA-1 prefix).
 
@@ -874,7 +895,8 @@ def load_documents_file(
             is_qa = "question" in keys or "qas" in keys
         if is_qa:
             rows = _qa_rows(src, None, filter_label)
-            return documents(_to_dataset(path, rows, downsample_to))
+            docs = documents(_to_dataset(path, rows, downsample_to))
+            return [(d, t, {"text": snippet(t)}) for d, t in docs] if with_sources else docs
         items = _plain_documents(path, src)
         n_empty = sum(1 for _, _, t in items if not t.strip())
         if n_empty:
@@ -892,11 +914,28 @@ def load_documents_file(
     # without an id of its own takes the id it had before (its SHA-1 or an earlier explicit id).
     out, seen = [], set()
     for r, doc_id in zip(rows, doc_ids):
-        doc_id = r.src_doc_id if r.src_doc_id is not None else doc_id
+        own_id = r.src_doc_id is not None
+        doc_id = r.src_doc_id if own_id else doc_id
         if doc_id not in seen:
             seen.add(doc_id)
-            out.append((doc_id, r.context))
+            if not with_sources:
+                out.append((doc_id, r.context))
+                continue
+            meta = {"text": snippet(r.context)}
+            if not own_id and r.where.startswith("line "):
+                meta["source"] = f"{path.name}:{r.where[5:]}"
+            out.append((doc_id, r.context, meta))
     return out if downsample_to is None else out[:downsample_to]
+
+
+def snippet(text: str, words: int = 8, limit: int = 60) -> str:
+    """The first ``words`` words of ``text`` (at most ``limit`` characters), with "…" when cut: how ``mbc-hf ask``
+    shows a source."""
+    parts = text.split()
+    short = " ".join(parts[:words])
+    if len(short) > limit:
+        short = short[:limit].rstrip()
+    return short + ("…" if short != " ".join(parts) else "")
 
 
 from .synthetic_facts import chance_em, synthetic_facts, write_synthetic_facts  # noqa: E402,F401  (re-exported)

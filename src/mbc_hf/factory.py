@@ -37,12 +37,44 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def looks_local(path: str) -> bool:
+    """Whether a ``--model`` value names a local path, never to be looked up on the Hub. A Hub model id reads
+    ``owner/name`` (MBC models have no owner-less canonical ids); anything else is local: an absolute path, one
+    starting with ``.`` or ``~``, a name without ``/`` or with more than one. ``owner/name`` is local too when it
+    exists, when its first part is a local folder (``runs/mbc`` with ``runs/`` here) or when ``HF_HUB_OFFLINE`` is
+    set."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path:
+        return True
+    if os.path.exists(path) or os.path.isdir(path.split("/", 1)[0]):
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def describe_folder(folder: str, limit: int = 8) -> str:
+    """What a folder that should hold a saved model holds and misses, in one phrase for an error message."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        return f"cannot list this folder ({_one_line(exc, 200)})"
+    missing = [n for n in ("config.json", "model.safetensors") if n not in names]
+    checkpoints = sorted((n for n in names if n.startswith("checkpoint-") and n[11:].isdigit()),
+                         key=lambda n: int(n[11:]))
+    if not names:
+        text = "the folder is empty (an interrupted `mbc-hf train` writes its model only at the end)"
+    else:
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        text = f"the folder holds {shown} but no {' and no '.join(missing)}"
+    if checkpoints:
+        text += f"; its last checkpoint is a model folder: --model {os.path.join(folder, checkpoints[-1])}"
+    return text
+
+
 def _check_model_folder(folder: str) -> None:
     """A local model folder must hold a config.json of an MBC model (``model_type: "mbc"``): the command line loads
     it with this package's classes and never runs code shipped in the folder."""
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
-        raise FileNotFoundError(f"--model {folder}: no config.json in this folder; pass a folder written by "
+        raise FileNotFoundError(f"--model {folder}: {describe_folder(folder)}; pass a folder written by "
                                 "`mbc-hf train` / save_pretrained (config.json + model.safetensors).")
     try:
         with open(config, encoding="utf-8") as f:
@@ -63,22 +95,27 @@ def load_model(path: str):
     loaded with this package's classes (``trust_remote_code=False``: code shipped in the folder is never run).
 
     Raises:
-        FileNotFoundError: ``path`` is a local path (absolute, ``./``, ``../``, ``~`` or more than one ``/``) that
-            does not exist, or a folder without config.json / model.safetensors.
+        FileNotFoundError: ``path`` is a local path (`looks_local`: anything but an ``owner/name`` Hub id, or an
+            ``owner/name`` whose first part is a local folder) that does not exist, or a folder without
+            config.json / model.safetensors (the message lists what it holds).
         ValueError: the folder is not an MBC model (``model_type``) or is damaged (truncated weights, an edited
             config, the weights of another model...): one line naming the folder and the fix.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    import mbc_hf  # noqa: F401  (registers the Auto classes)
+    from . import register_auto_classes
 
-    local = (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-             or os.sep != "/" and os.sep in path)
+    register_auto_classes()  # `import mbc_hf` skips it when started as the command line
+
+    local = looks_local(path)
     folder = os.path.expanduser(path)
     if local and not os.path.exists(folder):
         raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
-                                "(config.json + model.safetensors) or a Hub repo id")
+                                "(config.json + model.safetensors) or a Hub repo id (owner/name)")
+    if os.path.isfile(folder):
+        raise FileNotFoundError(f"--model {path}: a file, not a folder; pass the folder written by `mbc-hf train` "
+                                "(config.json + model.safetensors)")
     if os.path.isdir(folder):
         _check_model_folder(folder)
     try:

@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class MBCDataCollator:
         context, n_cut = self.model._encode_documents(docs, device="cpu")
         if n_cut and not getattr(self, "_warned_truncation", False):  # once per run, not on every batch
             self._warned_truncation = True
-            warnings.warn(f"training documents exceed max_document_length={self.model.config.max_document_length} "
+            warnings.warn(f"documents exceed max_document_length={self.model.config.max_document_length} "
                           f"encoder tokens and are truncated ({n_cut} of {len(docs)} in the first such batch; "
                           "shown once); split long documents into passages to train on all of their content.",
                           stacklevel=2)
@@ -339,6 +340,50 @@ class CodebookResetCallback(TrainerCallback):
             getattr(model, "module", model).codebook.restart_optimizer_state(optimizer)
 
 
+class ProgressLogCallback(TrainerCallback):
+    """One line on stdout every ``every`` optimizer steps (and at least every ``seconds``) with the step, the last
+    logged loss, steps/s and the estimated end (of ``max_steps``, or of ``max_minutes`` when that comes first), for
+    runs whose output is not a terminal (no progress bar; a log file). `MBCTrainer` adds it when
+    ``disable_tqdm`` is set or stdout is not a terminal."""
+
+    def __init__(self, every: int = 25, seconds: float = 60.0, stream=None):
+        self.every, self.seconds, self.stream = max(1, int(every)), seconds, stream
+        self.loss = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last = time.time()
+        self.first_step = state.global_step  # a resumed run counts its speed from here
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now, step = time.time(), state.global_step
+        if not state.is_world_process_zero:
+            return
+        if step % self.every and now - self.last < self.seconds and step < state.max_steps:
+            return
+        self.last = now
+        rate = (step - self.first_step) / max(now - self.start, 1e-9)
+        left = (state.max_steps - step) / rate if rate > 0 else float("inf")
+        if args.max_minutes:
+            left = min(left, max(0.0, self.start + args.max_minutes * 60 - now))
+        loss = f"loss {self.loss:.4f}" if self.loss is not None else "loss -"
+        end = time.strftime("%H:%M", time.localtime(now + left)) if math.isfinite(left) else "?"
+        print(f"step {step}/{state.max_steps} {loss} {rate:.2f} steps/s, {_duration(now - self.start)} elapsed, "
+              f"ends in ~{_duration(left)} (at {end})", file=self.stream or sys.stdout, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class StopAfterMinutes(TrainerCallback):
     """Stops (and saves) once training has run for ``minutes`` (``MBCTrainingArguments.max_minutes``)."""
 
@@ -351,7 +396,7 @@ class StopAfterMinutes(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if time.time() - self.start > self.minutes * 60:
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = args.save_strategy != "no"  # save_strategy="no" (mbc-hf demo) writes no checkpoint
 
 
 class MBCTrainer(Trainer):
@@ -369,6 +414,8 @@ class MBCTrainer(Trainer):
         if self.args.max_minutes:
             self.add_callback(StopAfterMinutes(self.args.max_minutes))
         self.add_callback(CodebookSyncCallback())  # dead-code resets are per process; DDP does not re-sync them
+        if self.args.disable_tqdm or not sys.stdout.isatty():  # no progress bar to watch: a line every N steps
+            self.add_callback(ProgressLogCallback(self.args.logging_steps if self.args.logging_steps >= 1 else 25))
         if hasattr(getattr(model, "codebook", None), "restart_optimizer_state"):
             self.add_callback(CodebookResetCallback())
         self._parts = {}
