@@ -340,7 +340,7 @@ def test_answer_returns_sources_best_first_with_their_scores():
     ranking = expected_ranking(model, batch["question_input_ids"], batch["question_attention_mask"],
                                bank.codes.long())
     for out, answer, ranked in zip(rich, plain, ranking):
-        assert set(out) == {"answer", "sources", "scores"}
+        assert set(out) == {"answer", "sources", "scores", "grounded", "relevance"} and out["grounded"]
         assert isinstance(out["answer"], str) and out["answer"] == answer
         assert out["sources"] == [ids[i] for i in ranked[:2]]
         assert len(out["scores"]) == 2 and all(isinstance(s, float) for s in out["scores"])

@@ -13,6 +13,11 @@ and stops before the long lists of its common ones; it returns exactly the brute
 ties broken towards the earlier document). `bank_index` caches a `BankIndex` on a bank: `CodeIndex` segments that
 grow with its appends, so streaming into a large bank does not rebuild the index. The ranked ids and scores are also
 the answer's attribution (``answer(..., return_sources=True)``).
+
+Abstention (``MBCConfig.relevance_threshold``): `relevance` makes the best document's score comparable across
+questions (it divides by what the question could score at most), and a question whose relevance is below the
+threshold reads no document. `calibrate_threshold` picks the threshold from the relevances of answerable training
+questions (their document is in the bank) so that at most a given share of them is flagged.
 """
 
 import numpy as np
@@ -41,6 +46,44 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) scores -> (scores (B, k), indices (B, k) int64), best first; ties: the earlier document."""
     order = scores.sort(dim=1, descending=True, stable=True)
     return order.values[:, :k], order.indices[:, :k]
+
+
+def relevance(weights: torch.Tensor, best_scores: torch.Tensor) -> torch.Tensor:
+    """How well the best document answers each question, comparable across questions.
+
+    Args:
+        weights: (B, V) float64 question weights (`VocabularyCodebook.question_weights`).
+        best_scores: (B,) float64, each question's best addressing score (the first of `CodeIndex.search`).
+
+    Returns:
+        (B,) float64: ``best_scores / weights.sum(1)``, the share of the question's token weight found among the
+        best document's codes (in [0, 1] for a document of distinct codes, as a vocabulary codebook selects; a code
+        repeated in a row counts each time, as in the score), 0 for a question with no weighted token.
+    """
+    total = weights.double().sum(1)
+    return torch.where(total > 0, best_scores.double().to(total.device) / total.clamp_min(1e-300),
+                       torch.zeros_like(total))
+
+
+def calibrate_threshold(answerable, max_flagged: float = 0.05) -> float:
+    """The relevance threshold that flags (``relevance < threshold``) at most ``max_flagged`` of the answerable
+    questions: the largest such value among the given relevances, i.e. the ``floor(max_flagged · n)``-th smallest
+    (0-based). Any higher threshold would flag more than ``max_flagged`` of them.
+
+    Args:
+        answerable: relevances (`relevance`) of questions whose document is in the bank (1-D, at least one).
+        max_flagged: the share of them that may be wrongly flagged as not grounded, in [0, 1).
+
+    Raises:
+        ValueError: no relevances, a non-finite one, or ``max_flagged`` outside [0, 1).
+    """
+    values = np.sort(np.asarray(answerable, dtype=np.float64).reshape(-1))
+    if not len(values) or not np.isfinite(values).all():
+        raise ValueError("calibrate_threshold needs at least one finite relevance of an answerable question.")
+    if not 0 <= max_flagged < 1:
+        raise ValueError(f"max_flagged={max_flagged} must be in [0, 1): the share of answerable questions that may be "
+                         "flagged not grounded.")
+    return float(values[int(np.floor(max_flagged * len(values)))])
 
 
 def max_copies(codes: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -60,6 +60,13 @@ class MBCConfig(PreTrainedConfig):
             reads at most L postings of each question token, so a question's cost stops growing with the bank, at
             the price of sometimes missing a document that only long posting lists would find (approximate;
             ``benchmarks/bank_scale.py --max-postings L`` measures its recall against the exact ranking).
+        relevance_threshold (`float`, *optional*): with ``codebook_type="vocabulary"``, abstention: ``None`` (the
+            default) always reads the addressed documents; a value in [0, 1] reads no document (the empty memory)
+            for a question whose relevance, the best document's addressing score over the question's attainable score
+            (`mbc_hf.addressing.relevance`), is below it, and ``answer(..., return_sources=True)`` marks it
+            ``"grounded": False``. Calibrated on training data by `mbc_hf.evaluation.calibrate_abstention`
+            (``benchmarks/abstention.py``, whose ``--save-to`` writes it into a model folder); the shipped reader
+            (`mbc_hf.pretrained`) has it set.
         code_selector (`str`, defaults to "idf"): with ``codebook_type="vocabulary"``, how a document's T codes are
             chosen: "idf" (its highest-IDF tokens) or "trained" (a token scorer fitted on the training questions and
             answers; see `VocabularyCodebook`).
@@ -146,6 +153,7 @@ class MBCConfig(PreTrainedConfig):
     codebook_type: str = "learned"
     read_documents: int = 1
     addressing_max_postings: int | None = None
+    relevance_threshold: float | None = None
     code_selector: str = "idf"
     code_order: str = "importance"
     whole_words: bool = False
@@ -217,6 +225,15 @@ class MBCConfig(PreTrainedConfig):
         if self.addressing_max_postings is not None and self.addressing_max_postings < 1:
             raise ValueError(f"addressing_max_postings must be None (exact addressing) or >= 1, got "
                              f"{self.addressing_max_postings}.")
+        if self.relevance_threshold is not None:
+            if isinstance(self.relevance_threshold, bool) or not isinstance(self.relevance_threshold, (int, float)) \
+                    or not 0 <= self.relevance_threshold <= 1:
+                raise ValueError(f"relevance_threshold must be None (off) or a number in [0, 1], got "
+                                 f"{self.relevance_threshold!r}.")
+            if self.codebook_type != "vocabulary":
+                raise ValueError("relevance_threshold needs lexical addressing (codebook_type='vocabulary'): a learned "
+                                 "codebook reads the whole bank and has no per-question relevance; leave it None.")
+            self.relevance_threshold = float(self.relevance_threshold)
         n_layers = self.text_config.get_text_config().num_hidden_layers
         if not 0 <= self.kv_lora_layers <= n_layers:
             raise ValueError(f"kv_lora_layers={self.kv_lora_layers} must be in [0, {n_layers}] for this base LM.")

@@ -6,6 +6,10 @@ a memory bank once (no gradients), then answer every question against the final 
   more documents stream into the same bank), as rows, a CSV and a PNG plot.
 * `adapt_stream`: memorize an unbounded stream of documents (e.g. a `datasets.IterableDataset`) in batches, with
   optional atomic checkpoints of the bank.
+* `relevances` / `abstention_rates` / `calibrate_abstention`: abstention (``MBCConfig.relevance_threshold``, a
+  vocabulary codebook): a bank of half a QA set's documents, the relevance of every question's best document, and
+  the threshold that wrongly flags at most a given share of the answerable questions (addressing only, no
+  generation).
 
 Timers (ms): ``adapt_ms_per_doc`` = wall time of `memorize` (tokenization included) / unique documents;
 ``query_ms`` = wall time of `answer` (aggregation over the bank included, unlike the reference) / questions.
@@ -357,3 +361,96 @@ def adapt_stream(model, stream: Iterable, memory_bank=None, *, batch_size: int =
         warnings.warn(f"adapt_stream: skipped {n_empty} empty or whitespace-only document(s)", EmptyDocumentWarning,
                       stacklevel=2)
     return memory_bank
+
+
+def relevances(model, questions: list[str], memory_bank, batch_size: int = 64):
+    """(n,) float64 numpy array: each question's relevance (`mbc_hf.addressing.relevance`) to its best document of
+    ``memory_bank`` (a non-empty bank of a vocabulary-codebook model). Addressing only, no generation.
+
+    Raises:
+        ValueError: a model without addressing, or an empty bank.
+    """
+    import numpy as np
+
+    from .addressing import relevance
+
+    model.reader.check_addressing()
+    if memory_bank is None or not len(memory_bank):
+        raise ValueError("relevances needs a non-empty bank: with no document every question is not grounded.")
+    memory, out = model.memory_from_bank(memory_bank), []
+    for start in range(0, len(questions), batch_size):
+        q = model.encode_questions(list(questions[start:start + batch_size]))
+        scores, _ = model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory, k=1)
+        weights = model.codebook.question_weights(q["question_input_ids"], q["question_attention_mask"])
+        out.append(relevance(weights, scores[:, 0]).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _article(doc_id: str) -> str:
+    return doc_id.rsplit("#", 1)[0] if "#" in doc_id else doc_id
+
+
+def abstention_rates(model, dataset, threshold: float | None = None, by: str = "article", batch_size: int = 64
+                     ) -> dict:
+    """How abstention splits a QA set: half its documents go in a bank, and the questions about them (answerable)
+    and about the others (absent: their document is not in the bank) are addressed against it.
+
+    Args:
+        model: a vocabulary-codebook `MBCModelForCausalLM`. dataset: rows with ``doc_id, context, question``.
+        threshold: the relevance threshold to measure (default ``model.config.relevance_threshold``; None: only the
+            relevances are returned).
+        by: "article": every other article goes in the bank (an article is the doc id before its last "#", as
+            in SQuAD paragraph ids "Title#3"; an id without "#" is its own article), so an absent question's topic
+            is in no stored document; "document": every other document, so the other paragraphs of an absent
+            question's article are in the bank (harder).
+
+    Returns:
+        dict: ``n_bank_docs``, ``n_answerable``, ``n_absent``, ``answerable_relevance`` / ``absent_relevance``
+        (numpy arrays) and, with a threshold, ``threshold``, ``absent_flagged`` (share of absent questions flagged
+        not grounded) and ``answerable_flagged`` (share of answerable ones wrongly flagged).
+    """
+    import numpy as np
+
+    if by not in ("article", "document"):
+        raise ValueError(f"by={by!r}: use 'article' or 'document'.")
+    docs = documents(dataset)
+    if by == "article":
+        order = list(dict.fromkeys(_article(i) for i, _ in docs))
+        kept = set(order[::2])
+        stored = [(i, t) for i, t in docs if _article(i) in kept]
+    else:
+        stored = docs[::2]
+    texts = {t for _, t in stored}
+    if not stored or len(stored) == len(docs):
+        raise ValueError(f"abstention_rates needs at least two {'articles' if by == 'article' else 'documents'} "
+                         "(one in the bank, one left out).")
+    bank = model.memorize([t for _, t in stored], doc_ids=[i for i, _ in stored], batch_size=batch_size)
+    questions, contexts = list(dataset["question"]), list(dataset["context"])
+    rel = relevances(model, questions, bank, batch_size)
+    answerable = np.array([c in texts for c in contexts], dtype=bool)
+    out = {"by": by, "n_bank_docs": len(stored), "n_answerable": int(answerable.sum()),
+           "n_absent": int((~answerable).sum()), "answerable_relevance": rel[answerable],
+           "absent_relevance": rel[~answerable]}
+    threshold = model.config.relevance_threshold if threshold is None else threshold
+    if threshold is not None:
+        out.update(threshold=float(threshold),
+                   answerable_flagged=float(np.mean(out["answerable_relevance"] < threshold)),
+                   absent_flagged=float(np.mean(out["absent_relevance"] < threshold)))
+    return out
+
+
+def calibrate_abstention(model, dataset, max_flagged: float = 0.05, by: str = "article", batch_size: int = 64
+                         ) -> dict:
+    """Calibrate ``MBCConfig.relevance_threshold`` on training data: the threshold that wrongly flags at most
+    ``max_flagged`` of the answerable questions (`mbc_hf.addressing.calibrate_threshold`) in the split of
+    `abstention_rates`, with the shares it flags there. Does not change the model: set
+    ``model.config.relevance_threshold = result["threshold"]`` (it then saves with the model).
+    """
+    from .addressing import calibrate_threshold
+
+    rates = abstention_rates(model, dataset, threshold=None, by=by, batch_size=batch_size)
+    rates.pop("threshold", None)
+    threshold = calibrate_threshold(rates["answerable_relevance"], max_flagged)
+    return {**rates, "max_flagged": max_flagged, "threshold": threshold,
+            "answerable_flagged": float((rates["answerable_relevance"] < threshold).mean()),
+            "absent_flagged": float((rates["absent_relevance"] < threshold).mean())}

@@ -857,8 +857,14 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
 
         Args:
             return_sources: return one dict per question instead: ``{"answer": str, "sources": [doc_id, ...],
-                "scores": [float, ...]}``, the bank documents read (best first) and their addressing scores
-                (vocabulary codebook), plus ``"passages"`` (doc ids) with ``text_store``.
+                "scores": [float, ...], "grounded": bool, "relevance": float}``, the bank documents read (best
+                first) and their addressing scores (vocabulary codebook), whether the answer read any (False for an
+                empty bank, or below ``config.relevance_threshold``: then ``sources`` and ``scores`` are empty and the
+                answer is the empty memory's), the best document's relevance (`mbc_hf.addressing.relevance`; 0.0
+                for an empty bank), plus ``"passages"`` (doc ids) with ``text_store``.
+
+        Abstention: with ``config.relevance_threshold`` set (vocabulary codebook), a question whose relevance is
+        below it reads no document: it is answered from the empty memory, with or without ``return_sources``.
             text_store: hybrid reading (MAC's BM25 + memory row; off by default): a `mbc_hf.text_store.TextStore`
                 whose BM25 top-1 passage goes in the prompt before the question, on top of the bank's prefix (when
                 its score is above 0, i.e. it shares a word with the question; otherwise no passage).
@@ -875,6 +881,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             return []
         self._warn_long_questions(questions)
         memory = self.memory_from_bank(memory_bank, aggregation)
+        threshold = self.config.relevance_threshold if self.uses_vocabulary_codebook else None
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", _pad_id(self.tokenizer))
@@ -892,32 +899,65 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                              for ids, scores in text_store.search(chunk, k=1)]
                 batch = self.encode_questions(chunk, contexts=None if found is None else
                                               [text_store.get(ids[0]) if ids else "" for ids, _ in found])
-                read = None
-                if return_sources:  # address once: the sources are the documents the prefix reads
+                read = grounded = None
+                if memory.size > 0 and (return_sources or threshold is not None):
+                    # address once: the sources are the documents the prefix reads
                     read = self.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
-                                               memory) if memory.size > 0 else None
-                    sources += self._sources(batch["input_ids"].shape[0], read, memory_bank, found)
-                out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens,
-                                    documents=None if read is None else read[1], **generate_kwargs)
-                new = out[:, batch["input_ids"].shape[1]:]
-                texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-                answers += [_first_line(t) for t in texts]
+                                               memory)
+                    grounded = self._grounding(batch, read, threshold)
+                if return_sources:
+                    sources += self._sources(batch["input_ids"].shape[0], read, memory_bank, found, grounded)
+                if grounded is not None and not bool(grounded[1].all()):  # some read the empty memory instead
+                    texts = [""] * len(chunk)
+                    for rows, mem in ((grounded[1].nonzero().flatten(), memory),
+                                      ((~grounded[1]).nonzero().flatten(), self.memory_from_bank(None))):
+                        if len(rows):
+                            docs = read[1][rows.to(read[1].device)] if mem is memory else None
+                            part = self._complete(_rows(batch, rows), mem, docs, max_new_tokens, generate_kwargs)
+                            for row, text in zip(rows.tolist(), part):
+                                texts[row] = text
+                else:
+                    texts = self._complete(batch, memory, None if read is None else read[1], max_new_tokens,
+                                           generate_kwargs)
+                answers += texts
         finally:
             self.train(was_training)
         if return_sources:
             return [{"answer": a, **src} for a, src in zip(answers, sources)]
         return answers
 
+    def _complete(self, batch, memory: Memory, documents, max_new_tokens: int, generate_kwargs: dict) -> list[str]:
+        """The answers (first generated line, stripped) of a batch of questions reading ``memory`` (``documents``:
+        the (B, k) documents already addressed, or None)."""
+        out = self.generate(**batch, memory=memory, max_new_tokens=max_new_tokens, documents=documents,
+                            **generate_kwargs)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [_first_line(t) for t in texts]
+
+    def _grounding(self, batch, read, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relevance (B,) float64, grounded (B,) bool) of a batch whose questions were addressed (``read``: the
+        (scores, documents) of `read_documents`): grounded where the relevance reaches ``threshold`` (None: all)."""
+        from .addressing import relevance
+
+        weights = self.codebook.question_weights(batch["question_input_ids"], batch["question_attention_mask"])
+        rel = relevance(weights, read[0][:, 0]) if read[0].shape[1] else weights.new_zeros(weights.shape[0])
+        grounded = torch.ones_like(rel, dtype=torch.bool) if threshold is None else rel >= threshold
+        return rel.cpu(), grounded.cpu()
+
     @staticmethod
-    def _sources(n: int, read, memory_bank, found) -> list[dict]:
+    def _sources(n: int, read, memory_bank, found, grounded=None) -> list[dict]:
         """Attribution of a batch of n questions: the bank documents `read_documents` picked (``read``: (scores,
-        indices), None for an empty memory) as ids and scores and, in hybrid reading, the text store's passages."""
-        out = [{"sources": [], "scores": []} for _ in range(n)]
+        indices), None for an empty memory) as ids and scores, whether they were read (``grounded``: (relevance,
+        grounded) of `_grounding`; no sources where not grounded) and, in hybrid reading, the text store's
+        passages."""
+        out = [{"sources": [], "scores": [], "grounded": False, "relevance": 0.0} for _ in range(n)]
         if read is not None:
             scores, docs = read
             ids = memory_bank.doc_ids
+            rel, ok = grounded[0].tolist(), grounded[1].tolist()
             for row, (s, d) in enumerate(zip(scores.tolist(), docs.tolist())):
-                out[row] = {"sources": [ids[i] for i in d], "scores": s}
+                out[row] = {"sources": [ids[i] for i in d] if ok[row] else [], "scores": s if ok[row] else [],
+                            "grounded": ok[row], "relevance": rel[row]}
         if found is not None:
             for row, (passage_ids, _) in enumerate(found):
                 out[row]["passages"] = list(passage_ids)
@@ -943,6 +983,15 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         self._require_tokenizers()
         with self.kv_lora_disabled():
             return complete_prompts(self.lm, self.tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs)
+
+
+def _rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The given rows of a batch of `encode_questions` (left-padded prompts), without the prompt columns that are
+    padding in all of them (so a question answers as it would in a batch of its own kind)."""
+    out = {k: v[rows.to(v.device)] for k, v in batch.items()}
+    first = int(out["attention_mask"].any(0).nonzero()[0]) if out["attention_mask"].any() else 0
+    out["input_ids"], out["attention_mask"] = out["input_ids"][:, first:], out["attention_mask"][:, first:]
+    return out
 
 
 @torch.no_grad()
