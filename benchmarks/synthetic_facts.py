@@ -47,16 +47,17 @@ MEMORIES = {  # name -> (addressing, build options)
     "vocabulary": ("topk", dict(codebook_type="vocabulary", read_documents=1, code_selector="trained",
                                 code_order="document", num_context_tokens=24)),
 }
-# the paper's claims as one ablation (--memories ablation): learned top-k, without one part at a time
+# the paper's claims as one ablation (--memories ablation): MBC (the learned codebook with online resetting, set
+# aggregation), without one part at a time
 ABLATION = {
-    "learned_topk_no_reset": ("topk", dict(MEMORIES["learned_topk"][1], dead_code_steps=2**62)),
-    "no_vq_topk": ("topk", dict(MEMORIES["learned_topk"][1], use_vq=False)),
-    "learned_topk_no_kv_lora": ("topk", dict(MEMORIES["learned_topk"][1], kv_lora_layers=0)),
-    "learned_topk_k128": ("topk", dict(MEMORIES["learned_topk"][1], codebook_size=128)),
-    "learned_topk_k2048": ("topk", dict(MEMORIES["learned_topk"][1], codebook_size=2048)),
+    "learned_no_reset": ("all", dict(MEMORIES["learned"][1], dead_code_steps=2**62)),
+    "no_vq": MEMORIES["no_vq"],
+    "learned_no_kv_lora": ("all", dict(MEMORIES["learned"][1], kv_lora_layers=0)),
+    "learned_k128": ("all", dict(MEMORIES["learned"][1], codebook_size=128)),
+    "learned_k2048": ("all", dict(MEMORIES["learned"][1], codebook_size=2048)),
 }
 MEMORIES.update(ABLATION)
-ABLATION_RUN = ["learned_topk", *ABLATION]
+ABLATION_RUN = ["learned", *ABLATION]
 
 
 def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
