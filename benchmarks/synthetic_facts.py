@@ -55,6 +55,8 @@ ABLATION = {
     "learned_no_kv_lora": ("all", dict(MEMORIES["learned"][1], kv_lora_layers=0)),
     "learned_k128": ("all", dict(MEMORIES["learned"][1], codebook_size=128)),
     "learned_k2048": ("all", dict(MEMORIES["learned"][1], codebook_size=2048)),
+    # not a part removed: the same codebook on lucidrains' vector-quantize-pytorch (EMA codes, rotation trick)
+    "learned_vq_pytorch": ("all", dict(MEMORIES["learned"][1], codebook_backend="vector-quantize-pytorch")),
 }
 MEMORIES.update(ABLATION)
 ABLATION_RUN = ["learned", *ABLATION]

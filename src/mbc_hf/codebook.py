@@ -68,6 +68,20 @@ def kmeans_plus_plus(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[seeds].clone()
 
 
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeds then ``iters`` Lloyd steps on x (n, c): returns (k, c) centroids and (k,) int64 cluster sizes.
+    ``spherical``: cosine assignment and unit centroids (x unit length). A cluster that ends empty keeps its seed."""
+    centroids = kmeans_plus_plus(x, k)  # (k, c)
+    counts = torch.zeros(k, dtype=torch.long, device=x.device)
+    for _ in range(iters):
+        assign = (x @ centroids.t()).argmax(1) if spherical else torch.cdist(x, centroids).argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        means = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp(min=1)[:, None]
+        means = l2norm(means) if spherical else means
+        centroids = torch.where(counts[:, None] > 0, means, centroids)
+    return centroids, counts
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-code vector quantizer with EMA usage tracking and dead-code reset.
 
@@ -119,15 +133,20 @@ class VectorQuantizer(nn.Module):
         self.vectors_per_step = None  # vectors of the last training forward (sets the k-means usage scale)
         self.bypass = False  # VQ warm-up (`MBCTrainer`, ``vq_warmup_steps``): forward skips the quantization
 
+    @property
+    def code_weight(self) -> torch.Tensor:
+        """(K, c) the stored code vectors (a parameter trained by the codebook loss)."""
+        return self.embedding.weight
+
     def _codes(self) -> torch.Tensor:
         """(K, c) code vectors in the lookup space (unit length when factorized)."""
-        weight = self.embedding.weight.detach() if bool(self.frozen) else self.embedding.weight
+        weight = self.code_weight.detach() if bool(self.frozen) else self.code_weight
         # clone: dead-code resets write into the weight after this call, while autograd (the entropy loss's
         # distances, the codebook loss) still needs the values it read
         return l2norm(weight.clone()) if self.factorized else weight.clone()
 
     def _lookup_space(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.project_in(z.to(self.embedding.weight.dtype))
+        x = self.project_in(z.to(self.code_weight.dtype))
         if not self.factorized:
             return x
         if self.training and not bool(self.frozen):
@@ -181,7 +200,7 @@ class VectorQuantizer(nn.Module):
         Raises:
             ValueError: fewer vectors than codes (encode more documents).
         """
-        x = self.project_in(z.reshape(-1, z.shape[-1]).to(self.embedding.weight.dtype))  # (n, c)
+        x = self.project_in(z.reshape(-1, z.shape[-1]).to(self.code_weight.dtype))  # (n, c)
         n, K = x.shape[0], self.codebook_size
         if n < K:
             raise ValueError(f"k-means initialisation of {K} codes needs at least {K} context vectors, got {n}; "
@@ -189,17 +208,8 @@ class VectorQuantizer(nn.Module):
         if self.factorized:
             self.running_mean.copy_(x.mean(0))
             x = l2norm(x - self.running_mean)
-        centroids = kmeans_plus_plus(x, K)  # (K, c)
-        for _ in range(iters):
-            if self.factorized:
-                assign = (x @ centroids.t()).argmax(1)
-            else:
-                assign = torch.cdist(x, centroids).argmin(1)
-            counts = torch.bincount(assign, minlength=K)
-            means = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp(min=1)[:, None]
-            means = l2norm(means) if self.factorized else means
-            centroids = torch.where(counts[:, None] > 0, means, centroids)
-        self.embedding.weight.copy_(centroids)
+        centroids, counts = kmeans(x, K, iters, spherical=self.factorized)
+        self.code_weight.copy_(centroids)
         per_step = self.vectors_per_step or K
         self.ema_cluster_size.copy_(counts.to(self.ema_cluster_size.dtype) * (per_step / n))
         self.unused_steps.copy_(torch.where(counts > 0, 0, self.dead_code_steps))

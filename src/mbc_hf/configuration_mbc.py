@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 AGGREGATIONS = ("histogram", "dense", "topk")
 CODE_SELECTORS = ("idf", "trained")
 CODE_ORDERS = ("importance", "document")
+CODEBOOK_BACKENDS = ("mbc", "vector-quantize-pytorch")
 PREFIX_MODES = ("generator", "soft_tokens")
 CODEBOOK_TYPES = ("learned", "vocabulary")
 
@@ -44,6 +45,10 @@ class MBCConfig(PreTrainedConfig):
             reference's EMA rule re-seeds a code ~90-115 optimizer steps after its last use; see `VectorQuantizer`).
         codebook_dim (`int`, *optional*): ``None`` = the paper's codebook of d-dim codes; an int = factorized,
             l2-normalised codes of this size (ViT-VQGAN), which keeps many more codes in use (see `VectorQuantizer`).
+        codebook_backend (`str`, defaults to "mbc"): the learned codebook's implementation. "mbc" is the paper's
+            (`VectorQuantizer`: L2, codes trained by the codebook loss, straight-through estimator, online
+            resetting); "vector-quantize-pytorch" is lucidrains' library (`LibraryVectorQuantizer`: EMA codebook,
+            rotation trick, its dead-code replacement on the same window), d-dim codes only.
         code_entropy_weight (`float`, defaults to 0.0): weight of the codebook's entropy loss (spread the batch over
             many codes, each vector sure of its code; LFQ / MAGVIT-v2, not in the paper; see `VectorQuantizer`).
         codebook_type (`str`, defaults to "learned"): "learned" is the paper's VQ codebook of K learned codes
@@ -150,6 +155,7 @@ class MBCConfig(PreTrainedConfig):
     dead_code_steps: int = 100
     codebook_dim: int | None = None
     code_entropy_weight: float = 0.0
+    codebook_backend: str = "mbc"
     codebook_type: str = "learned"
     read_documents: int = 1
     addressing_max_postings: int | None = None
@@ -200,6 +206,13 @@ class MBCConfig(PreTrainedConfig):
                 raise ValueError("codebook_type='vocabulary' stores token ids (lossless, no VQ to bypass) and has no "
                                  "aggregator for the reconstruction loss: keep use_vq=True and "
                                  "reconstruction_loss_weight=0.")
+        if self.codebook_backend not in CODEBOOK_BACKENDS:
+            raise ValueError(f"codebook_backend must be one of {CODEBOOK_BACKENDS}, got {self.codebook_backend!r}.")
+        if self.codebook_backend != "mbc" and (self.codebook_type != "learned" or self.codebook_dim is not None
+                                               or self.code_entropy_weight > 0):
+            raise ValueError(f"codebook_backend={self.codebook_backend!r} backs the learned codebook of d-dim codes: "
+                             "use it with codebook_type='learned', codebook_dim=None and code_entropy_weight=0, or "
+                             "keep codebook_backend='mbc'.")
         if not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{question}', e.g. 'Question: {question}\\nAnswer:'.")
         try:  # a field other than {question} ("{0}", "{answer}") or a lone brace fails at answer time otherwise

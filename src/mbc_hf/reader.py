@@ -95,8 +95,14 @@ class LearnedReader(Reader):
         d, T = config.text_config.get_text_config().hidden_size, config.num_context_tokens
         model.amortization = AmortizationNetwork(config.encoder_config, T, d)
         model.question_encoder = AmortizationNetwork(config.question_encoder_config or config.encoder_config, T, d)
-        model.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
-                                         config.dead_code_steps, config.codebook_dim, config.code_entropy_weight)
+        if config.codebook_backend == "vector-quantize-pytorch":
+            from .codebook_library import LibraryVectorQuantizer
+
+            model.codebook = LibraryVectorQuantizer(config.codebook_size, d, config.commitment_cost,
+                                                    config.ema_decay, config.dead_code_steps)
+        else:
+            model.codebook = VectorQuantizer(config.codebook_size, d, config.commitment_cost, config.ema_decay,
+                                             config.dead_code_steps, config.codebook_dim, config.code_entropy_weight)
         head_dim = config.aggregator_head_dim or d // config.aggregator_heads
         model.aggregator = Aggregator(d, config.aggregator_layers, config.aggregator_heads, head_dim)
         num_layers, kv_heads, kv_head_dim = kv_shape(config.text_config)
