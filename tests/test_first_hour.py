@@ -196,3 +196,18 @@ def test_train_help_gives_one_default_per_option():
     text = " ".join(train_parser("mbc-hf train").format_help().split())
     assert "12 with the learned one). (default" not in text and "(default: None)" not in text
     assert "(default: 32)" in text and "--help-all" in text  # eval_docs' default, once
+
+
+def test_the_demo_keeps_talking_while_a_step_outlasts_its_period(capsys):
+    """A training step or an answer batch can take over a minute on a loaded machine: the demo's heartbeat prints
+    meanwhile, and stops with the block (issue 37: no silent stretch over 60 s)."""
+    import time
+
+    from mbc_hf.demo import _Heartbeat
+
+    with _Heartbeat("meta-training", every=0.05):
+        time.sleep(0.32)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 4 and all(line.startswith("  ... meta-training: ") for line in lines)
+    time.sleep(0.15)
+    assert capsys.readouterr().out == ""

@@ -148,7 +148,8 @@ def _run_demo(train, dev, model_args, data_args, args, demo) -> dict:
         budget += f" or {args.max_minutes:g} min, whichever comes first"
     print(f"[1/5] meta-training for {budget} of {args.per_device_train_batch_size} questions, on {len(train)} "
           "training questions ...", flush=True)
-    trainer.train()
+    with _Heartbeat("meta-training", every=45.0):  # a step can outlast a minute on a busy machine
+        trainer.train()
     model.eval()
     shipped = (model_args.base_model == "embedded" and model_args.codebook_type == "vocabulary"
                and not demo.no_pretrained and pretrained.available())
@@ -170,8 +171,9 @@ def _run_demo(train, dev, model_args, data_args, args, demo) -> dict:
             with _Heartbeat("closed-book answers"):
                 rows[key] = evaluate_base_lm(reader, dev, lambda r: CLOSED_BOOK.format(question=r["question"]))
         else:
-            rows[key] = evaluate_online(model if key == "bank_short_training" else reader, dev,
-                                        adapt=key != "empty", show_progress=True)
+            with _Heartbeat(key, every=45.0):  # beside the progress bar: a batch can outlast a minute
+                rows[key] = evaluate_online(model if key == "bank_short_training" else reader, dev,
+                                            adapt=key != "empty", show_progress=True)
         if key == "bank_short_training":
             models[key] = f"this run ({trainer.state.global_step} steps)"
         print(f"      F1 {rows[key]['f1']:.2f}, EM {rows[key]['em']:.2f} ({time.time() - start:.0f} s)", flush=True)
