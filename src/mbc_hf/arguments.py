@@ -79,6 +79,10 @@ class ModelArguments:
     dead_code_steps: int | None = field(default=None, metadata={
         "help": "Learned codebook: online resetting re-seeds a code that no vector picked in this many training "
                 "forwards (MBC §3.3 per step; default 100)."})
+    codebook_backend: Literal["mbc", "vector-quantize-pytorch"] | None = field(default=None, metadata={
+        "help": "Learned codebook: 'mbc' (the paper's: codes trained by the codebook loss, online resetting) or "
+                "'vector-quantize-pytorch' (lucidrains' library: EMA codes, rotation trick; pip install "
+                "vector-quantize-pytorch) (default: mbc)."})
     reconstruction_weight: float | None = field(default=None, metadata={
         "help": "Learned codebook: weight of the auxiliary reconstruction loss (default 0.5; 0 = off)."})
     reconstruction_length: int = field(default=32, metadata={"help": "Document tokens of the reconstruction loss."})

@@ -167,7 +167,7 @@ def build_model(base_model: str = "embedded", encoder: str = "embedded", questio
 
 LEARNED_ONLY = ("no_vq", "freeze_amortization", "freeze_codebook", "codebook_kmeans_docs", "train_encoders",
                 "contrastive_weight", "distillation_weight", "reconstruction_weight", "prefix_mode", "prefix_length",
-                "code_entropy_weight", "addressing_codes", "dead_code_steps")
+                "code_entropy_weight", "addressing_codes", "dead_code_steps", "codebook_backend")
 
 
 def build_from_args(a):
@@ -184,6 +184,7 @@ def build_from_args(a):
                  freeze_encoders=not a.train_encoders,
                  codebook_dim=a.codebook_dim or None, prefix_mode=a.prefix_mode, prefix_length=a.prefix_length,
                  code_entropy_weight=a.code_entropy_weight, dead_code_steps=a.dead_code_steps,
+                 codebook_backend=a.codebook_backend,
                  freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
                  distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
