@@ -14,7 +14,15 @@ documents it returns (``approx_recall``) and the share of questions whose top-3 
 process, so peak RSS (``ru_maxrss``) is that size's alone. A last part memorizes documents with the tiny random
 model end to end.
 
+``--key`` measures the compact key's search instead (issue 36; `mbc_hf.compact_key.KeyIndex`, what a bank with keys
+builds): N synthetic random 48-byte keys, the index built by appending them in 10 parts, then one question at a
+time, its 64 nearest keys (`fused_search`'s first depth): ms per question, build seconds and the index's RAM (RSS
+growth while it is built, and FAISS's own bytes). Beyond `EXACT_MAX_DOCS` the index is the approximate IVF one: the
+exact flat search is then timed too, and the approximate one's recall@10 against it (random keys have no cluster
+structure, the worst case for IVF's recall; real sentence keys cluster).
+
     python benchmarks/bank_scale.py --docs 100000 1000000 10000000 --output benchmarks/results/scale.json
+    python benchmarks/bank_scale.py --key --docs 100000 1000000 10000000 --output benchmarks/results/scale_key.json
 """
 
 import argparse
@@ -114,6 +122,74 @@ def one_size(n: int, t: int, questions: int, seed: int, exponent: float, max_pos
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def rss_mb() -> float:
+    """Current resident set size of this process, MiB (Linux /proc)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def key_size(n: int, questions: int, seed: int, queue) -> None:
+    """Latency of the compact key's index at n random keys (run in its own process, one thread)."""
+    import faiss
+
+    from mbc_hf.compact_key import EXACT_MAX_DOCS, KEY_BYTES, KeyIndex
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    keys = torch.from_numpy(rng.integers(0, 256, (n, KEY_BYTES), dtype=np.uint8))
+    queries = torch.from_numpy(rng.integers(0, 256, (questions, KEY_BYTES), dtype=np.uint8))
+    before = rss_mb()
+    start = time.perf_counter()
+    index = KeyIndex()
+    for part in keys.chunk(10):  # appended as a growing bank would be
+        index.add(part)
+    build_s = time.perf_counter() - start
+    index_mb = rss_mb() - before
+
+    def timed(ix, k):
+        ms, rows = [], []
+        for q in queries.split(1):
+            t = time.perf_counter()
+            rows.append(ix.search(q, k)[1])
+            ms.append((time.perf_counter() - t) * 1000)
+        return ms, torch.cat(rows)
+
+    ms, found = timed(index, 64)
+    row = {"docs": n, "index": index.description, "build_s": build_s, "index_ram_mb": index_mb,
+           "key_bytes_mb": n * KEY_BYTES / 2 ** 20, "query_ms_p50": statistics.median(ms),
+           "query_ms_p95": statistics.quantiles(ms, n=20)[18]}
+    if not index.exact:
+        del index
+        flat = KeyIndex(exact_max_docs=n)
+        flat.add(keys)
+        exact_ms, exact = timed(flat, 64)
+        row.update({"exact_query_ms_p50": statistics.median(exact_ms),
+                    "recall_at_10": float(np.mean([len(set(a[:10].tolist()) & set(e[:10].tolist())) / 10
+                                                   for a, e in zip(found, exact)])),
+                    "exact_max_docs": EXACT_MAX_DOCS})
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(row)
+
+
+def main_key(a) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    sizes = []
+    for n in a.docs:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=key_size, args=(n, a.questions, a.seed, queue))
+        proc.start()
+        sizes.append(queue.get())
+        proc.join()
+        print(json.dumps(sizes[-1]), flush=True)
+    write_json_report(a.output, {"sizes": sizes, "command": "python " + " ".join(sys.argv)})
+    print(markdown_table(sizes, ["docs", "index", "build_s", "index_ram_mb", "key_bytes_mb", "query_ms_p50",
+                                 "query_ms_p95"]))
+    approximate = [r for r in sizes if "recall_at_10" in r]
+    if approximate:
+        print(markdown_table(approximate, ["docs", "query_ms_p50", "exact_query_ms_p50", "recall_at_10"]))
+
+
 def end_to_end(n: int) -> dict:
     """Memorize n documents with the tiny random model, save, append 10% more, load (seconds); then `mbc-hf adapt`
     the same documents with 1 and with 2 processes (documents per second)."""
@@ -170,8 +246,11 @@ def main() -> None:
     p.add_argument("--max-postings", type=int, default=None, help="also time the approximate search that reads at "
                    "most L postings per question token, and measure its recall against the exact ranking")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--key", action="store_true", help="measure the compact key's FAISS index instead (issue 36)")
     p.add_argument("--output", default="benchmarks/results/scale.json")
     a = p.parse_args()
+    if a.key:
+        return main_key(a)
     ctx = multiprocessing.get_context("spawn")
     sizes = []
     for n in a.docs:

@@ -44,6 +44,10 @@ class ModelArguments:
         "help": "T, codes per document (default: 48 with the vocabulary codebook, 12 with the learned one)."})
     read_documents: int | None = field(default=None, metadata={
         "help": "Vocabulary codebook: documents of the bank each question reads (default 3)."})
+    addressing_key: Literal["minilm-binary"] | None = field(default=None, metadata={
+        "help": "Vocabulary codebook: also store a 48-byte compact key per document (the sign bits of its "
+                "all-MiniLM-L6-v2 embedding) and address by its score fused with the lexical one "
+                "(MBCConfig.addressing_key; off by default)."})
     kv_lora_layers: int | None = field(default=None, metadata={
         "help": "KV-LoRA on the last N layers (default: all with the vocabulary codebook, 6 with the learned one)."})
     aggregation: Literal["histogram", "dense", "topk"] | None = field(default=None, metadata={

@@ -13,6 +13,7 @@ CODE_ORDERS = ("importance", "document")
 CODEBOOK_BACKENDS = ("mbc", "vector-quantize-pytorch")
 PREFIX_MODES = ("generator", "soft_tokens")
 CODEBOOK_TYPES = ("learned", "vocabulary")
+ADDRESSING_KEYS = ("minilm-binary",)  # mbc_hf.compact_key.KEY_KINDS
 
 
 class MBCConfig(PreTrainedConfig):
@@ -72,6 +73,16 @@ class MBCConfig(PreTrainedConfig):
             ``"grounded": False``. Calibrated on training data by `mbc_hf.evaluation.calibrate_abstention`
             (``benchmarks/abstention.py``, whose ``--save-to`` writes it into a model folder); the shipped reader
             (`mbc_hf.pretrained`) has it set.
+        addressing_key (`str`, *optional*): with ``codebook_type="vocabulary"``, ``None`` (the default) addresses by
+            the codes alone; ``"minilm-binary"`` also stores a 48-byte compact key per document (the sign bits of its
+            all-MiniLM-L6-v2 sentence embedding, `mbc_hf.compact_key`), and a question's addressing score becomes
+            ``(1 - w) · lexical relevance + w · key similarity`` (w = ``addressing_key_weight``); `memorize` computes
+            the keys, `answer` ranks by the fused score, and abstention's relevance is the best document's fused
+            score. A bank without keys (built before, or by a model without the key) is still read, lexically.
+        addressing_key_encoder (`str`, defaults to "embedded"): the key's sentence encoder, a local folder or
+            ``"embedded"`` (the packaged all-MiniLM-L6-v2); loaded on first use, never downloaded.
+        addressing_key_weight (`float`, defaults to 0.7): w above, in [0, 1]; chosen on SQuAD train questions
+            (``benchmarks/addressing_key.py --tune``).
         code_selector (`str`, defaults to "idf"): with ``codebook_type="vocabulary"``, how a document's T codes are
             chosen: "idf" (its highest-IDF tokens) or "trained" (a token scorer fitted on the training questions and
             answers; see `VocabularyCodebook`).
@@ -160,6 +171,9 @@ class MBCConfig(PreTrainedConfig):
     read_documents: int = 1
     addressing_max_postings: int | None = None
     relevance_threshold: float | None = None
+    addressing_key: str | None = None
+    addressing_key_encoder: str = "embedded"
+    addressing_key_weight: float = 0.7
     code_selector: str = "idf"
     code_order: str = "importance"
     whole_words: bool = False
@@ -247,6 +261,22 @@ class MBCConfig(PreTrainedConfig):
                 raise ValueError("relevance_threshold needs lexical addressing (codebook_type='vocabulary'): a learned "
                                  "codebook reads the whole bank and has no per-question relevance; leave it None.")
             self.relevance_threshold = float(self.relevance_threshold)
+        if self.addressing_key is not None:
+            if self.addressing_key not in ADDRESSING_KEYS:
+                raise ValueError(f"addressing_key={self.addressing_key!r} is not one of {ADDRESSING_KEYS} (or None: "
+                                 "lexical addressing alone).")
+            if self.codebook_type != "vocabulary":
+                raise ValueError("addressing_key fuses a compact key with the lexical addressing of a vocabulary "
+                                 "codebook (codebook_type='vocabulary'); a learned codebook has no such addressing: "
+                                 "leave addressing_key None.")
+        if isinstance(self.addressing_key_weight, bool) or not isinstance(self.addressing_key_weight, (int, float)) \
+                or not 0 <= self.addressing_key_weight <= 1:
+            raise ValueError(f"addressing_key_weight must be a number in [0, 1] (the key's share of the fused "
+                             f"addressing score), got {self.addressing_key_weight!r}.")
+        self.addressing_key_weight = float(self.addressing_key_weight)
+        if not isinstance(self.addressing_key_encoder, str) or not self.addressing_key_encoder:
+            raise ValueError(f"addressing_key_encoder must be 'embedded' or a local folder of a sentence encoder, got "
+                             f"{self.addressing_key_encoder!r}.")
         n_layers = self.text_config.get_text_config().num_hidden_layers
         if not 0 <= self.kv_lora_layers <= n_layers:
             raise ValueError(f"kv_lora_layers={self.kv_lora_layers} must be in [0, {n_layers}] for this base LM.")

@@ -188,7 +188,8 @@ def build_from_args(a):
                  freeze_amortization=a.freeze_amortization or None,
                  contrastive_loss_weight=a.contrastive_weight, contrastive_margin=a.contrastive_margin,
                  distillation_loss_weight=a.distillation_weight, use_vq=False if a.no_vq else None,
-                 aggregation=a.aggregation, topk_documents=a.topk_documents, addressing_codes=a.addressing_codes)
+                 aggregation=a.aggregation, topk_documents=a.topk_documents, addressing_codes=a.addressing_codes,
+                 addressing_key=getattr(a, "addressing_key", None))
 
 
 def model_from_args(a):

@@ -186,6 +186,10 @@ class _DocRowBank:
         # are never modified in place once created (copy-on-write), so tensors
         # handed out by the `codes` / `vectors` properties stay valid snapshots.
         self._chunks: list[torch.Tensor] = []
+        # Optional compact keys (`CompressedMemoryBank(key_bytes=...)`): uint8 (n, key_bytes) blocks with exactly
+        # the row boundaries of `_chunks`, so every row operation below keeps them aligned with the rows.
+        self._key_bytes: int | None = None
+        self._key_chunks: list[torch.Tensor] = []
         self._id_bytes = 0
         # The file this bank was loaded from / saved to, and the ids changed or removed since (`save` merges them
         # into that file's current content if another writer saved to it meanwhile).
@@ -220,20 +224,23 @@ class _DocRowBank:
             return torch.empty((0, *self._row_shape), dtype=self._dtype)
         if len(self._chunks) > 1:
             self._chunks = [torch.cat(self._chunks, dim=0)]
+            if self._key_bytes:
+                self._key_chunks = [torch.cat(self._key_chunks, dim=0)]
         return self._chunks[0]
+
+    def _keys(self) -> torch.Tensor:
+        """All compact keys ``(N, key_bytes)`` uint8, consolidated with the rows. Only for a bank with keys."""
+        self._rows()
+        return self._key_chunks[0] if self._key_chunks else torch.empty((0, self._key_bytes), dtype=torch.uint8)
 
     def _row_range(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as one contiguous tensor, copying only the chunks they span (a save that
         appends one shard must not consolidate the whole bank)."""
-        parts, offset = [], 0
-        for chunk in self._chunks:
-            lo, hi = max(start - offset, 0), min(stop - offset, chunk.shape[0])
-            if lo < hi:
-                parts.append(chunk[lo:hi])
-            offset += chunk.shape[0]
-        if not parts:
-            return torch.empty((0, *self._row_shape), dtype=self._dtype)
-        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+        return _chunk_range(self._chunks, start, stop, (0, *self._row_shape), self._dtype)
+
+    def _key_range(self, start: int, stop: int) -> torch.Tensor:
+        """Keys of rows ``[start, stop)``, ``(n, key_bytes)`` uint8, as `_row_range`."""
+        return _chunk_range(self._key_chunks, start, stop, (0, self._key_bytes), torch.uint8)
 
     def __len__(self) -> int:
         return len(self._doc_ids)
@@ -281,9 +288,10 @@ class _DocRowBank:
     @property
     def nbytes(self) -> int:
         """Storage size in bytes: ``numel * element_size`` of the row tensor plus
-        the UTF-8 bytes of all doc ids.  Metadata and Python object overhead are
-        not counted."""
+        the UTF-8 bytes of all doc ids (and the compact keys of a bank that has them).
+        Metadata and Python object overhead are not counted."""
         per_row = math.prod(self._row_shape) * torch.empty((), dtype=self._dtype).element_size()
+        per_row += self._key_bytes or 0
         return len(self._doc_ids) * per_row + self._id_bytes
 
     # --------------------------------------------------------------- mutation
@@ -293,6 +301,7 @@ class _DocRowBank:
         rows: Any,
         metadata: Sequence[dict | None] | None,
         on_duplicate: str,
+        keys: Any = None,
     ) -> list[int]:
         if on_duplicate not in DUPLICATE_POLICIES:
             raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
@@ -300,6 +309,7 @@ class _DocRowBank:
             raise TypeError("doc_ids must be a list of str, not a single str (use append() for one document)")
         doc_ids, meta = check_doc_ids_and_metadata(doc_ids, metadata)
         rows = self._coerce_rows(rows, doc_ids)
+        keys = self._coerce_keys(keys, len(doc_ids))
 
         # Plan everything before mutating, so errors leave the bank untouched.
         n_old = len(self._doc_ids)
@@ -335,12 +345,17 @@ class _DocRowBank:
             view_dtype = _SIGNED_VIEW.get(updated.dtype, updated.dtype)
             updated.view(view_dtype)[targets] = rows[sources].view(view_dtype)
             self._chunks = [updated]
+            if self._key_bytes:
+                updated_keys = self._keys().clone()
+                updated_keys[targets] = keys[sources]
+                self._key_chunks = [updated_keys]
             for r, pos in overwrite.items():
                 self._meta[r] = meta[pos]
             self._note_overwritten(list(overwrite))
             self._invalidate()
         if new_positions:
-            added = rows[torch.tensor(new_positions, dtype=torch.long)].contiguous()
+            positions = torch.tensor(new_positions, dtype=torch.long)
+            added = rows[positions].contiguous()
             for pos in new_positions:
                 d = doc_ids[pos]
                 self._index[d] = len(self._doc_ids)
@@ -348,21 +363,50 @@ class _DocRowBank:
                 self._meta.append(meta[pos])
                 self._id_bytes += len(d.encode("utf-8"))
             self._chunks.append(added)
+            if self._key_bytes:
+                self._key_chunks.append(keys[positions].contiguous())
             self._rows_appended(added)
             # Merge trailing chunks of similar size (a binary counter): O(log N) chunks stay between reads, so a
             # long stream of small extends does not keep one tensor (with its per-tensor overhead) per call.
             while len(self._chunks) > 1 and self._chunks[-2].shape[0] <= 2 * self._chunks[-1].shape[0]:
                 last = self._chunks.pop()
                 self._chunks[-1] = torch.cat([self._chunks[-1], last], dim=0)
+                if self._key_bytes:
+                    last = self._key_chunks.pop()
+                    self._key_chunks[-1] = torch.cat([self._key_chunks[-1], last], dim=0)
         if self._sync is not None:
             self._changed.update(self._doc_ids[r] for r in written)
             self._removed.difference_update(self._doc_ids[r] for r in written)
         return written
 
-    def _append(self, doc_id: str, row: Any, metadata: dict | None, on_duplicate: str) -> int | None:
+    def _append(self, doc_id: str, row: Any, metadata: dict | None, on_duplicate: str, key: Any = None
+                ) -> int | None:
         row = torch.as_tensor(row)
-        written = self._extend([doc_id], row.reshape(1, *row.shape), [metadata], on_duplicate)
+        key = None if key is None else torch.as_tensor(key).reshape(1, -1)
+        written = self._extend([doc_id], row.reshape(1, *row.shape), [metadata], on_duplicate, key)
         return written[0] if written else None
+
+    def _coerce_keys(self, keys: Any, n: int) -> torch.Tensor | None:
+        """Check the compact keys of n new rows: required (uint8 (n, key_bytes)) for a bank with keys, refused for
+        a bank without. Raises ``ValueError`` / ``TypeError`` naming the problem and the fix."""
+        if not self._key_bytes:
+            if keys is not None:
+                raise ValueError("this memory bank stores no compact keys, but keys were given: build the bank with "
+                                 "key_bytes=... (a model with addressing_key set does), or leave keys out.")
+            return None
+        if keys is None:
+            raise ValueError(f"this memory bank stores a {self._key_bytes}-byte compact key per document "
+                             f"(key encoder {self._key_fingerprint!r}): pass keys=(n, {self._key_bytes}) uint8 with "
+                             "the rows (model.memorize computes them when its config sets addressing_key).")
+        keys = torch.as_tensor(keys).detach()
+        if keys.dtype != torch.uint8:
+            raise TypeError(f"keys must be uint8 packed sign bits, got dtype {keys.dtype}: binarise float embeddings "
+                            "first (mbc_hf.compact_key.binarize).")
+        if keys.dim() != 2 or tuple(keys.shape) != (n, self._key_bytes):
+            raise ValueError(f"keys must have shape (n={n}, key_bytes={self._key_bytes}), got {tuple(keys.shape)}: "
+                             f"this bank's keys are {self._key_bytes * 8}-bit; compute them with the bank's key "
+                             "encoder.")
+        return keys.cpu().contiguous()
 
     def remove(self, doc_ids: str | Sequence[str]) -> None:
         """Remove documents: ``doc_ids`` is one id or a list of ids (an id listed twice is removed once).
@@ -383,6 +427,9 @@ class _DocRowBank:
         keep[gone] = False
         rows = self._rows()[keep]
         self._chunks = [rows] if rows.shape[0] else []
+        if self._key_bytes:
+            keys = self._keys()[keep]
+            self._key_chunks = [keys] if keys.shape[0] else []
         spans = list(zip([0] + [r + 1 for r in gone], gone + [len(self)]))  # the kept runs of rows
         for d in (self._doc_ids[r] for r in gone):
             del self._index[d]
@@ -481,6 +528,8 @@ class _DocRowBank:
         """The version-2 tensors of rows ``[start, stop)``: rows, doc ids and (if any) metadata."""
         tensors = {self._TENSOR_NAME: self._row_range(start, stop),
                    "doc_ids": _json_tensor(self._doc_ids[start:stop])}
+        if self._key_bytes:
+            tensors["keys"] = self._key_range(start, stop)
         meta = self._meta[start:stop]
         if any(meta):
             tensors["metadata"] = _json_tensor(meta)
@@ -558,8 +607,9 @@ class _DocRowBank:
         changed = [d for d in self._doc_ids if d in self._changed]
         if changed:
             rows = [self._index[d] for d in changed]
-            disk._extend(changed, self._rows()[torch.tensor(rows, dtype=torch.long)],
-                         [self._meta[r] for r in rows], "overwrite")
+            rows = torch.tensor(rows, dtype=torch.long)
+            disk._extend(changed, self._rows()[rows], [self._meta[r] for r in rows.tolist()], "overwrite",
+                         self._keys()[rows] if self._key_bytes else None)
         self.__dict__.update(disk.__dict__)
 
     # bookkeeping of what changed since the last load / save (for incremental and merging saves)
@@ -617,7 +667,7 @@ class _DocRowBank:
             return cls._load_sharded(path)
         header, tensors = _read_safetensors(path)
         bank = cls._bank_for(header, path)
-        bank._fill(path, *_parse_bank_file(header, tensors, bank._TENSOR_NAME, path))
+        bank._fill(path, *_parse_bank_file(header, tensors, bank._TENSOR_NAME, path, bank._key_bytes))
         bank._sync = _Sync(path, _token(header), None)
         return bank
 
@@ -644,7 +694,8 @@ class _DocRowBank:
             )
         return cls._from_header(header, path)
 
-    def _fill(self, path: str, rows: torch.Tensor, doc_ids: list[str], meta: list[dict]) -> None:
+    def _fill(self, path: str, rows: torch.Tensor, doc_ids: list[str], meta: list[dict],
+              keys: torch.Tensor | None = None) -> None:
         if rows.dim() != 1 + len(self._row_shape) or tuple(rows.shape[1:]) != self._row_shape:
             raise ValueError(
                 f"{path}: tensor {self._TENSOR_NAME!r} has shape {tuple(rows.shape)}, "
@@ -662,6 +713,7 @@ class _DocRowBank:
         self._doc_ids, self._index, self._meta = doc_ids, index, meta
         self._id_bytes = sum(len(d.encode("utf-8")) for d in doc_ids)
         self._chunks = [rows.contiguous()] if len(doc_ids) else []
+        self._key_chunks = [keys.contiguous()] if self._key_bytes and len(doc_ids) else []
         self._invalidate()
 
     @classmethod
@@ -681,7 +733,7 @@ class _DocRowBank:
         tombstones = _check_index(path, index)
         bank = cls._bank_for({k: v for k, v in index.items() if isinstance(v, str)}, path)
         directory = os.path.dirname(path)
-        parts, doc_ids, meta, shards = [], [], [], []
+        parts, key_parts, doc_ids, meta, shards = [], [], [], [], []
         for entry in index["shards"]:
             shard_path = os.path.join(directory, entry["file"])
             try:
@@ -690,7 +742,8 @@ class _DocRowBank:
                 raise FileNotFoundError(errno.ENOENT, f"memory bank shard named by {path} is missing (restore it "
                                         "from a backup; the index cannot be loaded without it)", shard_path) from None
             bank._bank_for(shard_header, shard_path)
-            rows, ids, m = _parse_bank_file(shard_header, tensors, bank._TENSOR_NAME, shard_path)
+            rows, ids, m, keys = _parse_bank_file(shard_header, tensors, bank._TENSOR_NAME, shard_path,
+                                                  bank._key_bytes)
             if shard_header.get("checksum") != entry["checksum"] or len(ids) != entry["rows"]:
                 raise ValueError(f"{shard_path}: does not match its entry in {path} (checksum or row count "
                                  "differs): the shard was replaced or the index is stale")
@@ -703,13 +756,16 @@ class _DocRowBank:
                 keep = [i for i, d in enumerate(ids) if d not in dead]
                 rows, ids, m = rows[torch.tensor(keep, dtype=torch.long)], [ids[i] for i in keep], \
                     [m[i] for i in keep]
+                keys = None if keys is None else keys[torch.tensor(keep, dtype=torch.long)]
             parts.append(rows)
+            key_parts.append(keys)
             doc_ids += ids
             meta += m
             shards.append({"file": entry["file"], "rows": entry["rows"], "live": len(ids),
                            "checksum": entry["checksum"], "tombstones": sorted(dead), "dirty": False})
         rows = torch.cat(parts) if parts else torch.empty((0, *bank._row_shape), dtype=bank._dtype)
-        bank._fill(path, rows, doc_ids, meta)
+        keys = torch.cat(key_parts) if bank._key_bytes and key_parts else None
+        bank._fill(path, rows, doc_ids, meta, keys)
         bank._sync = _Sync(path, hashlib.sha256(raw).hexdigest(), shards)
         return bank
 
@@ -738,6 +794,21 @@ def bank_lock(path: str | os.PathLike):
     if path not in _LOCKS:
         _LOCKS[path] = FileLock(path + ".lock")
     return _LOCKS[path]
+
+
+def _chunk_range(chunks: list[torch.Tensor], start: int, stop: int, empty_shape: tuple, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """Rows ``[start, stop)`` of consecutive row blocks as one contiguous tensor, copying only the blocks they
+    span."""
+    parts, offset = [], 0
+    for chunk in chunks:
+        lo, hi = max(start - offset, 0), min(stop - offset, chunk.shape[0])
+        if lo < hi:
+            parts.append(chunk[lo:hi])
+        offset += chunk.shape[0]
+    if not parts:
+        return torch.empty(empty_shape, dtype=dtype)
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def _json_tensor(value: Any) -> torch.Tensor:
@@ -913,10 +984,11 @@ def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor
     return header, tensors
 
 
-def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], name: str, path: str
-                     ) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Rows, doc ids and metadata of one bank file of format version 1 (ids in the header) or 2 (ids in the body;
-    its checksum verified)."""
+def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], name: str, path: str,
+                     key_bytes: int | None = None) -> tuple[torch.Tensor, list[str], list[dict], torch.Tensor | None]:
+    """Rows, doc ids, metadata and compact keys of one bank file of format version 1 (ids in the header) or 2 (ids
+    in the body; its checksum verified). ``key_bytes``: the bank's key width (its header's ``key_bytes``), None for
+    a bank without keys; the keys are then None."""
     if header["format_version"] == "1":
         doc_ids = _json_field(header, "doc_ids", path)
         meta = _json_field(header, "metadata", path) if "metadata" in header else None
@@ -927,7 +999,8 @@ def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], n
         if header["checksum"] != _checksum(tensors):
             raise ValueError(f"{path}: checksum mismatch: the file's data was changed or damaged after it was "
                              "written (restore it from a backup or re-adapt its documents)")
-        expected = {name, "doc_ids"} | ({"metadata"} if "metadata" in tensors else set())
+        expected = {name, "doc_ids"} | ({"metadata"} if "metadata" in tensors else set()) \
+            | ({"keys"} if key_bytes else set())
         if set(tensors) != expected:
             raise ValueError(f"{path}: expected the tensors {sorted(expected)}, found {sorted(tensors)}")
         doc_ids = _json_body(tensors, "doc_ids", path)
@@ -947,7 +1020,13 @@ def _parse_bank_file(header: dict[str, str], tensors: dict[str, torch.Tensor], n
         if len(meta) != len(doc_ids):
             raise ValueError(f"{path}: {len(meta)} metadata entries for {len(doc_ids)} doc_ids")
         meta = [m or _NO_METADATA for m in meta]
-    return tensors[name], doc_ids, meta
+    keys = None
+    if key_bytes:
+        keys = tensors["keys"]
+        if keys.dtype != torch.uint8 or tuple(keys.shape) != (len(doc_ids), key_bytes):
+            raise ValueError(f"{path}: tensor 'keys' has dtype {keys.dtype} and shape {tuple(keys.shape)}, expected "
+                             f"uint8 ({len(doc_ids)}, {key_bytes}): one compact key per doc id")
+    return tensors[name], doc_ids, meta, keys
 
 
 def _json_body(tensors: dict[str, torch.Tensor], key: str, path: str) -> Any:
@@ -1017,6 +1096,17 @@ class CompressedMemoryBank(_DocRowBank):
         num_tokens: ``T``, context vectors (hence codes) per document.
         codebook_fingerprint: non-empty string identifying the model's codebook
             (computed and owned by the model).
+        key_bytes: ``None`` (default): no compact keys, the bank addresses by its
+            codes alone; an int W: every row also stores a W-byte compact key,
+            uint8 ``(N, W)`` (``mbc_hf.compact_key``: 48 bytes, the sign bits of a
+            384-dim sentence embedding), given to ``extend(..., keys=...)``, saved in
+            every file / shard beside the codes (tensor ``"keys"``, covered by the
+            checksum; header keys ``key_bytes``, ``key_fingerprint``) and kept
+            aligned with the rows by append, overwrite, remove and merge. Files
+            without keys (all files written before keys existed) load as banks
+            without keys.
+        key_fingerprint: non-empty string identifying the key encoder (required
+            with ``key_bytes``): keys compare only with questions embedded by it.
 
     Storage: ``codes`` ``(N, T)`` in :attr:`dtype` -- ``torch.uint8`` if
     ``K <= 256``, ``torch.uint16`` if ``K <= 65536`` (larger ``K`` raises
@@ -1033,8 +1123,16 @@ class CompressedMemoryBank(_DocRowBank):
     _FORMAT = "mbc-compressed-memory-bank"
     _TENSOR_NAME = "codes"
 
-    def __init__(self, codebook_size: int, num_tokens: int, codebook_fingerprint: str) -> None:
+    def __init__(self, codebook_size: int, num_tokens: int, codebook_fingerprint: str,
+                 key_bytes: int | None = None, key_fingerprint: str | None = None) -> None:
         codebook_size = _positive_int(codebook_size, "codebook_size")
+        if key_bytes is not None:
+            key_bytes = _positive_int(key_bytes, "key_bytes")
+            if not isinstance(key_fingerprint, str) or not key_fingerprint:
+                raise ValueError(f"key_fingerprint must be a non-empty str naming the key encoder when key_bytes is "
+                                 f"set, got {key_fingerprint!r}")
+        elif key_fingerprint is not None:
+            raise ValueError("key_fingerprint without key_bytes: set key_bytes (e.g. 48) to store compact keys")
         dtype = _codes_dtype(codebook_size)
         if not isinstance(codebook_fingerprint, str) or not codebook_fingerprint:
             raise ValueError(f"codebook_fingerprint must be a non-empty str, got {codebook_fingerprint!r}")
@@ -1043,6 +1141,8 @@ class CompressedMemoryBank(_DocRowBank):
         self._fingerprint = codebook_fingerprint
         self._counts: torch.Tensor | None = None
         self._code_index = None  # the addressing index (`mbc_hf.addressing.bank_index`), built on first use
+        self._key_bytes, self._key_fingerprint = key_bytes, key_fingerprint
+        self._key_index = None  # the compact keys' FAISS index (`mbc_hf.compact_key.key_index`), built on first use
 
     @property
     def codebook_size(self) -> int:
@@ -1053,6 +1153,31 @@ class CompressedMemoryBank(_DocRowBank):
     def codebook_fingerprint(self) -> str:
         """Fingerprint of the codebook these codes index."""
         return self._fingerprint
+
+    @property
+    def key_bytes(self) -> int | None:
+        """Bytes of each row's compact key, or None for a bank without keys."""
+        return self._key_bytes
+
+    @property
+    def key_fingerprint(self) -> str | None:
+        """Fingerprint of the encoder the compact keys come from (None without keys)."""
+        return self._key_fingerprint
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """All compact keys, ``(N, key_bytes)`` uint8 in row order (a stable snapshot, as :attr:`codes`; do not
+        modify it), or None for a bank without keys."""
+        return self._keys() if self._key_bytes else None
+
+    def get_keys(self, doc_ids: Sequence[str]) -> torch.Tensor:
+        """Compact keys of the given documents, ``(n, key_bytes)`` uint8 (a copy). Raises ``KeyError`` naming the
+        first missing id, ``ValueError`` for a bank without keys."""
+        if not self._key_bytes:
+            raise ValueError("this memory bank stores no compact keys (key_bytes=None)")
+        if isinstance(doc_ids, str):
+            raise TypeError("doc_ids must be a list of str, not a single str (wrap it in a list)")
+        return self._keys()[torch.tensor([self.index_of(d) for d in doc_ids], dtype=torch.long)]
 
     @property
     def codes(self) -> torch.Tensor:
@@ -1074,6 +1199,7 @@ class CompressedMemoryBank(_DocRowBank):
         codes: torch.Tensor,
         metadata: Sequence[dict | None] | None = None,
         on_duplicate: str = "skip",
+        keys: torch.Tensor | None = None,
     ) -> list[int]:
         """Add documents.
 
@@ -1085,16 +1211,18 @@ class CompressedMemoryBank(_DocRowBank):
                 ``"skip"`` keeps the first/stored row, ``"overwrite"`` replaces
                 codes and metadata (last occurrence wins), ``"fail"`` raises
                 ``ValueError`` naming the id.
+            keys: uint8 ``(n, key_bytes)`` compact keys, required for a bank with
+                keys (:attr:`key_bytes`), refused (``ValueError``) for one without.
 
         Returns:
             The row index written for each input document that was not
             skipped, in input order.
 
         Raises ``ValueError`` / ``TypeError`` for bad ids, dtype, shape, out-of-range
-        codes (naming the first bad value and its row) or metadata; the bank is
-        unchanged on any error.
+        codes (naming the first bad value and its row), metadata, or keys that are
+        missing, not uint8 or of another width; the bank is unchanged on any error.
         """
-        return self._extend(doc_ids, codes, metadata, on_duplicate)
+        return self._extend(doc_ids, codes, metadata, on_duplicate, keys)
 
     def append(
         self,
@@ -1102,10 +1230,11 @@ class CompressedMemoryBank(_DocRowBank):
         codes: torch.Tensor,
         metadata: dict | None = None,
         on_duplicate: str = "skip",
+        key: torch.Tensor | None = None,
     ) -> int | None:
-        """Add one document with codes ``(T,)``; see :meth:`extend`.
-        Returns its row index, or None if it was skipped as a duplicate."""
-        return self._append(doc_id, codes, metadata, on_duplicate)
+        """Add one document with codes ``(T,)`` (and its key ``(key_bytes,)`` uint8 in a bank with keys); see
+        :meth:`extend`. Returns its row index, or None if it was skipped as a duplicate."""
+        return self._append(doc_id, codes, metadata, on_duplicate, key)
 
     def _coerce_rows(self, rows: Any, doc_ids: Sequence[str]) -> torch.Tensor:
         codes = torch.as_tensor(rows).detach()
@@ -1137,10 +1266,13 @@ class CompressedMemoryBank(_DocRowBank):
         return rows.to(self._dtype)
 
     def _payload_header(self) -> dict[str, str]:
-        return {
+        header = {
             "codebook_size": str(self._codebook_size),
             "codebook_fingerprint": self._fingerprint,
         }
+        if self._key_bytes:  # absent without keys: such files are byte-for-byte what older versions wrote
+            header.update(key_bytes=str(self._key_bytes), key_fingerprint=self._key_fingerprint)
+        return header
 
     @classmethod
     def _from_header(cls, header: dict[str, str], path: str) -> "CompressedMemoryBank":
@@ -1149,8 +1281,9 @@ class CompressedMemoryBank(_DocRowBank):
         fp = header.get("codebook_fingerprint")
         if not fp:
             raise ValueError(f"{path}: header key 'codebook_fingerprint' is missing or empty")
+        key_bytes = _int_field(header, "key_bytes", path) if "key_bytes" in header else None
         try:
-            return cls(k, t, fp)
+            return cls(k, t, fp, key_bytes, header.get("key_fingerprint"))
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
@@ -1174,6 +1307,7 @@ class CompressedMemoryBank(_DocRowBank):
     def _invalidate(self) -> None:
         self._counts = None
         self._code_index = None
+        self._key_index = None
 
     def _bincount(self, codes: torch.Tensor) -> torch.Tensor:
         counts = torch.zeros(self._codebook_size, dtype=torch.long)
@@ -1224,7 +1358,9 @@ class CompressedMemoryBank(_DocRowBank):
         return (
             f"CompressedMemoryBank(N={n}, T={self._num_tokens}, K={self._codebook_size}, "
             f"dtype={str(self._dtype).replace('torch.', '')}, bytes/doc={per_doc:.1f}, "
-            f"codebook_fingerprint={self._fingerprint!r})"
+            f"codebook_fingerprint={self._fingerprint!r}"
+            + (f", key_bytes={self._key_bytes}, key_fingerprint={self._key_fingerprint!r})" if self._key_bytes
+               else ")")
         )
 
 

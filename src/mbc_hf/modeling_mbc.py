@@ -562,7 +562,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 n_cut += cut
                 memory_bank.extend([doc_ids[i] for i in rows], self.reader.encode_rows(enc, compress).cpu(),
                                    metadata=[metadata[i] for i in rows] if metadata is not None else None,
-                                   on_duplicate=on_duplicate)
+                                   on_duplicate=on_duplicate,
+                                   **self.reader.row_keys(memory_bank, [texts[i] for i in rows]))  # compact keys
         finally:
             self.train(was_training)
         if n_cut:  # once for the whole call, counting every batch
@@ -904,7 +905,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                     # address once: the sources are the documents the prefix reads
                     read = self.read_documents(batch["question_input_ids"], batch["question_attention_mask"],
                                                memory)
-                    grounded = self._grounding(batch, read, threshold)
+                    grounded = self._grounding(batch, read, threshold, memory)
                 if return_sources:
                     sources += self._sources(batch["input_ids"].shape[0], read, memory_bank, found, grounded)
                 if grounded is not None and not bool(grounded[1].all()):  # some read the empty memory instead
@@ -934,13 +935,13 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [_first_line(t) for t in texts]
 
-    def _grounding(self, batch, read, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grounding(self, batch, read, threshold: float | None, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
         """(relevance (B,) float64, grounded (B,) bool) of a batch whose questions were addressed (``read``: the
-        (scores, documents) of `read_documents`): grounded where the relevance reaches ``threshold`` (None: all)."""
-        from .addressing import relevance
-
+        (scores, documents) of `read_documents`): grounded where the relevance (the reader's: lexical, or fused with
+        the compact key) reaches ``threshold`` (None: all)."""
         weights = self.codebook.question_weights(batch["question_input_ids"], batch["question_attention_mask"])
-        rel = relevance(weights, read[0][:, 0]) if read[0].shape[1] else weights.new_zeros(weights.shape[0])
+        rel = self.reader.relevance(weights, read[0][:, 0], memory) if read[0].shape[1] \
+            else weights.new_zeros(weights.shape[0])
         grounded = torch.ones_like(rel, dtype=torch.bool) if threshold is None else rel >= threshold
         return rel.cpu(), grounded.cpu()
 

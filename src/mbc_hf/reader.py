@@ -14,10 +14,11 @@ checkpoints keep their parameter names, and keeps a reference to the model to re
 import torch
 from torch import nn
 
-from .addressing import LearnedAddressing, bank_index, top_k
+from .addressing import LearnedAddressing, bank_index, relevance, top_k
 from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
+from .compact_key import CompactKey, FusedIndex
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 from .vocabulary_codebook import VocabularyCodebook
@@ -56,7 +57,29 @@ class Reader:
     def new_compressed_bank(self) -> CompressedMemoryBank:
         self.check_trained()
         return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
-                                    self.model.codebook.fingerprint())
+                                    self.model.codebook.fingerprint(), **self.key_arguments())
+
+    def key_arguments(self) -> dict:
+        """Compact-key arguments of a new bank (`CompressedMemoryBank`'s ``key_bytes``, ``key_fingerprint``): none
+        unless the scheme stores keys."""
+        return {}
+
+    def row_keys(self, bank, texts: list[str]) -> dict:
+        """What `memorize` passes to ``bank.extend`` beside the rows of ``texts``: ``{"keys": (n, W) uint8}`` for a
+        bank with compact keys, else nothing.
+
+        Raises:
+            ValueError: the bank stores keys but this model has no key encoder (``addressing_key`` None)."""
+        if getattr(bank, "key_bytes", None):
+            raise ValueError(f"this bank stores a compact key per document ({bank.key_fingerprint}), which this model "
+                             "cannot compute (config.addressing_key is None): load the model with "
+                             "addressing_key='minilm-binary' (CLI: --addressing-key minilm-binary), or memorize into "
+                             "a bank without keys.")
+        return {}
+
+    def relevance(self, weights: torch.Tensor, best_scores: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """(B,) float64 relevance of each question's best document (abstention): `mbc_hf.addressing.relevance`."""
+        return relevance(weights, best_scores)
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         raise ValueError(f"a token memory holds vocabulary codes; this model's codebook is {self.kind!r} "
@@ -263,6 +286,9 @@ class VocabularyReader(Reader):
                                             config.code_selector, config.code_order, config.whole_words)
         model.amortization = model.question_encoder = model.aggregator = model.prefix_generator = None
         model.addressing = None  # lexical addressing over the codes: `read_documents` (mbc_hf.addressing.CodeIndex)
+        # the compact key fused with it (config.addressing_key; mbc_hf.compact_key), None: lexical alone
+        self.key = CompactKey(config.addressing_key_encoder, config.addressing_key_weight) \
+            if config.addressing_key else None
 
     def load_encoders(self, encoder, question_encoder=None) -> None:
         pass  # documents and questions are read in LM tokens: no encoder
@@ -296,6 +322,30 @@ class VocabularyReader(Reader):
             raise ValueError(f"a vocabulary-codebook model reads banks of token codes (CompressedMemoryBank), got a "
                              f"{type(bank).__name__}; build the bank with this model's memorize().")
         self.check_compressed_bank(bank)
+        if self.key is not None:
+            self.key.check_bank(bank)
+
+    def key_arguments(self) -> dict:
+        return self.key.bank_arguments() if self.key is not None else {}
+
+    def row_keys(self, bank, texts: list[str]) -> dict:
+        if self.key is None or not bank.key_bytes:  # a bank without keys (an old one) stays lexical
+            return super().row_keys(bank, texts)
+        return {"keys": self.key.document_keys(texts)}
+
+    def relevance(self, weights: torch.Tensor, best_scores: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Lexical: the share of the question's weight found in the best document; with the key on (a bank with
+        keys), the best document's fused score ``(1 - w) · lexical relevance + w · key similarity`` (in [-w, 1])."""
+        if isinstance(memory.index, FusedIndex):
+            return best_scores.double()
+        return relevance(weights, best_scores)
+
+    def question_texts_of(self, question_input_ids, question_attention_mask) -> list[str]:
+        """The question texts back from their LM tokens (`question_texts` with its leading space; the LM's
+        byte-level tokenizer decodes losslessly), for the key encoder."""
+        tok = self.model.tokenizer
+        return [tok.decode(ids[mask.bool()].tolist()).strip()
+                for ids, mask in zip(question_input_ids.cpu(), question_attention_mask.cpu())]
 
     def memory_from_bank(self, bank, aggregation: str | None) -> Memory:
         # the question reads whole documents (prefix_key_values): ``aggregation`` does not apply
@@ -305,6 +355,8 @@ class VocabularyReader(Reader):
         bank.check_codes()
         memory = self.token_memory(bank.codes.to(self.model.device).long())
         memory.index = bank_index(bank)
+        if self.key is not None and bank.key_bytes:  # the key fused with the lexical score (a bank without keys:
+            memory.index = self.key.index(bank, memory.index)  # lexical alone, as before keys existed)
         return memory
 
     def memory_from_documents(self, context_input_ids, context_attention_mask, question_doc_index=None):
@@ -329,7 +381,10 @@ class VocabularyReader(Reader):
         k = min(k or self.config.read_documents, n)
         weights = m.codebook.question_weights(question_input_ids, question_attention_mask)  # (B, V)
         if memory.index is not None and memory.mask is None:
-            scores, docs = memory.index.search(weights, k, self.config.addressing_max_postings)
+            # a FusedIndex (bank with keys, key on) also reads the questions' sentence embeddings
+            questions = (self.key.question_vectors(self.question_texts_of(question_input_ids, question_attention_mask)),
+                         ) if isinstance(memory.index, FusedIndex) else ()
+            scores, docs = memory.index.search(weights, k, self.config.addressing_max_postings, *questions)
             return scores, docs.to(question_input_ids.device)
         scores = m.codebook.score(question_input_ids, question_attention_mask, codes)  # (B, N)
         if memory.mask is not None:

@@ -134,3 +134,18 @@ def pretrain_tiny_lm(model: MBCModelForCausalLM, texts: list[str], steps: int = 
         for p in params:
             p.requires_grad_(False)
     return float(loss.detach())
+
+
+def tiny_key_encoder(folder, hidden_size: int = 384, seed: int = 0) -> str:
+    """Save a tiny random BERT sentence encoder (1 layer, width ``hidden_size``: 384 gives all-MiniLM-L6-v2's
+    48-byte keys) with its tokenizer to ``folder`` and return the folder: a stand-in for the compact key's encoder
+    (``MBCConfig(addressing_key="minilm-binary", addressing_key_encoder=folder)``), no download."""
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(True)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
