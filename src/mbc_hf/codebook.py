@@ -68,6 +68,12 @@ def kmeans_plus_plus(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[seeds].clone()
 
 
+def batch_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """Scalar exp(entropy) of one batch's (K,) code counts (at most the batch's number of vectors)."""
+    probs = counts / counts.sum()
+    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means++ seeds then ``iters`` Lloyd steps on x (n, c): returns (k, c) centroids and (k,) int64 cluster sizes.
     ``spherical``: cosine assignment and unit centroids (x unit length). A cluster that ends empty keeps its seed."""
@@ -279,11 +285,15 @@ class VectorQuantizer(nn.Module):
             loss = loss + self.entropy_weight * self.entropy_loss(x, distances=distances)
         quantized = self.project_out(x + (q - x).detach()).to(z.dtype)  # straight-through estimator
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         if self.training and not bool(self.frozen):
             self._reset_dead_codes(rearrange(x.detach(), "... c -> (...) c"), counts)
-        return VQOutput(quantized=quantized, codes=codes, loss=loss, perplexity=perplexity)
+        return VQOutput(quantized=quantized, codes=codes, loss=loss, perplexity=batch_perplexity(counts))
+
+    @torch.no_grad()
+    def _track_usage(self, counts: torch.Tensor) -> None:
+        """One training forward's (K,) code counts into the usage EMA and ``unused_steps``."""
+        self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
 
     @torch.no_grad()
     def _reset_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> None:
@@ -292,8 +302,7 @@ class VectorQuantizer(nn.Module):
         most n of them, and restart as just used (``unused_steps`` 0, EMA the mean usage, ``reset_mask``)."""
         if bool(self.ema_cluster_size.sum() > 0) and bool((self.unused_steps >= self.dead_code_steps).all()):
             self.unused_steps.zero_()  # a used codebook from a checkpoint without unused_steps: all restart as used
-        self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
-        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        self._track_usage(counts)
         dead = (self.unused_steps >= self.dead_code_steps).nonzero().flatten()
         n = min(dead.numel(), vectors.shape[0])
         if n == 0:

@@ -17,7 +17,7 @@ import hashlib
 
 import torch
 
-from .codebook import VectorQuantizer, VQOutput
+from .codebook import VectorQuantizer, VQOutput, batch_perplexity
 
 
 class LibraryVectorQuantizer(VectorQuantizer):
@@ -80,17 +80,15 @@ class LibraryVectorQuantizer(VectorQuantizer):
             before = self._library.cluster_size[0].clone()
         quantized, codes, loss = self.vq(z.float(), freeze_codebook=not update)
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         if update:
             with torch.no_grad():  # what the library re-seeded this forward: below its threshold after the EMA
                 ema = before * self.ema_decay + counts * (1 - self.ema_decay)
                 dead = (ema < self._library.threshold_ema_dead_code).nonzero().flatten()[:n]
                 self.reset_mask[dead] = True
                 self.num_resets += dead.numel()
-                self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
-                self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        return VQOutput(quantized=quantized.to(z.dtype), codes=codes, loss=loss.reshape(()), perplexity=perplexity)
+                self._track_usage(counts)
+        return VQOutput(quantized=quantized.to(z.dtype), codes=codes, loss=loss.reshape(()),
+                        perplexity=batch_perplexity(counts))
 
     def restart_optimizer_state(self, optimizer: torch.optim.Optimizer) -> int:
         """The library's codes move by EMA, not by the optimizer: nothing to restart. Clears ``reset_mask``.
