@@ -27,7 +27,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))

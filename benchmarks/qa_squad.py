@@ -10,7 +10,7 @@ order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row run
     unrelated    MBC reading a compressed bank of as many other documents (the file's last ones, none asked about):
                  is it the right documents that help, or any memory?
     dense        the same model with the VQ bypassed: uncompressed MAC-style DenseMemoryBank, dense aggregation
-    bm25         BM25 top-1 passage (rank_bm25.BM25Okapi over the stream's unique documents) in the base LM's prompt
+    bm25         BM25 top-1 passage (bm25s through `mbc_hf.text_store.TextStore` over the stream's unique documents) in the base LM's prompt
     rag          the same passage and prompt, read by the base LM with the LoRA adapter of
                  ``train_passage_reader.py`` (``--passage-reader DIR``; the fair RAG row: same budget as MBC's reader)
     gold         gold passage in the base LM's prompt (upper bound)
@@ -40,7 +40,6 @@ import math
 import multiprocessing
 import os
 import platform
-import re
 import resource
 import shlex
 import sys
@@ -91,11 +90,6 @@ COLUMNS = {  # table header -> results key
     "code bytes/doc": "code_bytes_per_doc", "id bytes/doc": "id_bytes_per_doc",
     "peak RSS MiB": "peak_rss_mib", "top-1 addressing acc": "retrieval_top1", "top-3 addressing acc": "retrieval_top3",
 }
-
-
-def tokenize_bm25(text: str) -> list[str]:
-    """Lowercased word tokens for BM25."""
-    return re.findall(r"\w+", text.lower())
 
 
 def peak_rss_mib() -> float:
@@ -202,18 +196,20 @@ def _base_lm_row(model, ds, stream, opts: dict, name: str) -> dict:
     if name == "gold":
         passages = gold
     elif name in ("bm25", "rag"):
-        import numpy as np
-        from rank_bm25 import BM25Okapi
+        from mbc_hf.text_store import TextStore
 
         start = time.perf_counter()
-        index = BM25Okapi([tokenize_bm25(text) for _, text in docs])
+        store = TextStore()  # in memory: the package's BM25 (bm25s), as hybrid reading and addressing_key.py use
+        store.add([d for d, _ in docs], [t for _, t in docs])
+        store.search(["index"], k=1)  # builds the index, so its cost is adapt time, not query time
         out["adapt_ms_per_doc"] = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
         start = time.perf_counter()
-        top3 = [np.argsort(-index.get_scores(tokenize_bm25(q)), kind="stable")[:3].tolist() for q in questions]
+        top3 = [ids for ids, _ in store.search(questions, k=3)]
         extra_ms = (time.perf_counter() - start) * 1000  # retrieval counts as query time
-        passages = [docs[t[0]][1] for t in top3]
-        out["retrieved_doc_ids"] = [docs[t[0]][0] for t in top3]
-        out.update(_accuracy([[docs[i][0] for i in t] for t in top3], ds["doc_id"]))
+        text = dict(docs)
+        passages = [text[t[0]] if t else "" for t in top3]
+        out["retrieved_doc_ids"] = [t[0] if t else None for t in top3]
+        out.update(_accuracy(top3, ds["doc_id"]))
     reader = passage_reader(opts["passage_reader"]) if name == "rag" else None  # loading is not query time
     start = time.perf_counter()
     prompts = [build(q, p) for q, p in zip(questions, passages)]
@@ -589,7 +585,7 @@ def main(argv=None) -> dict:
         "data": str(Path(a.data).resolve()), "n_docs": ref["n_docs"], "n_questions": ref["n_questions"],
         "versions": {"python": platform.python_version(), "torch": _version("torch"),
                      "transformers": _version("transformers"), "mbc-hf": _version("mbc-hf"),
-                     "rank_bm25": _version("rank_bm25") or _version("rank-bm25")},
+                     "bm25s": _version("bm25s")},
         "parent_peak_rss_mib": parent_rss, "isolation": "in-process" if a.in_process else "spawn",
         "loadavg_start": loadavg, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }

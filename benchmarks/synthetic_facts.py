@@ -7,6 +7,10 @@ questions about new entities from banks of 1, 8, 64 and 1,000 documents, all row
     memory "no_vq",   addressing "all"    VQ bypassed: MAC-style float memory (dense bank)
     memory "vocabulary", addressing "topk" the vocabulary codebook (codes are LM tokens, lexical addressing)
     memory "empty" / "closed_book"        the learned model with an empty memory / the base LM, question only
+    addressing "key"  (--key-addressing)  a learned memory reading only the document of the bank that the compact
+                                          key (``mbc_hf.compact_key``: 48-byte binary all-MiniLM-L6-v2 keys, the
+                                          asymmetric similarity of ``addressing_key``) ranks first; a diagnostic of
+                                          the learned codes with addressing that is not learned (not a package mode)
 
 A bank of n documents holds the gold document and n - 1 other test entities (the test documents in groups of n);
 ``answer_nll`` is the mean answer NLL (nats per token) with that bank. ``chance_em`` guesses each attribute
@@ -130,6 +134,41 @@ def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregati
     return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows)}
 
 
+@torch.no_grad()
+def evaluate_key_addressed(model, test, n: int, questions: int, key) -> dict:
+    """`evaluate` with addressing by the compact key: each question reads only the one document of its group of n
+    whose key is most similar to it (``mbc_hf.compact_key.similarity`` of the question's embedding and the
+    documents' 48-byte binary keys). ``key_top1`` is the share of questions whose gold document that is."""
+    from mbc_hf.compact_key import question_vectors, similarity
+
+    docs = list(dict.fromkeys(zip(test["doc_id"], test["context"])))
+    asked = {d for d, _ in docs[:max(questions, 1)]}
+    rows = [r for r in test if r["doc_id"] in asked]
+    keys = key.keys([t for _, t in docs])  # (N, 48) uint8
+    position = {d: i for i, (d, _) in enumerate(docs)}
+    found = {}  # row -> index of the document it reads
+    for g in sorted({position[d] // n for d in asked}):
+        members = [i for i, r in enumerate(rows) if position[r["doc_id"]] // n == g]
+        scores = similarity(question_vectors(key.embed([rows[i]["question"] for i in members])),
+                            keys[g * n:(g + 1) * n])  # (B, n) float64
+        found.update({i: g * n + int(j) for i, j in zip(members, scores.argmax(1))})
+    predictions, nll = [None] * len(rows), []
+    for doc in sorted(set(found.values())):
+        members = [i for i in found if found[i] == doc]
+        bank = model.memorize([docs[doc][1]], doc_ids=[docs[doc][0]])
+        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank,
+                               max_new_tokens=MAX_NEW_TOKENS)
+        for i, p in zip(members, answers):
+            predictions[i] = p
+        batch = model.encode_questions([rows[i]["question"] for i in members],
+                                       [rows[i]["answers"][0] for i in members])
+        nll.append(float(model(**batch, memory_bank=bank).qa_loss) * len(members))
+    result = score(predictions, {"answers": [r["answers"] for r in rows]})
+    top1 = sum(docs[found[i]][0] == r["doc_id"] for i, r in enumerate(rows)) / max(len(rows), 1)
+    return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows),
+            "key_top1": top1}
+
+
 def bank_size(model, docs: list[str]) -> dict:
     """Bytes one document takes in the model's bank (codes, or fp32 vectors for the float memory), and that as a
     percentage of MAC's float bank (T vectors of d fp32 per document; the paper's "0.3 %")."""
@@ -178,6 +217,10 @@ def main(argv=None) -> dict:
                    "the paper's d-dim codes)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "
                    "make the random LM a base LM first")
+    p.add_argument("--key-addressing", action="store_true", help="learned memories: also read, at each bank size "
+                   "above 1, only the document the compact key ranks first (addressing 'key')")
+    p.add_argument("--key-encoder", default="embedded", help="--key-addressing: the sentence encoder of the keys "
+                   "('embedded': all-MiniLM-L6-v2, or a local folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="outputs/synthetic")
     p.add_argument("--output")
@@ -192,6 +235,11 @@ def main(argv=None) -> dict:
     all_docs = list(dict.fromkeys(test["context"]))
     sizes = [min(int(s), a.test_entities) for s in a.bank_sizes.split(",")]
     rows, training = [], {}
+    key = None
+    if a.key_addressing:
+        from mbc_hf.compact_key import SentenceEncoder
+
+        key = SentenceEncoder.from_pretrained(a.key_encoder)
     names = a.memories.split(",")
     if a.memories == "ablation":  # the K rows other than MBC's own K (--codebook-size)
         names = [n for n in ABLATION_RUN if n.removeprefix("learned_k") != str(a.codebook_size)]
@@ -214,6 +262,13 @@ def main(argv=None) -> dict:
                                         aggregation="histogram" if model.config.use_vq else "dense"),
                              "steps": training[name]["steps"], **health})
                 print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+        if key is not None and MEMORIES[name][1]["codebook_type"] == "learned":
+            for n in sizes:
+                if n > 1:
+                    rows.append({"memory": name, "addressing": "key", "bank_docs": n,
+                                 **evaluate_key_addressed(model, test, n, a.questions_docs, key),
+                                 "steps": training[name]["steps"], **health})
+                    print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
         if name.startswith("learned") and not any(r["memory"] == "empty" for r in rows):
             rows.append({"memory": "empty", "addressing": "—", "bank_docs": 0,
                          **evaluate(model, test, 1, a.questions_docs, empty=True)})
@@ -226,7 +281,7 @@ def main(argv=None) -> dict:
     chance = chance_em(test.select([i for i, d in enumerate(test["doc_id"])
                                     if d in set(list(dict.fromkeys(test["doc_id"]))[:a.questions_docs])]))
     columns = ["memory", "addressing", "bank_docs", "em", "f1", "answer_nll", "steps", "warmup_end", "resets",
-               "distinct_codes", "bytes_per_doc", "pct_of_float_bank"]
+               "distinct_codes", "bytes_per_doc", "pct_of_float_bank"] + (["key_top1"] if key is not None else [])
     table = f"{markdown_table(rows, columns)}\n\nchance EM {chance:.2f}"
     print(f"\n{table}")
     record = {"rows": [{k: r.get(k) for k in columns} for r in rows], "chance_em": chance, "args": vars(a),

@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("rank_bm25")
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "qa_squad.py"
-RESEARCH = Path(__file__).resolve().parents[1] / "research"  # the probes (research/README.md)
 
 PARAGRAPHS = [
     ("Lakes", "Lake Baikal in Siberia is the deepest lake in the world. It holds about one fifth of the fresh "
@@ -152,37 +149,6 @@ def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path)
     assert "nll_unrelated" not in result
 
 
-def test_memory_signal_script_locates_where_the_document_stops_mattering(tmp_path):
-    """With the aggregator's attention output zeroed, the documents still differ up to the memory vectors, and
-    every later stage (modulation, prefix, answer) is identical for gold and unrelated memory."""
-    import torch
-
-    from mbc_hf.testing import tiny_mbc_model
-
-    spec = importlib.util.spec_from_file_location("memory_signal", RESEARCH / "memory_signal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
-    model = tiny_mbc_model(use_vq=False)
-    model.save_pretrained(tmp_path / "model")
-    for block in model.aggregator.blocks:
-        torch.nn.init.zeros_(block.to_out.weight)
-        torch.nn.init.zeros_(block.to_out.bias)
-    model.save_pretrained(tmp_path / "cut")
-    results = {}
-    for name in ("model", "cut"):
-        out = tmp_path / f"signal-{name}.json"
-        module.main(["--model", str(tmp_path / name), "--data", str(data), "--docs", "4", "--batch-size", "2",
-                     "--output", str(out)])
-        results[name] = json.loads(out.read_text())
-    for r in results.values():
-        assert r["context vectors"] > 0.01 and r["memory vectors"] > 0.01  # four different documents
-        assert 0 < r["prefix attention share"] < 1
-    assert results["model"]["modulation"] > 1e-4 and results["model"]["answer log-probs"] > 1e-6
-    for stage in ("modulation", "prefix keys", "prefix values", "answer log-probs"):
-        assert results["cut"][stage] < 1e-6, stage
-
-
 @pytest.mark.parametrize("distill", [0.0, 1.0], ids=["qa-only", "distillation"])
 def test_train_step_script_splits_a_step_into_its_phases(tmp_path, distill):
     spec = importlib.util.spec_from_file_location("train_step", BENCH.parent / "train_step.py")
@@ -228,115 +194,6 @@ def test_default_rows_leave_out_the_compressed_bank_for_a_model_trained_without_
     assert bench.parse_args(["--model", str(tmp_path / "vq"), "--data", data]).rows == learned
     asked = bench.parse_args(["--model", str(tmp_path / "novq"), "--data", data, "--rows", "mbc"])
     assert asked.rows == ["mbc"]  # asked for explicitly: kept, and the row itself raises its clear error
-
-
-def test_readable_memory_script_scores_every_memory_on_a_tiny_lm(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from mbc_hf.testing import tiny_lm_config, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    config = tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    spec = importlib.util.spec_from_file_location("readable_memory", RESEARCH / "readable_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
-    out = tmp_path / "readable.json"
-    module.main(["--base-model", str(tmp_path / "lm"), "--train", str(data), "--data", str(data), "--docs", "4",
-                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "2", "--kv",
-                 "--output", str(out)])
-    results = json.loads(out.read_text())
-    assert results["n_docs"] == 4
-    for kind in module.KINDS + module.KV_KINDS:
-        for quantity in ("gold NLL", "unrelated − gold", "empty − gold"):
-            assert math.isfinite(results[f"{kind}: {quantity}"]), (kind, quantity)
-            assert results["standard_error"][f"{kind}: {quantity}"] is not None  # two batches of two
-    module.main(["--base-model", str(tmp_path / "lm"), "--train", str(data), "--data", str(data), "--docs", "4",
-                 "--slots", "2", "--codebook-size", "4", "--kmeans-docs", "4", "--batch-size", "4", "--kinds", "text",
-                 "--article-pairs", "--output", str(tmp_path / "pairs.json")])
-    pairs = json.loads((tmp_path / "pairs.json").read_text())
-    assert pairs["n_docs"] == 4 and "text: unrelated − gold" not in pairs
-    assert all(math.isfinite(pairs[f"text: {name} article − gold"]) for name in ("other", "same"))
-    # what each memory holds: the document's own rarest tokens; codebook rows; real token embeddings
-    from transformers import AutoTokenizer
-
-    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
-    E = lm.get_input_embeddings().weight.detach()
-    docs = [c for _, c, _ in PARAGRAPHS]
-    memories = module.ReadableMemories(AutoTokenizer.from_pretrained(tmp_path / "lm"), E, docs, 2, 64, 4, 4)
-    own = set(memories.ids(docs[0]))
-    rare = memories.build("rare tokens", docs[0])
-    assert rare.shape == (2, E.shape[1])
-    assert all(any(torch.equal(row, E[t]) for t in own) for row in rare)
-    codes = memories.build("segment means, k-means codes", docs[0])
-    assert all(any(torch.allclose(row, c) for c in memories.vq.codebook) for row in codes)
-    typical = memories.build("codes as typical tokens", docs[2])
-    assert all(any(torch.equal(row, e) for e in E) for row in typical)
-    # the LM's own key/values: all of them read exactly like the text in context (RoPE positions continue after
-    # the document); a cut keeps BOS + T positions, and the NLL then differs
-    tok = AutoTokenizer.from_pretrained(tmp_path / "lm")
-    prompt, answer = "Question: who? Answer:", "Ada"
-    in_context = module.answer_nll(lm, tok, E, memories.build("text", docs[0]), prompt, answer)
-    full = module.kv_memory(lm, tok, memories, "key/values, all positions", docs[0])
-    assert module.kv_answer_nll(lm, tok, full, prompt, answer) == pytest.approx(in_context, abs=1e-4)
-    last = module.kv_memory(lm, tok, memories, "key/values at the last T positions", docs[0])
-    assert last[1] == full[1] and last[0][0][0].shape[2] == 1 + 2
-    assert torch.equal(last[0][0][0][:, :, 1:], full[0][0][0][:, :, -2:])  # the same entries, not recomputed
-    assert module.kv_answer_nll(lm, tok, last, prompt, answer) != pytest.approx(in_context, abs=1e-4)
-    # the per-layer codebooks see keys before RoPE: un-rotating the cached keys gives k_proj's output exactly
-    seen = []
-    hook = lm.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
-    module._document_cache.cache_clear()
-    vectors, positions, _, shape = module.KVCodebooks.slot_vectors(lm, tok, memories, docs[1])
-    hook.remove()
-    k_pre = seen[0][0, positions].unflatten(-1, (shape[1], shape[3])).flatten(1)  # (1 + T, h·d)
-    assert torch.allclose(vectors[0][:, :k_pre.shape[1]], k_pre, atol=1e-5)
-    codes = module.KVCodebooks(lm, tok, memories, docs, 4)
-    kv, offset = codes.memory(lm, tok, memories, docs[1])
-    exact, exact_offset = module.kv_memory(lm, tok, memories, "key/values at the T highest-IDF positions", docs[1])
-    assert len(kv) == len(exact) and offset == exact_offset
-    assert all(k.shape == e[0].shape and v.shape == e[1].shape for (k, v), e in zip(kv, exact))
-    assert torch.allclose(kv[0][0][:, :, :1], exact[0][0][:, :, :1], atol=1e-5)  # BOS kept exact
-
-
-def test_token_memory_reader_trains_and_scores_article_pairs_on_a_tiny_lm(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    from mbc_hf.testing import tiny_lm_config, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    config = tiny_lm_config("llama", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    data = tmp_path / "docs.paragraphs.jsonl"
-    with open(data, "w", encoding="utf-8") as f:  # 12 articles x 4 paragraphs: 576 segment means for 512 codes
-        for a in range(12):
-            for k in range(4):
-                code = f"Z{a}q{k}x{a * k + 7}"
-                context = (f"Article {a} part {k}: the keeper of lighthouse {a} stores crate {code} near dock {k}; "
-                           f"visitors from town {a + k} count {a * 3 + k} gulls every morning before the ferry.")
-                f.write(json.dumps({"paragraph_id": f"A{a}#{k}", "title": f"A{a}", "paragraph_index": k,
-                                    "context": context, "qas": [{"id": f"q{a}-{k}", "question": "Which crate?",
-                                    "answers": {"text": [code], "answer_start": [context.index(code)]}}]}) + "\n")
-    monkeypatch.syspath_prepend(str(RESEARCH))  # the script imports readable_memory from its folder
-    spec = importlib.util.spec_from_file_location("token_memory_reader", RESEARCH / "token_memory_reader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for memory in module.MEMORIES:
-        out = tmp_path / f"{memory}.json"
-        module.main(["--memory", memory, "--base-model", str(tmp_path / "lm"), "--train", str(data), "--data",
-                     str(data), "--docs", "16", "--minutes", "0.01", "--batch-size", "4", "--codebook-size", "16",
-                     "--output", str(out)])
-        evaluations = json.loads(out.read_text())["evaluations"]
-        first, last = evaluations[0], evaluations[-1]
-        assert first["questions"] == 0 and last["questions"] > 0, memory  # trained at least one batch
-        for stats in (first, last):
-            for key in ("gold", "other_article_minus_gold", "same_article_minus_gold", "empty_minus_gold"):
-                assert all(math.isfinite(x) for x in stats[key]), (memory, key)
-            assert 0 <= stats["gold_better_than_other_article"] <= 1
-
 
 
 def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
@@ -406,6 +263,53 @@ def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
     assert all(r["bytes_per_doc"] == 4 and r["pct_of_float_bank"] == 100 * 4 / (4 * 32 * 4) for r in learned)
     assert 1 < record["chance_em"] < 7
     assert all(math.isfinite(r["answer_nll"]) for r in rows if r["memory"] != "closed_book")
+
+
+class _EntityKey:
+    """A sentence encoder for the key-addressed rows whose embeddings are one-hot in the entity a text names: a
+    question's key then points at its own document (``right``) or at the next one in its group (not ``right``)."""
+
+    def __init__(self, test, right: bool):
+        self.entity = {}  # text -> index of its document
+        docs = list(dict.fromkeys(test["doc_id"]))
+        for row in test:
+            self.entity[row["context"]] = self.entity[row["question"]] = docs.index(row["doc_id"])
+        self.questions, self.right = set(test["question"]), right
+
+    def embed(self, texts):
+        out = torch.zeros(len(texts), 16)
+        for i, t in enumerate(texts):
+            j = self.entity[t]
+            out[i, j if self.right or t not in self.questions else j ^ 1] = 1.0  # j ^ 1: the other of a pair
+        return out
+
+    def keys(self, texts):
+        from mbc_hf.compact_key import binarize
+
+        return binarize(self.embed(texts))
+
+
+def test_key_addressed_rows_read_the_document_the_key_ranks_first():
+    """synthetic_facts.py --key-addressing: with a key that finds each question's document, the row equals reading
+    the gold document alone (same EM and answer NLL as bank size 1); with a key that points at the other document of
+    each pair, it reads that one (key_top1 0, another NLL)."""
+    spec = importlib.util.spec_from_file_location("synthetic_facts_bench", BENCH.parent / "synthetic_facts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from mbc_hf.data import synthetic_facts
+    from mbc_hf.factory import build
+
+    test = synthetic_facts(8, "test", 0)
+    torch.manual_seed(0)
+    model = build("tiny", "tiny-bert", max_document_length=256, codebook_type="learned",
+                  aggregation="histogram", corpus=list(test["context"]) + list(test["question"]),
+                  vocab_size=1000).eval()
+    gold = bench.evaluate(model, test, 1, 8)
+    found = bench.evaluate_key_addressed(model, test, 2, 8, _EntityKey(test, right=True))
+    assert found["key_top1"] == 1.0 and found["n_questions"] == gold["n_questions"]
+    assert found["em"] == gold["em"] and math.isclose(found["answer_nll"], gold["answer_nll"], rel_tol=1e-5)
+    wrong = bench.evaluate_key_addressed(model, test, 2, 8, _EntityKey(test, right=False))
+    assert wrong["key_top1"] == 0.0 and not math.isclose(wrong["answer_nll"], gold["answer_nll"], rel_tol=1e-5)
 
 
 def test_codes_diagnostic_scores_every_selection_against_bm25(tmp_path):

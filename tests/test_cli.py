@@ -108,7 +108,14 @@ def test_eval_retention_writes_the_curve(trained, capsys):
     assert [int(r["n_questions"]) for r in rows] == [2, 2, 2]  # the first 2 documents' questions, every time
     assert (report / "retention.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [r["n_docs"] for r in json.loads((tmp / "retention.json").read_text())["retention"]] == [2, 3, 4]
-    assert "| n_docs | n_questions | em | f1 |" in capsys.readouterr().out
+    assert "| reader | n_docs | n_questions | em | f1 |" in capsys.readouterr().out
+    main(["eval", "--model", str(out), "--data", str(data), "--retention", "--hybrid", "--retention-first", "2",
+          "--retention-step", "2", "--retention-until", "4", "--max-new-tokens", "3", "--output-dir", str(report)])
+    with open(report / "retention.csv", newline="") as f:  # --hybrid: a bank row and a hybrid row per point
+        assert [(r["reader"], int(r["n_docs"])) for r in csv.DictReader(f)] == [
+            ("bank", 2), ("hybrid", 2), ("bank", 4), ("hybrid", 4)]
+    with pytest.raises(SystemExit, match="add --retention"):
+        main(["eval", "--model", str(out), "--data", str(data), "--hybrid"])
 
 
 def test_model_trained_without_vq_keeps_float_memory_everywhere(trained, tmp_path):

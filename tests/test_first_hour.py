@@ -156,6 +156,14 @@ def test_training_without_a_terminal_logs_progress_lines(vocabulary_model, capsy
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("step 5/20 loss 2.5000") and "steps/s" in lines[0]
     assert "ends in ~" in lines[1]
+    quiet = io.StringIO()  # before the first logged loss the line says nothing of the loss (no "loss -")
+    first = ProgressLogCallback(every=5, stream=quiet)
+    state.global_step = 0
+    first.on_train_begin(args, state, None)
+    state.global_step = 5
+    first.on_step_end(args, state, None)
+    assert quiet.getvalue().startswith("step 5/20 ") and " steps/s" in quiet.getvalue()
+    assert "loss" not in quiet.getvalue()
 
 
 def test_a_timed_stop_writes_no_checkpoint_when_saving_is_off():

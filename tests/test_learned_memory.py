@@ -2,7 +2,7 @@
 
 The synthetic fact stream's entities are fictional, so only the memory can carry a new entity's favourite colour.
 The tiny LM is first pretrained to read a document in its context (`pretrain_tiny_lm` on document + question +
-answer texts: a random or documents-only LM has no circuit that copies from its context, docs/memory-experiments.md),
+answer texts: a random or documents-only LM has no circuit that copies from its context, docs/findings.md),
 then MBC trains the amortization network, the paper's K-code codebook, the aggregator, the prefix generator and
 KV-LoRA with the VQ warm-up, gated on the float memory's gain on held-out documents (`vq_warmup_gain`, capped at
 `vq_warmup_steps`). At test time each question about a new entity reads a bank that holds only integer codes
@@ -100,7 +100,7 @@ def test_learned_codes_of_a_new_entity_carry_its_answer(trained):
 
 def test_the_codebook_is_used_after_the_warm_up(trained):
     """The k-means initialisation at the end of the warm-up spreads the documents over many codes (the paper's
-    codebook without it collapsed to a few codes, docs/memory-experiments.md)."""
+    codebook without it collapsed to a few codes, docs/findings.md)."""
     model, rows, _ = trained
     codes = model.memorize([row["context"] for row in rows]).codes
     assert codes.unique().numel() >= 16

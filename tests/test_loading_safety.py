@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from mbc_hf import MBCConfig
 from mbc_hf.cli import PART_FOLDER_PREFIX, clean_stale_part_folders, load_model, main

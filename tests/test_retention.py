@@ -113,6 +113,36 @@ def test_retention_rows_csv_and_png(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["retention.csv", "retention.png"]  # no temp files
 
 
+def test_hybrid_retention_reads_a_text_store_of_the_documents_streamed_so_far(model, tmp_path):
+    """hybrid=True: each point is measured by the bank alone and with a text store that holds exactly the documents
+    streamed so far (the hybrid reader's BM25 passage can only come from them); each reader's retention is against
+    its own first F1."""
+    write_fixture(tmp_path / "dev.jsonl")
+    dataset = load_qa_file(tmp_path / "dev.jsonl")
+    seen = []
+    answer = model.answer
+
+    def recording_answer(qs, **kwargs):
+        store = kwargs.get("text_store")
+        seen.append(None if store is None else sorted(i for ids, _ in store.search(["museum"], k=N_DOCS)
+                                                      for i in ids))
+        return answer(qs, **kwargs)
+
+    model.answer = recording_answer
+    try:
+        rows = retention_curve(model, dataset, first=4, step=4, until=8, max_questions_per_doc=1,
+                               show_progress=False, hybrid=True)
+    finally:
+        del model.answer
+    assert [(r["reader"], r["n_docs"]) for r in rows] == [("bank", 4), ("hybrid", 4), ("bank", 8), ("hybrid", 8)]
+    streamed = [d for d, _ in documents(dataset)]
+    assert seen[0] is None and seen[2] is None
+    assert seen[1] == sorted(streamed[:4]) and seen[3] == sorted(streamed[:8])
+    for reader in ("bank", "hybrid"):
+        mine = [r for r in rows if r["reader"] == reader]
+        assert all(r["retention"] == pytest.approx(r["f1"] / mine[0]["f1"] * 100) for r in mine if mine[0]["f1"])
+
+
 def test_retention_until_end_of_stream_and_zero_first_f1(model, tmp_path):
     write_fixture(tmp_path / "dev.jsonl")  # every reference is UNREACHABLE: F1 is 0 everywhere
     dataset = load_qa_file(tmp_path / "dev.jsonl")

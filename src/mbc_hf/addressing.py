@@ -289,8 +289,7 @@ class LearnedAddressing(nn.Module):
     leaves the key heads for the features they read (code vectors, question latents), i.e. the share of it that
     reaches the memory path the QA loss trains too (amortization network, codebook, question encoder); the key heads
     themselves always get the full gradient. `mbc_hf.trainer.MBCTrainer` sets it at every step from
-    ``addressing_grad_ratio`` (the gradient budget; docs/memory-experiments.md, "A gradient budget for the
-    addressing loss").
+    ``addressing_grad_ratio`` (the gradient budget; docs/findings.md, "Learned top-k addressing").
 
     Args:
         dim: width of the code vectors and of the question latents (the LM's hidden size).

@@ -352,6 +352,8 @@ def cmd_eval(a) -> dict:
 
     if a.retention:
         return cmd_eval_retention(a)
+    if a.hybrid:
+        raise SystemExit("mbc-hf eval: error: --hybrid draws the hybrid reader's retention curve: add --retention")
     model = load_model(a.model)
     dataset = load_qa_file(a.data, downsample_to=a.downsample_to)
     metrics = evaluate_online(model, dataset, aggregation=a.aggregation, compress=False if a.no_compress else None,
@@ -387,7 +389,8 @@ def cmd_eval_retention(a) -> list[dict]:
     model = load_model(a.model)
     rows = retention_curve(model, dataset, first=a.retention_first, step=a.retention_step, until=until,
                            max_questions_per_doc=a.max_questions_per_doc, compress=False if a.no_compress else None,
-                           aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+                           aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                           hybrid=a.hybrid)
     csv_path, png_path = write_retention(rows, a.output_dir)
     if a.output:
         finite = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
@@ -493,6 +496,9 @@ def parser() -> argparse.ArgumentParser:
                                                                       "(0 = the whole file; default: 1600)")
     p.add_argument("--max-questions-per-doc", type=int, help="with --retention: measure at most N questions per "
                                                              "document")
+    p.add_argument("--hybrid", action="store_true", help="with --retention: also measure hybrid reading (the BM25 "
+                   "top-1 passage of the documents streamed so far in the prompt, plus the bank); a 'reader' column "
+                   "tells the curves apart")
     p.add_argument("--output-dir", help="with --retention: where retention.csv and retention.png go")
     p.set_defaults(func=cmd_eval)
 

@@ -198,7 +198,7 @@ class VectorQuantizer(nn.Module):
         (``vectors_per_step``, the last training forward's, else K), not its count over all of z (which made a
         stranded code wait ~1,000 steps for its reset, issue 35). Every code is marked in ``reset_mask``: the
         optimizer moments of the old codebook restart too. Source of the need: code collapse on CPU runs
-        (docs/memory-experiments.md).
+        (docs/findings.md).
 
         Returns:
             (K,) int64 cluster sizes.

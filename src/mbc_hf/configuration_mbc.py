@@ -109,7 +109,7 @@ class MBCConfig(PreTrainedConfig):
         addressing_dim (`int`, defaults to 64): width of the learned addressing keys.
         addressing_codes (`int`, defaults to 0): with ``aggregation="topk"``, a document's key reads only the first
             A of its T codes (0: all T), so the addressing loss shapes those codes and leaves the others to the QA
-            loss (the aggregator still reads all T); not in the paper (docs/memory-experiments.md, "Key codes").
+            loss (the aggregator still reads all T); not in the paper (docs/findings.md).
         addressing_loss_weight (`float`, defaults to 1.0): weight of the addressing loss (cross-entropy of the gold
             document among the batch's documents) with ``aggregation="topk"``.
         max_document_length (`int`, defaults to 256): encoder tokens kept per document (longer ones are truncated

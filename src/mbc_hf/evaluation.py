@@ -29,7 +29,8 @@ from .data import EmptyDocumentWarning, document_id, documents, first_questions
 from .modeling_mbc import lone_surrogate_at
 
 #: Columns of the rows returned by `retention_curve`, in the order they are written to ``retention.csv``.
-RETENTION_COLUMNS = ("n_docs", "n_questions", "em", "f1", "prefix_em", "retention", "bank_docs", "bank_bytes")
+RETENTION_COLUMNS = ("reader", "n_docs", "n_questions", "em", "f1", "prefix_em", "retention", "bank_docs",
+                     "bank_bytes")
 
 
 def peak_rss_mb() -> float:
@@ -107,7 +108,7 @@ def _select(dataset, indices: list[int]):
 def retention_curve(model, dataset, first: int = 200, step: int = 200, until: int | None = 1600,
                     max_questions_per_doc: int | None = None, compress: bool | None = None,
                     aggregation: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
-                    show_progress: bool = True) -> list[dict]:
+                    show_progress: bool = True, hybrid: bool = False) -> list[dict]:
     """MAC's forgetting measurement: F1 on the questions of the first documents while more documents stream in.
 
     The unique documents of ``dataset`` are taken in file order (`mbc_hf.data.documents`). The model memorizes the
@@ -117,6 +118,10 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
     ``until`` documents or the end of the stream (the last point is measured even when it is not a multiple of
     ``step`` past ``first``). Answering never changes the bank or the model.
 
+    With ``hybrid=True`` every measurement is taken twice: by the bank alone (``reader="bank"``) and in hybrid
+    reading (``reader="hybrid"``: `MBCModelForCausalLM.answer` with a `TextStore` that holds the full text of the
+    same documents streamed so far, whose BM25 top-1 passage goes in the prompt; issue 36's retention curve).
+
     Args:
         model: an `MBCModelForCausalLM`.
         dataset: rows with ``doc_id, context, question, answers`` (a `datasets.Dataset` from
@@ -125,12 +130,13 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
         max_questions_per_doc: cap on the measured questions per document (``None``: all of them).
         compress: ``False`` uses an uncompressed `DenseMemoryBank` (MAC-style; default: the model's setting).
         aggregation, max_new_tokens, batch_size: as in `evaluate_online`.
+        hybrid: also measure hybrid reading (above).
 
     Returns:
-        One dict per measurement, keys `RETENTION_COLUMNS`: ``n_docs`` (int, documents of the stream memorized so
+        One dict per measurement and reader, keys `RETENTION_COLUMNS`: ``reader`` ("bank" or "hybrid"), ``n_docs`` (int, documents of the stream memorized so
         far), ``n_questions`` (int, the same at every row), ``em``/``f1``/``prefix_em`` (float, percent),
-        ``retention`` (float, ``f1 / f1 of the first row * 100``, so 100.0 on the first row; NaN on every row when
-        the first F1 is 0, since the ratio is undefined), ``bank_docs`` (int, rows in the bank) and ``bank_bytes``
+        ``retention`` (float, ``f1 / f1 of the reader's first row * 100``, so 100.0 on its first row; NaN on every
+        row of a reader whose first F1 is 0, since the ratio is undefined), ``bank_docs`` (int, rows in the bank) and ``bank_bytes``
         (int, `bank.nbytes`: codes plus doc-id bytes).
 
     Raises:
@@ -157,26 +163,38 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
     questions = list(subset["question"])
 
     rows: list[dict] = []
-    bank, done = None, 0
+    bank, done, first_f1 = None, 0, {}
+    store = None
+    if hybrid:
+        from .text_store import TextStore
+
+        store = TextStore()  # in memory: the texts of the documents streamed so far
     for n in points:
         chunk = docs[done:n]
         bank = model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[i for i, _ in chunk],
                               batch_size=batch_size, compress=compress, show_progress=False)
+        if store is not None:
+            store.add([i for i, _ in chunk], [text for _, text in chunk])
         done = n
-        predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
-        scores = score(predictions, subset)
-        base = rows[0]["f1"] if rows else scores["f1"]
-        rows.append({"n_docs": n, "n_questions": len(questions), "em": scores["em"], "f1": scores["f1"],
-                     "prefix_em": scores["prefix_em"],
-                     "retention": scores["f1"] / base * 100 if base > 0 else math.nan,
-                     "bank_docs": len(bank), "bank_bytes": bank.nbytes})
+        for reader, text_store in (("bank", None), ("hybrid", store)) if hybrid else (("bank", None),):
+            predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       show_progress=show_progress, text_store=text_store)
+            scores = score(predictions, subset)
+            base = first_f1.setdefault(reader, scores["f1"])
+            rows.append({"reader": reader, "n_docs": n, "n_questions": len(questions), "em": scores["em"],
+                         "f1": scores["f1"], "prefix_em": scores["prefix_em"],
+                         "retention": scores["f1"] / base * 100 if base > 0 else math.nan,
+                         "bank_docs": len(bank), "bank_bytes": bank.nbytes})
+    if store is not None:
+        store.close()
     return rows
 
 
 def write_retention(rows: list[dict], output_dir, title: str | None = None) -> tuple[Path, Path]:
     """Write `retention_curve` rows as ``retention.csv`` (header `RETENTION_COLUMNS`, one line per row; NaN written
-    as ``nan``) and ``retention.png`` (F1 retention in percent, and F1, against documents streamed) in
+    as ``nan``) and ``retention.png`` (F1 retention in percent, solid, and F1, dashed, against documents streamed;
+    one colour per reader) in
     ``output_dir`` (created if missing). Each file is written to a temporary file and renamed into place, so a reader
     never sees a partial file. Needs matplotlib (``pip install matplotlib``; no pyplot state is touched).
 
@@ -209,19 +227,23 @@ def write_retention(rows: list[dict], output_dir, title: str | None = None) -> t
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")  # Agg canvas by default; no pyplot, no global backend
     ax = fig.subplots()
-    n_docs = [r["n_docs"] for r in rows]
-    ax.plot(n_docs, [r["retention"] for r in rows], marker="o", color="tab:blue", label="F1 retention (%)")
+    f1_axis = ax.twinx()
+    readers = list(dict.fromkeys(r["reader"] for r in rows))
+    for reader, colour in zip(readers, ("tab:blue", "tab:green", "tab:purple", "tab:red")):
+        mine = [r for r in rows if r["reader"] == reader]
+        n_docs = [r["n_docs"] for r in mine]
+        ax.plot(n_docs, [r["retention"] for r in mine], marker="o", color=colour, label=f"{reader}: retention (%)")
+        f1_axis.plot(n_docs, [r["f1"] for r in mine], marker="s", linestyle="--", color=colour,
+                     label=f"{reader}: F1")
     ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("documents streamed into the bank")
-    ax.set_ylabel("F1 retention (% of the first measurement)", color="tab:blue")
-    f1_axis = ax.twinx()
-    f1_axis.plot(n_docs, [r["f1"] for r in rows], marker="s", color="tab:orange", label="F1")
-    f1_axis.set_ylabel("F1 (%)", color="tab:orange")
+    ax.set_ylabel("F1 retention (% of the first measurement), solid")
+    f1_axis.set_ylabel("F1 (%), dashed")
     # axes from 0, so that a flat curve looks flat (auto-scaling blows a 0.1-point wobble up to the full height)
     finite = [r["retention"] for r in rows if r["retention"] == r["retention"]]
     ax.set_ylim(0, max([110.0, *finite]) * 1.05)
     f1_axis.set_ylim(0, max(1.0, *(r["f1"] for r in rows)) * 1.2)
-    handles = ax.get_lines()[:1] + f1_axis.get_lines()
+    handles = [h for h in ax.get_lines() if not h.get_label().startswith("_")] + f1_axis.get_lines()
     ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(title or f"Retention on the questions of the first {rows[0]['n_docs']} documents "
                           f"({rows[0]['n_questions']} questions)", fontsize=10)

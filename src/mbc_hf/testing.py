@@ -113,7 +113,7 @@ def pretrain_tiny_lm(model: MBCModelForCausalLM, texts: list[str], steps: int = 
     MBC assumes a pretrained LM. A random one cannot stand in for it: with width 32 and ``lm_head`` weights of std
     0.02 every logit stays within about ±0.6, so no answer can get more than a few times the uniform probability,
     whatever the memory says (the tiny synthetic-fact runs stayed at ln(vocabulary size) nats per answer token
-    until this was done; docs/memory-experiments.md).
+    until this was done; docs/findings.md).
     """
     lm, generator = model.lm, torch.Generator().manual_seed(seed)
     params = [p for name, p in lm.named_parameters() if "lora_" not in name]

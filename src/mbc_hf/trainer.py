@@ -10,7 +10,7 @@ Additions that make the memory path learnable on a small CPU budget (none is in 
 * a VQ warm-up: the memory reads the context vectors unquantized (MAC's float memory) until the float memory's gain
   against another document passes ``vq_warmup_gain`` on held-out documents (or for ``vq_warmup_steps`` steps, the
   cap), then the codebook is k-means initialised on them and the codes are read (the learned codebook carried
-  nothing without it on CPU budgets; docs/memory-experiments.md);
+  nothing without it on CPU budgets; docs/findings.md);
 * online resetting's restart of the optimizer moments of re-seeded codes (`CodebookResetCallback`), and the codebook's
   health in the logs: re-seeded codes (``codebook_resets``), the usage perplexity over time
   (``codebook_usage_perplexity``) and, at each evaluation, the distinct codes of held-out documents
@@ -86,7 +86,7 @@ class MBCTrainingArguments(TrainingArguments):
                 "network, codebook, question encoder) is scaled to at most this ratio times the other losses' "
                 "gradient norm there; the key heads keep the full weight. Costs two extra backward passes per "
                 "step. A negative value turns it off: one loss and one clipped norm, under which the addressing "
-                "gradient swamps the memory path's (docs/memory-experiments.md)."})
+                "gradient swamps the memory path's (docs/findings.md)."})
     freeze_codebook: bool = field(default=False, metadata={
         "help": "Freeze the codebook (after any k-means initialisation): no gradient, no dead-code reset."})
     encoder_state_cache_mb: float = field(default=2048, metadata={
@@ -369,9 +369,9 @@ class ProgressLogCallback(TrainerCallback):
         left = (state.max_steps - step) / rate if rate > 0 else float("inf")
         if args.max_minutes:
             left = min(left, max(0.0, self.start + args.max_minutes * 60 - now))
-        loss = f"loss {self.loss:.4f}" if self.loss is not None else "loss -"
+        loss = f" loss {self.loss:.4f}," if self.loss is not None else ""  # none before the first logging step
         end = time.strftime("%H:%M", time.localtime(now + left)) if math.isfinite(left) else "?"
-        print(f"step {step}/{state.max_steps} {loss} {rate:.2f} steps/s, {_duration(now - self.start)} elapsed, "
+        print(f"step {step}/{state.max_steps}{loss} {rate:.2f} steps/s, {_duration(now - self.start)} elapsed, "
               f"ends in ~{_duration(left)} (at {end})", file=self.stream or sys.stdout, flush=True)
 
 
@@ -610,7 +610,7 @@ class MBCTrainer(Trainer):
         ``min(1, r·|g_rest| / |g_addr|)`` (`LearnedAddressing.feature_grad_scale`). Two extra backward passes
         (``torch.autograd.grad``, graph retained); logged as ``addressing_grad_scale``. During the VQ warm-up the
         scale is 0: the float memory path learns from the QA loss alone (on SmolLM2 the addressing gradient took
-        the whole warm-up otherwise, docs/memory-experiments.md)."""
+        the whole warm-up otherwise, docs/findings.md)."""
         unwrapped = self.accelerator.unwrap_model(model)
         addressing = unwrapped.addressing
         if getattr(self, "_warming", False):  # float memory first: the addressing loss trains the key heads only

@@ -1,7 +1,7 @@
 """A codebook tied to the LM's vocabulary (``MBCConfig.codebook_type="vocabulary"``; not in the paper).
 
 MBC's learned codebook (K = 512, `VectorQuantizer`) is a clustering: on this package's CPU runs with SmolLM2-135M its
-12 codes per document carried no answer-relevant content (docs/memory-experiments.md). Here the code of a context
+12 codes per document carried no answer-relevant content (docs/findings.md). Here the code of a context
 vector is a token of the LM's vocabulary, so a code names a token the LM can read and copy:
 
     document tokens (S,)  --select: the T distinct tokens that score highest-->  codes (T,) int64 in [0, V)
