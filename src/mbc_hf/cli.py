@@ -61,6 +61,9 @@ def cmd_train(argv: list[str]) -> dict:
     train, held = split_train_eval(dataset, data_args.eval_docs)
     evaluation = load_qa_file(data_args.validation_file, downsample_to=data_args.max_eval_documents or
                               data_args.eval_docs or None) if data_args.validation_file else held
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the model is built: its random init (KV-LoRA, the MBC modules) follows --seed
     if args.resume and Path(args.output_dir, "config.json").exists():
         model = load_model(args.output_dir).train()
     elif model_args.model_name_or_path:  # a saved folder, loaded without running its code (load_model)

@@ -140,6 +140,9 @@ def _run_demo(train, dev, model_args, data_args, args, demo) -> dict:
     from .factory import model_from_args, split_train_eval
     from .trainer import MBCTrainer
 
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the model's random init follows --seed too: the short-training row repeats run to run
     model = model_from_args(model_args)
     train, held = split_train_eval(train, data_args.eval_docs)
     trainer = MBCTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
