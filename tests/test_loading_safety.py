@@ -467,6 +467,16 @@ def _children_gone(procs, timeout: float) -> list:
 
 
 @pytest.mark.slow
+def _cmdline(process) -> list[str]:
+    """A child's command line, or [] for one that has ended meanwhile (a zombie not yet reaped raises in psutil)."""
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
 def test_adapt_workers_exit_when_the_parent_is_killed(folders, tmp_path):
     """34.13: `mbc-hf adapt --num-proc 2` killed with SIGKILL shortly after it spawned its worker left the worker
     (model loaded) and multiprocessing's resource tracker alive forever, blocked on a pipe, and its part folder.
@@ -486,7 +496,7 @@ def test_adapt_workers_exit_when_the_parent_is_killed(folders, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and parent.poll() is None:
             children = psutil.Process(parent.pid).children(recursive=True)
-            if any("spawn_main" in " ".join(c.cmdline()) for c in children if c.is_running()):
+            if any("spawn_main" in " ".join(_cmdline(c)) for c in children):
                 break
             time.sleep(0.1)
         assert parent.poll() is None, "adapt ended before its worker was seen"
@@ -496,7 +506,7 @@ def test_adapt_workers_exit_when_the_parent_is_killed(folders, tmp_path):
         parent.kill()
         parent.wait(timeout=30)
         alive = _children_gone(children, timeout=30)
-        assert not alive, f"still running after the parent was killed: {[p.cmdline() for p in alive]}"
+        assert not alive, f"still running after the parent was killed: {[_cmdline(p) for p in alive]}"
     finally:
         for c in children:
             try:
