@@ -133,11 +133,12 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
         hybrid: also measure hybrid reading (above).
 
     Returns:
-        One dict per measurement and reader, keys `RETENTION_COLUMNS`: ``reader`` ("bank" or "hybrid"), ``n_docs`` (int, documents of the stream memorized so
-        far), ``n_questions`` (int, the same at every row), ``em``/``f1``/``prefix_em`` (float, percent),
-        ``retention`` (float, ``f1 / f1 of the reader's first row * 100``, so 100.0 on its first row; NaN on every
-        row of a reader whose first F1 is 0, since the ratio is undefined), ``bank_docs`` (int, rows in the bank) and ``bank_bytes``
-        (int, `bank.nbytes`: codes plus doc-id bytes).
+        One dict per measurement and reader, keys `RETENTION_COLUMNS`: ``reader`` ("bank" or "hybrid"), ``n_docs``
+        (int, documents of the stream memorized so far), ``n_questions`` (int, the same at every row),
+        ``em``/``f1``/``prefix_em`` (float, percent), ``retention`` (float, ``f1 / f1 of the reader's first row *
+        100``, so 100.0 on its first row; NaN on every row of a reader whose first F1 is 0, since the ratio is
+        undefined), ``bank_docs`` (int, rows in the bank) and ``bank_bytes`` (int, `bank.nbytes`: codes plus
+        doc-id bytes).
 
     Raises:
         ValueError: ``first``/``step``/``until``/``max_questions_per_doc`` not positive ints, ``until < first``, or
