@@ -110,19 +110,19 @@ def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
     return model.eval(), record
 
 
-@torch.no_grad()
-def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregation: str | None = None) -> dict:
-    """EM/F1/answer NLL on the questions of the first documents, each read from a bank of its group of n test
-    documents (or an empty memory), with the model's aggregation or ``aggregation``."""
+def _asked(test, questions: int) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The test documents as (doc_id, text) in stream order, and the rows of the questions of the first ones."""
     docs = list(dict.fromkeys(zip(test["doc_id"], test["context"])))
     asked = {d for d, _ in docs[:max(questions, 1)]}
-    rows = [r for r in test if r["doc_id"] in asked]
-    group = {d: i // n for i, (d, _) in enumerate(docs)}
+    return docs, [r for r in test if r["doc_id"] in asked]
+
+
+def _read(model, rows: list[dict], reads: list[tuple[list, list[int]]], aggregation: str | None = None) -> dict:
+    """EM/F1/answer NLL of ``rows``; each read of ``reads`` is (documents as (doc_id, text) pairs, row indices): those
+    questions answered together from a bank of those documents (none: an empty memory)."""
     predictions, nll = [None] * len(rows), []
-    for g in sorted({group[r["doc_id"]] for r in rows}):
-        bank = None if empty else model.memorize([t for d, t in docs if group[d] == g],
-                                                 doc_ids=[d for d, _ in docs if group[d] == g])
-        members = [i for i, r in enumerate(rows) if group[r["doc_id"]] == g]
+    for documents, members in reads:
+        bank = model.memorize([t for _, t in documents], doc_ids=[d for d, _ in documents]) if documents else None
         answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS,
                                aggregation=aggregation)
         for i, p in zip(members, answers):
@@ -135,38 +135,37 @@ def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregati
 
 
 @torch.no_grad()
+def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregation: str | None = None) -> dict:
+    """EM/F1/answer NLL on the questions of the first documents, each read from a bank of its group of n test
+    documents (or an empty memory), with the model's aggregation or ``aggregation``."""
+    docs, rows = _asked(test, questions)
+    group = {d: i // n for i, (d, _) in enumerate(docs)}
+    reads = [([] if empty else docs[g * n:(g + 1) * n], [i for i, r in enumerate(rows) if group[r["doc_id"]] == g])
+             for g in sorted({group[r["doc_id"]] for r in rows})]
+    return _read(model, rows, reads, aggregation)
+
+
+@torch.no_grad()
 def evaluate_key_addressed(model, test, n: int, questions: int, key) -> dict:
     """`evaluate` with addressing by the compact key: each question reads only the one document of its group of n
     whose key is most similar to it (``mbc_hf.compact_key.similarity`` of the question's embedding and the
     documents' 48-byte binary keys). ``key_top1`` is the share of questions whose gold document that is."""
     from mbc_hf.compact_key import question_vectors, similarity
 
-    docs = list(dict.fromkeys(zip(test["doc_id"], test["context"])))
-    asked = {d for d, _ in docs[:max(questions, 1)]}
-    rows = [r for r in test if r["doc_id"] in asked]
+    docs, rows = _asked(test, questions)
     keys = key.keys([t for _, t in docs])  # (N, 48) uint8
     position = {d: i for i, (d, _) in enumerate(docs)}
     found = {}  # row -> index of the document it reads
-    for g in sorted({position[d] // n for d in asked}):
+    for g in sorted({position[r["doc_id"]] // n for r in rows}):
         members = [i for i, r in enumerate(rows) if position[r["doc_id"]] // n == g]
         scores = similarity(question_vectors(key.embed([rows[i]["question"] for i in members])),
                             keys[g * n:(g + 1) * n])  # (B, n) float64
         found.update({i: g * n + int(j) for i, j in zip(members, scores.argmax(1))})
-    predictions, nll = [None] * len(rows), []
-    for doc in sorted(set(found.values())):
-        members = [i for i in found if found[i] == doc]
-        bank = model.memorize([docs[doc][1]], doc_ids=[docs[doc][0]])
-        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank,
-                               max_new_tokens=MAX_NEW_TOKENS)
-        for i, p in zip(members, answers):
-            predictions[i] = p
-        batch = model.encode_questions([rows[i]["question"] for i in members],
-                                       [rows[i]["answers"][0] for i in members])
-        nll.append(float(model(**batch, memory_bank=bank).qa_loss) * len(members))
-    result = score(predictions, {"answers": [r["answers"] for r in rows]})
+    by_doc = {}  # document index -> the rows that read it
+    for i in sorted(found):
+        by_doc.setdefault(found[i], []).append(i)
     top1 = sum(docs[found[i]][0] == r["doc_id"] for i, r in enumerate(rows)) / max(len(rows), 1)
-    return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows),
-            "key_top1": top1}
+    return {**_read(model, rows, [([docs[d]], members) for d, members in sorted(by_doc.items())]), "key_top1": top1}
 
 
 def bank_size(model, docs: list[str]) -> dict:
