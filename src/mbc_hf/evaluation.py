@@ -165,30 +165,32 @@ def retention_curve(model, dataset, first: int = 200, step: int = 200, until: in
 
     rows: list[dict] = []
     bank, done, first_f1 = None, 0, {}
-    store = None
+    readers = {"bank": None}  # reader -> the text store it reads beside the bank
     if hybrid:
         from .text_store import TextStore
 
-        store = TextStore()  # in memory: the texts of the documents streamed so far
-    for n in points:
-        chunk = docs[done:n]
-        bank = model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[i for i, _ in chunk],
-                              batch_size=batch_size, compress=compress, show_progress=False)
-        if store is not None:
-            store.add([i for i, _ in chunk], [text for _, text in chunk])
-        done = n
-        for reader, text_store in (("bank", None), ("hybrid", store)) if hybrid else (("bank", None),):
-            predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       show_progress=show_progress, text_store=text_store)
-            scores = score(predictions, subset)
-            base = first_f1.setdefault(reader, scores["f1"])
-            rows.append({"reader": reader, "n_docs": n, "n_questions": len(questions), "em": scores["em"],
-                         "f1": scores["f1"], "prefix_em": scores["prefix_em"],
-                         "retention": scores["f1"] / base * 100 if base > 0 else math.nan,
-                         "bank_docs": len(bank), "bank_bytes": bank.nbytes})
-    if store is not None:
-        store.close()
+        readers["hybrid"] = TextStore()  # in memory: the texts of the documents streamed so far
+    try:
+        for n in points:
+            chunk = docs[done:n]
+            bank = model.memorize([text for _, text in chunk], memory_bank=bank, doc_ids=[i for i, _ in chunk],
+                                  batch_size=batch_size, compress=compress, show_progress=False)
+            if hybrid:
+                readers["hybrid"].add([i for i, _ in chunk], [text for _, text in chunk])
+            done = n
+            for reader, text_store in readers.items():
+                predictions = model.answer(questions, memory_bank=bank, aggregation=aggregation,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           show_progress=show_progress, text_store=text_store)
+                scores = score(predictions, subset)
+                base = first_f1.setdefault(reader, scores["f1"])
+                rows.append({"reader": reader, "n_docs": n, "n_questions": len(questions), "em": scores["em"],
+                             "f1": scores["f1"], "prefix_em": scores["prefix_em"],
+                             "retention": scores["f1"] / base * 100 if base > 0 else math.nan,
+                             "bank_docs": len(bank), "bank_bytes": bank.nbytes})
+    finally:
+        if hybrid:
+            readers["hybrid"].close()
     return rows
 
 
