@@ -302,3 +302,29 @@ def test_the_collator_warns_once_per_run_about_truncated_documents():
             collate(long_rows[i:i + 2])
     messages = [str(w.message) for w in caught if "max_document_length" in str(w.message)]
     assert len(messages) == 1 and "2 of 2 in the first such batch; shown once" in messages[0]
+
+
+def test_hybrid_training_puts_the_bm25_top1_training_passage_before_each_question(tmp_path):
+    """Issue 36 item 1: a hybrid batch holds the passage BM25 ranks first among *all* training documents (a wrong one
+    when the question's words point there), none when no word matches, in answer(text_store=...)'s prompt."""
+    model = tiny_mbc_model(seed=0)
+    rows = [dict(ROWS[5], question="Is 35 the code of room 5?"), dict(ROWS[0], question="Which fact says 21?"),
+            dict(ROWS[2], question="Xyzzy plugh?")]
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=1, hybrid_passages=True),
+                         train_dataset=datasets.Dataset.from_list(ROWS))
+    batch = trainer.data_collator(rows)
+    # row 0: its own document (code 35); row 1: document 3 (code 21), not its gold one; row 2: no passage
+    expected = model.encode_questions([r["question"] for r in rows], [min(r["answers"], key=len) for r in rows],
+                                      device="cpu", contexts=[ROWS[5]["context"], ROWS[3]["context"], ""])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["labels"], expected["labels"])
+    plain = MBCDataCollator(model)(rows)
+    assert batch["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    assert torch.equal(batch["context_input_ids"], plain["context_input_ids"])  # the memory side is unchanged
+    trainer.train()  # and it trains
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_hybrid_training_without_a_training_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset"):
+        MBCTrainer(model=tiny_mbc_model(seed=0), args=args(tmp_path, hybrid_passages=True))

@@ -102,6 +102,11 @@ class MBCTrainingArguments(TrainingArguments):
         "help": "Vocabulary codebook: after the gold-only steps, each question reads the config.read_documents "
                 "documents that addressing picks from a bank of all training documents (wrong ones included), as at "
                 "test time, instead of the batch's documents."})
+    hybrid_passages: bool = field(default=False, metadata={
+        "help": "Train a hybrid reader (MAC's BM25 + memory row; issue 36): each training question also gets, before "
+                "its prompt, the BM25 top-1 passage of a text store of all training documents (wrong passages "
+                "included, as at test time), the same prompt as answer(..., text_store=store). Combine with "
+                "read_retrieved, so that the prefix holds the codes of the documents addressing picks."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
                                                                   "(EM/F1); 0 = memory gain and loss only."})
@@ -117,9 +122,14 @@ class MBCDataCollator:
     (N, S') of the N unique documents, ``question_doc_index`` (B,) int64, and, when the model's
     ``reconstruction_loss_weight`` > 0, ``reconstruction_input_ids``/``reconstruction_attention_mask`` (N, R), and
     when its ``distillation_loss_weight`` > 0 the teacher's input of `MBCModelForCausalLM.encode_in_context`.
+
+    With ``passages`` (a `mbc_hf.text_store.TextStore`; hybrid training), each question's prompt starts with the
+    store's BM25 top-1 passage for it (none when its score is 0), as `MBCModelForCausalLM.answer` with
+    ``text_store`` does at test time.
     """
 
     model: object
+    passages: object = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         doc_index, docs = {}, []
@@ -128,7 +138,12 @@ class MBCDataCollator:
                 doc_index[row["doc_id"]] = len(docs)
                 docs.append(row["context"])
         answers = [min(row["answers"], key=len) for row in rows]
-        batch = self.model.encode_questions([row["question"] for row in rows], answers, device="cpu")
+        questions = [row["question"] for row in rows]
+        contexts = None
+        if self.passages is not None:  # the rule of answer(..., text_store=...): a passage of score 0 is not used
+            contexts = [self.passages.get(ids[0]) if ids and scores[0] > 0 else ""
+                        for ids, scores in self.passages.search(questions, k=1)]
+        batch = self.model.encode_questions(questions, answers, device="cpu", contexts=contexts)
         context, n_cut = self.model._encode_documents(docs, device="cpu")
         if n_cut and not getattr(self, "_warned_truncation", False):  # once per run, not on every batch
             self._warned_truncation = True
@@ -243,6 +258,23 @@ def first_row_per_document(rows, n: int | None = None) -> list[dict]:
             seen.add(row["doc_id"])
             out.append(row)
     return out
+
+
+def training_text_store(dataset):
+    """An in-memory `mbc_hf.text_store.TextStore` of a training dataset's unique documents (rows ``doc_id``,
+    ``context``), for hybrid training (``hybrid_passages``).
+
+    Raises:
+        ValueError: no training dataset (hybrid training searches its documents)."""
+    from .text_store import TextStore
+
+    if dataset is None:
+        raise ValueError("hybrid_passages=True searches the training documents for each question's passage: pass "
+                         "train_dataset to MBCTrainer.")
+    docs = dict(zip(dataset["doc_id"], dataset["context"]))  # one text per doc id
+    store = TextStore()
+    store.add(list(docs), list(docs.values()))
+    return store
 
 
 def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
@@ -409,7 +441,13 @@ class MBCTrainer(Trainer):
 
     def __init__(self, *args, data_collator=None, **kwargs):
         model = kwargs.get("model") or (args[0] if args else None)
-        super().__init__(*args, data_collator=data_collator or MBCDataCollator(model), **kwargs)
+        training_args = kwargs.get("args") or (args[1] if len(args) > 1 else None)
+        if data_collator is None:
+            passages = None
+            if training_args is not None and training_args.hybrid_passages:
+                passages = training_text_store(kwargs.get("train_dataset"))
+            data_collator = MBCDataCollator(model, passages)
+        super().__init__(*args, data_collator=data_collator, **kwargs)
         self.add_callback(LoraWarmStartCallback())
         if self.args.max_minutes:
             self.add_callback(StopAfterMinutes(self.args.max_minutes))
