@@ -14,7 +14,7 @@ import torch
 from mbc_hf import MBCConfig
 from mbc_hf.addressing import CodeIndex, relevance, top_k
 from mbc_hf.compact_key import (KEY_BYTES, KeyIndex, SentenceEncoder, binarize, fused_scores, fused_search, hamming,
-                                question_vectors, similarity)
+                                key_search, question_vectors, similarity)
 from mbc_hf.evaluation import relevances
 from mbc_hf.memory_bank import CompressedMemoryBank
 from mbc_hf.testing import tiny_key_encoder, tiny_mbc_model
@@ -275,8 +275,11 @@ def test_bad_key_input_refused(model):
 def test_key_config_validated_in_one_place():
     with pytest.raises(ValueError, match="addressing_key='sbert'"):
         MBCConfig(codebook_type="vocabulary", addressing_key="sbert")
-    with pytest.raises(ValueError, match="codebook_type='vocabulary'"):
-        MBCConfig(addressing_key="minilm-binary")
+    with pytest.raises(ValueError, match="choose one"):  # two addressings of learned codes
+        MBCConfig(addressing_key="minilm-binary", aggregation="topk")
+    with pytest.raises(ValueError, match="relevance_threshold needs addressing"):
+        MBCConfig(relevance_threshold=0.5)  # a learned codebook without the key reads the whole bank
+    assert MBCConfig(addressing_key="minilm-binary", relevance_threshold=0.5).relevance_threshold == 0.5
     with pytest.raises(ValueError, match="addressing_key_weight"):
         MBCConfig(codebook_type="vocabulary", addressing_key="minilm-binary", addressing_key_weight=1.5)
     assert MBCConfig(codebook_type="vocabulary").addressing_key is None  # off by default
@@ -293,3 +296,60 @@ def test_key_encoder_too_wide_or_foreign_is_refused(model, encoder_dir, tmp_path
     plain.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="addressing_key='minilm-binary'"):
         plain.memorize(MORE, memory_bank=model.memorize(DOCS[:2]))
+
+
+def test_key_search_equals_brute_force():
+    _, keys, _, questions = random_bank(1500, 8, 300, seed=4)
+    index = KeyIndex()
+    index.add(keys)
+    ref_scores, ref_rows = top_k(similarity(questions, keys), 5)
+    for depth in (2, 64):  # a small depth fails the threshold test: the candidate list grows until it is exact
+        scores, rows = key_search(index, keys, questions, 5, depth=depth, exact=True)
+        assert torch.equal(rows, ref_rows) and torch.equal(scores, ref_scores)
+    scores, rows = key_search(index, keys, questions, 5, depth=1500)  # every document a candidate
+    assert torch.equal(rows, ref_rows) and torch.equal(scores, ref_scores)
+
+
+# ---- a learned codebook addressed by the key alone (issue 35: the shipped form of `synthetic_facts.py --key-...`)
+def learned_keyed_model(encoder_dir, **overrides):
+    return tiny_mbc_model(addressing_key="minilm-binary", addressing_key_encoder=encoder_dir, **overrides).eval()
+
+
+def test_learned_codebook_reads_only_the_documents_the_key_ranks_first(encoder_dir):
+    model = learned_keyed_model(encoder_dir, read_documents=2)
+    bank = model.memorize(DOCS)
+    assert bank.keys.shape == (len(DOCS), KEY_BYTES)  # the bank stores codes + keys
+    out = model.answer(QUESTIONS, memory_bank=bank, max_new_tokens=2, return_sources=True)
+    q = model.reader.key.question_vectors(QUESTIONS)
+    ref_scores, ref_rows = top_k(similarity(q, bank.keys), 2)
+    for i, row in enumerate(out):
+        assert row["grounded"] and row["sources"] == [bank.doc_ids[r] for r in ref_rows[i].tolist()]
+        assert row["scores"] == pytest.approx(ref_scores[i].tolist())
+        assert row["relevance"] == pytest.approx(float(ref_scores[i, 0]))
+    # the prefix is the one of a bank holding only the addressed documents (best first): the rest is never read
+    enc = model.encode_questions(QUESTIONS[:1])
+    prefix = model.prefix_key_values(enc["question_input_ids"], enc["question_attention_mask"],
+                                     model.memory_from_bank(bank))
+    ids = [DOCS[r] for r in ref_rows[0].tolist()]
+    alone = model.memorize(ids)
+    alone_prefix = model.prefix_key_values(enc["question_input_ids"], enc["question_attention_mask"],
+                                           model.memory_from_bank(alone))
+    whole = model.prefix_key_values(enc["question_input_ids"], enc["question_attention_mask"],
+                                    model.memory_from_bank(bank, aggregation="dense"))  # asked for: the whole bank
+    assert all(torch.allclose(a, b, atol=1e-5) for (a, _), (b, _) in zip(prefix, alone_prefix))
+    assert not all(torch.allclose(a, b, atol=1e-5) for (a, _), (b, _) in zip(prefix, whole))
+
+
+def test_learned_codebook_with_the_key_abstains_and_reads_old_banks_whole(encoder_dir):
+    model = learned_keyed_model(encoder_dir, relevance_threshold=1.0)  # no key similarity reaches 1
+    out = model.answer(QUESTIONS, memory_bank=model.memorize(DOCS), max_new_tokens=2, return_sources=True)
+    assert all(not row["grounded"] and row["sources"] == [] for row in out)
+    plain = tiny_mbc_model().eval()  # same seed, same weights, no key: its bank has no keys
+    old = plain.memorize(DOCS)
+    assert not old.key_bytes
+    keyed = learned_keyed_model(encoder_dir)
+    assert len(keyed.answer(QUESTIONS, memory_bank=old, max_new_tokens=2)) == 2  # read whole, as before keys
+    with pytest.raises(ValueError, match="no compact keys"):
+        keyed.answer(QUESTIONS, memory_bank=old, return_sources=True)
+    with pytest.raises(ValueError, match="addressing_key='minilm-binary'"):
+        plain.answer(QUESTIONS, memory_bank=old, return_sources=True)  # no addressing: the message names the fix

@@ -329,7 +329,9 @@ def cmd_ask(a) -> None:
 
     model = load_model(a.model)
     bank = load_bank(a.bank)
-    if not model.uses_vocabulary_codebook:  # no addressing: the learned codebook reads the whole bank
+    try:
+        model.reader.check_addressing()
+    except ValueError:  # no addressing to report: the aggregator of a learned codebook reads the whole bank
         for question, answer in zip(a.question, model.answer(a.question, memory_bank=bank,
                                                              max_new_tokens=a.max_new_tokens)):
             print(f"Q: {question}\nA: {answer}")

@@ -383,8 +383,62 @@ class FusedIndex:
                             max_postings)
 
 
+def key_search(keys: KeyIndex, doc_keys: torch.Tensor, questions: torch.Tensor, k: int, depth: int = FUSION_DEPTH,
+               exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k documents by key `similarity` alone (the key addressing of a learned codebook), without scoring the
+    whole bank: the top c = max(``depth``, k) documents by Hamming distance to the binarised question are scored
+    exactly and ranked; ``exact`` grows c ×4 until no document beyond the c-th Hamming distance can outscore the
+    k-th (`similarity_bound`), as `fused_search` does with the weight w = 1 and no lexical list.
+
+    Args:
+        keys: the bank's `KeyIndex`. doc_keys: (N, W) uint8 keys in its row order. questions: (B, 8·W) float64
+            `question_vectors`. k: documents per question.
+
+    Returns:
+        (similarities (B, k') float64, rows (B, k') int64), best first, ties: the earlier row; k' = min(k, N). With
+        ``exact`` (and an exact `KeyIndex`) equal to ``top_k(similarity(questions, doc_keys), k)``.
+    """
+    n = len(keys)
+    k = min(k, n)
+    query_keys = binarize(questions)
+    out_s, out_d = np.zeros((len(questions), k)), np.zeros((len(questions), k), dtype=np.int64)
+    for b in range(len(questions)):
+        c = min(max(depth, k), n)
+        while True:
+            ham, cand = keys.search(query_keys[b:b + 1], c)
+            cand = np.sort(cand[0].numpy()[cand[0].numpy() >= 0])
+            scores = similarity(questions[b:b + 1], doc_keys[torch.from_numpy(cand)])[0].numpy()
+            order = np.lexsort((cand, -scores))[:k]
+            if not exact or c >= n or len(order) < k \
+                    or scores[order[-1]] > similarity_bound(questions[b], int(ham[0, -1])):
+                break
+            c = min(4 * c, n)
+        out_s[b], out_d[b] = scores[order], cand[order]
+    return torch.from_numpy(out_s), torch.from_numpy(out_d)
+
+
+class KeyAddressing:
+    """A bank's addressing index when the key alone addresses (a learned codebook with ``addressing_key``): its
+    `KeyIndex` and keys, searched by `key_search`. Built by `CompactKey.addressing` (the `KeyIndex` is cached on the
+    bank).
+
+    Args:
+        keys: the bank's `KeyIndex`. doc_keys: (N, W) uint8 keys.
+    """
+
+    def __init__(self, keys: KeyIndex, doc_keys: torch.Tensor):
+        self.keys, self.doc_keys = keys, doc_keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def search(self, questions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) float64 `question_vectors` -> (key similarities (B, k') float64, rows (B, k') int64), best first."""
+        return key_search(self.keys, self.doc_keys, questions, k)
+
+
 class CompactKey:
-    """The compact key of a model whose config sets ``addressing_key`` (held by its `VocabularyReader`): the key
+    """The compact key of a model whose config sets ``addressing_key`` (held by its reader, `mbc_hf.reader`): the key
     encoder, loaded from ``config.addressing_key_encoder`` on first use (or set: ``reader.key.encoder = ...``),
     and the fusion weight ``config.addressing_key_weight``.
 
@@ -437,6 +491,10 @@ class CompactKey:
         """The `FusedIndex` of a bank with keys and its lexical ``BankIndex``."""
         return FusedIndex(lexical, key_index(bank), bank.codes, bank.keys, self.weight)
 
+    def addressing(self, bank) -> KeyAddressing:
+        """The `KeyAddressing` of a bank with keys (the key alone: a learned codebook has no lexical index)."""
+        return KeyAddressing(key_index(bank), bank.keys)
+
 
 def _relevance(lexical, total: float):
     """Lexical score over the question's attainable score (0 for a question without weighted tokens)."""
@@ -451,4 +509,4 @@ def _fuse(rel, key_similarity, weight: float):
 __all__ = ["KEY_KINDS", "KEY_BITS", "KEY_BYTES", "DEFAULT_FUSION_WEIGHT", "EXACT_MAX_DOCS", "SentenceEncoder",
            "KeyIndex", "binarize", "check_keys", "hamming", "question_vectors", "signs", "similarity",
            "similarity_bound", "key_index", "fused_scores",
-           "fused_search", "FusedIndex", "CompactKey"]
+           "fused_search", "FusedIndex", "key_search", "KeyAddressing", "CompactKey"]

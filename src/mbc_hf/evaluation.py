@@ -390,8 +390,9 @@ def adapt_stream(model, stream: Iterable, memory_bank=None, *, batch_size: int =
 
 def relevances(model, questions: list[str], memory_bank, batch_size: int = 64):
     """(n,) float64 numpy array: each question's relevance (`mbc_hf.addressing.relevance`; with the compact key on
-    and a bank with keys, the best document's fused score, `mbc_hf.compact_key`) to its best document of
-    ``memory_bank`` (a non-empty bank of a vocabulary-codebook model). Addressing only, no generation.
+    and a bank with keys, the best document's fused score, `mbc_hf.compact_key`; a learned codebook with the key: the
+    key similarity) to its best document of ``memory_bank`` (a non-empty bank of a model that addresses).
+    Addressing only, no generation.
 
     Raises:
         ValueError: a model without addressing, or an empty bank.
@@ -405,8 +406,8 @@ def relevances(model, questions: list[str], memory_bank, batch_size: int = 64):
     for start in range(0, len(questions), batch_size):
         q = model.encode_questions(list(questions[start:start + batch_size]))
         scores, _ = model.read_documents(q["question_input_ids"], q["question_attention_mask"], memory, k=1)
-        weights = model.codebook.question_weights(q["question_input_ids"], q["question_attention_mask"])
-        out.append(model.reader.relevance(weights, scores[:, 0], memory).cpu().numpy())
+        out.append(model.reader.relevance(q["question_input_ids"], q["question_attention_mask"], scores[:, 0],
+                                          memory).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -859,20 +859,23 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         Args:
             return_sources: return one dict per question instead: ``{"answer": str, "sources": [doc_id, ...],
                 "scores": [float, ...], "grounded": bool, "relevance": float}``, the bank documents read (best
-                first) and their addressing scores (vocabulary codebook), whether the answer read any (False for an
+                first) and their addressing scores, whether the answer read any (False for an
                 empty bank, or below ``config.relevance_threshold``: then ``sources`` and ``scores`` are empty and the
-                answer is the empty memory's), the best document's relevance (`mbc_hf.addressing.relevance`; 0.0
-                for an empty bank), plus ``"passages"`` (doc ids) with ``text_store``.
-
-        Abstention: with ``config.relevance_threshold`` set (vocabulary codebook), a question whose relevance is
-        below it reads no document: it is answered from the empty memory, with or without ``return_sources``.
+                answer is the empty memory's), the best document's relevance (`mbc_hf.addressing.relevance`, or the
+                key similarity of a learned codebook with ``addressing_key``; 0.0 for an empty bank), plus
+                ``"passages"`` (doc ids) with ``text_store``. Needs addressing: a vocabulary codebook, or a learned
+                one with ``config.addressing_key`` (and a bank memorized with keys).
             text_store: hybrid reading (MAC's BM25 + memory row; off by default): a `mbc_hf.text_store.TextStore`
                 whose BM25 top-1 passage goes in the prompt before the question, on top of the bank's prefix (when
                 its score is above 0, i.e. it shares a word with the question; otherwise no passage).
 
+        Abstention: with ``config.relevance_threshold`` set, a question whose relevance is below it reads no
+        document: it is answered from the empty memory, with or without ``return_sources``.
+
         Raises:
             ValueError: a bank built with another codebook, an unknown aggregation, empty questions,
-                ``return_sources`` without addressing (a learned codebook reads the whole bank).
+                ``return_sources`` without addressing (a learned codebook without ``addressing_key`` reads the whole
+                bank).
         """
         questions = _check_texts(questions, "questions")
         _check_batch_size(batch_size)
@@ -882,7 +885,7 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             return []
         self._warn_long_questions(questions)
         memory = self.memory_from_bank(memory_bank, aggregation)
-        threshold = self.config.relevance_threshold if self.uses_vocabulary_codebook else None
+        threshold = self.config.relevance_threshold  # (set only for a model that addresses: config checks it)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", _pad_id(self.tokenizer))
@@ -939,9 +942,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
         """(relevance (B,) float64, grounded (B,) bool) of a batch whose questions were addressed (``read``: the
         (scores, documents) of `read_documents`): grounded where the relevance (the reader's: lexical, or fused with
         the compact key) reaches ``threshold`` (None: all)."""
-        weights = self.codebook.question_weights(batch["question_input_ids"], batch["question_attention_mask"])
-        rel = self.reader.relevance(weights, read[0][:, 0], memory) if read[0].shape[1] \
-            else weights.new_zeros(weights.shape[0])
+        rel = self.reader.relevance(batch["question_input_ids"], batch["question_attention_mask"], read[0][:, 0],
+                                    memory) if read[0].shape[1] else read[0].new_zeros(read[0].shape[0])
         grounded = torch.ones_like(rel, dtype=torch.bool) if threshold is None else rel >= threshold
         return rel.cpu(), grounded.cpu()
 

@@ -2,7 +2,8 @@
 prefix key/values. One class per scheme, chosen once from ``config.codebook_type`` by `reader_for`:
 
     LearnedReader     the paper's memory (MBC §3): amortization network -> VQ codebook -> codes (N, T); question
-                      encoder + aggregator (+ learned top-k addressing) + prefix generator -> prefix key/values
+                      encoder + aggregator (+ learned top-k or compact-key addressing) + prefix generator -> prefix
+                      key/values
     VocabularyReader  codes are LM tokens chosen from the document (`VocabularyCodebook`, not in the paper); lexical
                       addressing picks the documents, whose codes the LM reads as input tokens (its own key/values)
 
@@ -18,7 +19,7 @@ from .addressing import LearnedAddressing, bank_index, relevance, top_k
 from .aggregator import Aggregator, Memory
 from .amortization import AmortizationNetwork
 from .codebook import VectorQuantizer
-from .compact_key import CompactKey, FusedIndex
+from .compact_key import CompactKey, FusedIndex, KeyAddressing
 from .memory_bank import CompressedMemoryBank, DenseMemoryBank
 from .prefix import PrefixGenerator, SoftTokenPrefix, kv_shape
 from .vocabulary_codebook import VocabularyCodebook
@@ -30,7 +31,8 @@ def slot_documents(n_docs: int, num_tokens: int, device=None) -> torch.Tensor:
 
 
 class Reader:
-    """What both schemes share: the checks of a bank of codes. Subclasses implement the methods below."""
+    """What both schemes share: the checks of a bank of codes and the compact key (``config.addressing_key``,
+    `mbc_hf.compact_key`; None when off). Subclasses implement the methods below."""
 
     kind: str  # the config's codebook_type
     # whether the encoder tokenizer is a tokenizer of its own (saved under encoder_tokenizer/) or the LM's
@@ -38,6 +40,9 @@ class Reader:
 
     def __init__(self, model):
         self.model = model
+        config = model.config
+        self.key = CompactKey(config.addressing_key_encoder, config.addressing_key_weight) \
+            if config.addressing_key else None
 
     @property
     def config(self):
@@ -59,27 +64,41 @@ class Reader:
         return CompressedMemoryBank(self.config.codebook_size, self.config.num_context_tokens,
                                     self.model.codebook.fingerprint(), **self.key_arguments())
 
+    def check_key(self, bank) -> None:
+        """Raises ValueError: a bank whose compact keys come from another key encoder."""
+        if self.key is not None:
+            self.key.check_bank(bank)
+
     def key_arguments(self) -> dict:
         """Compact-key arguments of a new bank (`CompressedMemoryBank`'s ``key_bytes``, ``key_fingerprint``): none
-        unless the scheme stores keys."""
-        return {}
+        unless the key is on."""
+        return self.key.bank_arguments() if self.key is not None else {}
 
     def row_keys(self, bank, texts: list[str]) -> dict:
         """What `memorize` passes to ``bank.extend`` beside the rows of ``texts``: ``{"keys": (n, W) uint8}`` for a
-        bank with compact keys, else nothing.
+        bank with compact keys, else nothing (a bank without keys, an old one, stays without).
 
         Raises:
             ValueError: the bank stores keys but this model has no key encoder (``addressing_key`` None)."""
-        if getattr(bank, "key_bytes", None):
+        if not getattr(bank, "key_bytes", None):
+            return {}
+        if self.key is None:
             raise ValueError(f"this bank stores a compact key per document ({bank.key_fingerprint}), which this model "
                              "cannot compute (config.addressing_key is None): load the model with "
                              "addressing_key='minilm-binary' (CLI: --addressing-key minilm-binary), or memorize into "
                              "a bank without keys.")
-        return {}
+        return {"keys": self.key.document_keys(texts)}
 
-    def relevance(self, weights: torch.Tensor, best_scores: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """(B,) float64 relevance of each question's best document (abstention): `mbc_hf.addressing.relevance`."""
-        return relevance(weights, best_scores)
+    def question_texts_of(self, question_input_ids, question_attention_mask) -> list[str]:
+        """The question texts back from their encoder tokens (`question_texts`, stripped), for the key encoder."""
+        tok = self.model.encoder_tokenizer
+        return [tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip()
+                for ids, mask in zip(question_input_ids.cpu(), question_attention_mask.cpu())]
+
+    def relevance(self, question_input_ids, question_attention_mask, best_scores: torch.Tensor,
+                  memory: Memory) -> torch.Tensor:
+        """(B,) float64 relevance of each question's best document (abstention), from its addressing score."""
+        raise NotImplementedError
 
     def token_memory(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         raise ValueError(f"a token memory holds vocabulary codes; this model's codebook is {self.kind!r} "
@@ -106,8 +125,11 @@ class Reader:
 
 class LearnedReader(Reader):
     """The paper's memory: MBC §3.2 (amortization network, VQ codebook with online reset of dead codes), §3.3
-    (question encoder, aggregator, per-layer prefix key/values for KV-LoRA), and CMT-style learned top-k addressing
-    when ``config.aggregation="topk"``."""
+    (question encoder, aggregator, per-layer prefix key/values for KV-LoRA), and, not in the paper, one of two ways
+    to address a bank: CMT-style learned top-k addressing (``config.aggregation="topk"``), or the compact key
+    (``config.addressing_key``: a bank of codes with keys; each question reads the ``config.read_documents``
+    documents whose keys are most similar to it, `mbc_hf.compact_key.key_search`). Without either, the aggregator
+    reads the whole bank."""
 
     kind = "learned"
     own_encoder_tokenizer = True
@@ -185,6 +207,7 @@ class LearnedReader(Reader):
     def check_bank(self, bank) -> None:
         if isinstance(bank, CompressedMemoryBank):
             self.check_compressed_bank(bank)
+            self.check_key(bank)
         elif not isinstance(bank, DenseMemoryBank):
             raise TypeError("memory_bank must be a CompressedMemoryBank or DenseMemoryBank, "
                             f"got {type(bank).__name__}.")
@@ -196,6 +219,12 @@ class LearnedReader(Reader):
         if bank is None or len(bank) == 0:
             return Memory(m.codebook.codebook.new_zeros(1, 0, d))
         self.check_bank(bank)
+        if requested is None and isinstance(bank, CompressedMemoryBank) and bank.key_bytes and self.key is not None:
+            bank.check_codes()  # key addressing: the codes stay codes, only the addressed documents are decoded
+            memory = Memory(m.codebook.codebook.new_zeros(1, len(bank) * self.config.num_context_tokens, 0),
+                            codes=bank.codes.reshape(1, -1).to(m.device).long())
+            memory.index = self.key.addressing(bank)
+            return memory
         if aggregation == "topk" and m.addressing is None:
             raise ValueError("aggregation='topk' needs learned addressing, which this model was not built with: "
                              "build and train it with MBCConfig(aggregation='topk') (CLI: --aggregation topk).")
@@ -231,7 +260,13 @@ class LearnedReader(Reader):
         m = self.model
         latents = m.question_encoder(question_input_ids, question_attention_mask)  # (B, T, d)
         scores = None
-        if memory.keys is not None:
+        if isinstance(memory.index, KeyAddressing):  # compact key: each question reads its k documents' codes
+            T, B = self.config.num_context_tokens, question_input_ids.shape[0]
+            if documents is None:
+                documents = self.read_documents(question_input_ids, question_attention_mask, memory)[1]
+            codes = memory.codes.reshape(-1, T)[documents.to(memory.codes.device)]  # (B, k, T)
+            memory = Memory(m.codebook.decode(codes).reshape(B, -1, m.codebook.dim))  # (B, k·T, d)
+        elif memory.keys is not None:
             B, T, n = latents.shape[0], self.config.num_context_tokens, memory.keys.shape[0]
             scores = m.addressing.scores(latents, memory.keys)  # (B, N)
             allowed = None if memory.mask is None else memory.mask.reshape(B, n, T).any(-1)
@@ -247,14 +282,37 @@ class LearnedReader(Reader):
             return generator(modulation, self.model.lm)
         return generator(modulation)
 
+    def read_documents(self, question_input_ids, question_attention_mask, memory: Memory, k=None):
+        """Compact-key addressing: (key similarities (B, k) float64, document indices (B, k) int64), best first,
+        k = ``config.read_documents`` by default.
+
+        Raises:
+            ValueError: a memory without a key index (the model has no ``addressing_key``, or the bank no keys)."""
+        if not isinstance(memory.index, KeyAddressing):
+            self.check_addressing()
+            raise ValueError("this memory has no compact keys to address by: memorize the documents with this model "
+                             "(its config sets addressing_key) into a new bank, whose rows then carry keys.")
+        k = min(k or self.config.read_documents, len(memory.index))
+        questions = self.key.question_vectors(self.question_texts_of(question_input_ids, question_attention_mask))
+        scores, docs = memory.index.search(questions, k)
+        return scores, docs.to(question_input_ids.device)
+
+    def relevance(self, question_input_ids, question_attention_mask, best_scores: torch.Tensor,
+                  memory: Memory) -> torch.Tensor:
+        """The best document's key similarity (in [-1, 1])."""
+        return best_scores.double()
+
     def check_addressing(self) -> None:
+        if self.key is not None:
+            return  # compact-key addressing reports the documents it reads
         if self.model.addressing is not None:  # aggregation="topk": it addresses, but inside the aggregator
             raise ValueError("return_sources is not supported for learned top-k addressing (aggregation='topk') yet: "
                              "this model does pick topk_documents documents per question, but inside the aggregator, "
                              "which does not report them; call answer() without return_sources, or use "
                              "codebook_type='vocabulary', whose lexical addressing reports its sources.")
         raise ValueError("return_sources needs addressing, which this model does not do (its aggregator reads the "
-                         f"whole bank, aggregation={self.config.aggregation!r}): use codebook_type='vocabulary'.")
+                         f"whole bank, aggregation={self.config.aggregation!r}): build the model with "
+                         "addressing_key='minilm-binary' (compact-key addressing), or use codebook_type='vocabulary'.")
 
     def reconstruction_loss(self, memory: Memory, input_ids, attention_mask) -> torch.Tensor:
         m = self.model
@@ -285,10 +343,9 @@ class VocabularyReader(Reader):
         model.codebook = VocabularyCodebook(config.codebook_size, config.num_context_tokens, pad_code or 0,
                                             config.code_selector, config.code_order, config.whole_words)
         model.amortization = model.question_encoder = model.aggregator = model.prefix_generator = None
-        model.addressing = None  # lexical addressing over the codes: `read_documents` (mbc_hf.addressing.CodeIndex)
-        # the compact key fused with it (config.addressing_key; mbc_hf.compact_key), None: lexical alone
-        self.key = CompactKey(config.addressing_key_encoder, config.addressing_key_weight) \
-            if config.addressing_key else None
+        # lexical addressing over the codes: `read_documents` (mbc_hf.addressing.CodeIndex), fused with the compact key
+        # when config.addressing_key is set (self.key)
+        model.addressing = None
 
     def load_encoders(self, encoder, question_encoder=None) -> None:
         pass  # documents and questions are read in LM tokens: no encoder
@@ -322,30 +379,17 @@ class VocabularyReader(Reader):
             raise ValueError(f"a vocabulary-codebook model reads banks of token codes (CompressedMemoryBank), got a "
                              f"{type(bank).__name__}; build the bank with this model's memorize().")
         self.check_compressed_bank(bank)
-        if self.key is not None:
-            self.key.check_bank(bank)
+        self.check_key(bank)
 
-    def key_arguments(self) -> dict:
-        return self.key.bank_arguments() if self.key is not None else {}
-
-    def row_keys(self, bank, texts: list[str]) -> dict:
-        if self.key is None or not bank.key_bytes:  # a bank without keys (an old one) stays lexical
-            return super().row_keys(bank, texts)
-        return {"keys": self.key.document_keys(texts)}
-
-    def relevance(self, weights: torch.Tensor, best_scores: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """Lexical: the share of the question's weight found in the best document; with the key on (a bank with
-        keys), the best document's fused score ``(1 - w) · lexical relevance + w · key similarity`` (in [-w, 1])."""
+    def relevance(self, question_input_ids, question_attention_mask, best_scores: torch.Tensor,
+                  memory: Memory) -> torch.Tensor:
+        """Lexical: the share of the question's weight found in the best document (`mbc_hf.addressing.relevance`);
+        with the key on (a bank with keys), the best document's fused score ``(1 - w) · lexical relevance + w · key
+        similarity`` (in [-w, 1])."""
         if isinstance(memory.index, FusedIndex):
             return best_scores.double()
-        return relevance(weights, best_scores)
-
-    def question_texts_of(self, question_input_ids, question_attention_mask) -> list[str]:
-        """The question texts back from their LM tokens (`question_texts` with its leading space; the LM's
-        byte-level tokenizer decodes losslessly), for the key encoder."""
-        tok = self.model.tokenizer
-        return [tok.decode(ids[mask.bool()].tolist()).strip()
-                for ids, mask in zip(question_input_ids.cpu(), question_attention_mask.cpu())]
+        return relevance(self.model.codebook.question_weights(question_input_ids, question_attention_mask),
+                         best_scores)
 
     def memory_from_bank(self, bank, aggregation: str | None) -> Memory:
         # the question reads whole documents (prefix_key_values): ``aggregation`` does not apply
