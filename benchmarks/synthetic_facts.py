@@ -7,10 +7,10 @@ questions about new entities from banks of 1, 8, 64 and 1,000 documents, all row
     memory "no_vq",   addressing "all"    VQ bypassed: MAC-style float memory (dense bank)
     memory "vocabulary", addressing "topk" the vocabulary codebook (codes are LM tokens, lexical addressing)
     memory "empty" / "closed_book"        the learned model with an empty memory / the base LM, question only
-    addressing "key"  (--key-addressing)  a learned memory reading only the document of the bank that the compact
-                                          key (``mbc_hf.compact_key``: 48-byte binary all-MiniLM-L6-v2 keys, the
-                                          asymmetric similarity of ``addressing_key``) ranks first; a diagnostic of
-                                          the learned codes with addressing that is not learned (not a package mode)
+    addressing "key"  (--key-addressing)  the learned codebook built with ``addressing_key="minilm-binary"``: the
+                                          package's compact-key addressing (`mbc_hf.compact_key.key_search`, 48-byte
+                                          binary all-MiniLM-L6-v2 keys stored beside the codes) picks the one
+                                          document of the bank each question reads
 
 A bank of n documents holds the gold document and n - 1 other test entities (the test documents in groups of n);
 ``answer_nll`` is the mean answer NLL (nats per token) with that bank. ``chance_em`` guesses each attribute
@@ -67,6 +67,13 @@ MEMORIES.update(ABLATION)
 ABLATION_RUN = ["learned", *ABLATION]
 
 
+def key_addressable(options: dict) -> bool:
+    """Whether a memory's bank can be addressed by the compact key: learned codes (a bank of codes with keys), not
+    learned top-k (its own addressing) nor the float memory (a dense bank, no keys)."""
+    return (options.get("codebook_type") == "learned" and options.get("aggregation") != "topk"
+            and options.get("use_vq", True))
+
+
 def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
     """Train one memory; returns the model (eval mode) and its training record (steps, warm-up end, resets)."""
     options = {}
@@ -78,6 +85,8 @@ def train_memory(name: str, a, train, held_out) -> tuple[object, dict]:
     if MEMORIES[name][1].get("aggregation") == "topk":
         options.update(addressing_loss_weight=a.addressing_loss_weight, addressing_codes=a.addressing_codes)
     options.update(MEMORIES[name][1])  # the memory's own settings win (the ablation's K, reset, KV-LoRA)
+    if a.key_addressing and key_addressable(options):  # memorize stores keys; rows without the key read whole banks
+        options.update(addressing_key="minilm-binary", addressing_key_encoder=a.key_encoder, read_documents=1)
     if not options.get("use_vq", True):
         options.pop("codebook_dim", None)
     if a.model == "tiny":
@@ -117,64 +126,52 @@ def _asked(test, questions: int) -> tuple[list[tuple[str, str]], list[dict]]:
     return docs, [r for r in test if r["doc_id"] in asked]
 
 
-def _read(model, rows: list[dict], reads: list[tuple[list, list[int]]], aggregation: str | None = None) -> dict:
+def _read(model, rows: list[dict], reads: list[tuple[list, list[int]]], aggregation: str | None = None,
+          addressed: bool = False) -> dict:
     """EM/F1/answer NLL of ``rows``; each read of ``reads`` is (documents as (doc_id, text) pairs, row indices): those
-    questions answered together from a bank of those documents (none: an empty memory)."""
-    predictions, nll = [None] * len(rows), []
+    questions answered together from a bank of those documents (none: an empty memory). ``addressed``: the model
+    addresses the bank itself (its compact key); ``key_top1`` is the share of questions whose first source is their
+    own document."""
+    predictions, nll, hits = [None] * len(rows), [], 0
     for documents, members in reads:
         bank = model.memorize([t for _, t in documents], doc_ids=[d for d, _ in documents]) if documents else None
-        answers = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS,
-                               aggregation=aggregation)
-        for i, p in zip(members, answers):
-            predictions[i] = p
+        out = model.answer([rows[i]["question"] for i in members], memory_bank=bank, max_new_tokens=MAX_NEW_TOKENS,
+                           aggregation=aggregation, return_sources=addressed)
+        for i, p in zip(members, out):
+            predictions[i] = p["answer"] if addressed else p
+            hits += addressed and p["sources"][:1] == [rows[i]["doc_id"]]
         batch = model.encode_questions([rows[i]["question"] for i in members], [rows[i]["answers"][0]
                                                                                 for i in members])
         nll.append(float(model(**batch, memory_bank=bank, aggregation=aggregation).qa_loss) * len(members))
     result = score(predictions, {"answers": [r["answers"] for r in rows]})
-    return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows)}
+    return {"em": result["em"], "f1": result["f1"], "answer_nll": sum(nll) / len(rows), "n_questions": len(rows),
+            **({"key_top1": hits / max(len(rows), 1)} if addressed else {})}
 
 
 @torch.no_grad()
-def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregation: str | None = None) -> dict:
+def evaluate(model, test, n: int, questions: int, empty: bool = False, aggregation: str | None = None,
+             key: bool = False) -> dict:
     """EM/F1/answer NLL on the questions of the first documents, each read from a bank of its group of n test
-    documents (or an empty memory), with the model's aggregation or ``aggregation``."""
+    documents (or an empty memory): with ``key`` (a model built with ``addressing_key``) through the package's
+    compact-key addressing, each question reading the ``read_documents`` (1) documents of the bank whose 48-byte
+    keys are most similar to it (``key_top1``: the share whose first one is its own); else the whole bank through
+    the model's aggregation, or ``aggregation``."""
     docs, rows = _asked(test, questions)
     group = {d: i // n for i, (d, _) in enumerate(docs)}
     reads = [([] if empty else docs[g * n:(g + 1) * n], [i for i, r in enumerate(rows) if group[r["doc_id"]] == g])
              for g in sorted({group[r["doc_id"]] for r in rows})]
-    return _read(model, rows, reads, aggregation)
-
-
-@torch.no_grad()
-def evaluate_key_addressed(model, test, n: int, questions: int, key) -> dict:
-    """`evaluate` with addressing by the compact key: each question reads only the one document of its group of n
-    whose key is most similar to it (``mbc_hf.compact_key.similarity`` of the question's embedding and the
-    documents' 48-byte binary keys). ``key_top1`` is the share of questions whose gold document that is."""
-    from mbc_hf.compact_key import question_vectors, similarity
-
-    docs, rows = _asked(test, questions)
-    keys = key.keys([t for _, t in docs])  # (N, 48) uint8
-    position = {d: i for i, (d, _) in enumerate(docs)}
-    found = {}  # row -> index of the document it reads
-    for g in sorted({position[r["doc_id"]] // n for r in rows}):
-        members = [i for i, r in enumerate(rows) if position[r["doc_id"]] // n == g]
-        scores = similarity(question_vectors(key.embed([rows[i]["question"] for i in members])),
-                            keys[g * n:(g + 1) * n])  # (B, n) float64
-        found.update({i: g * n + int(j) for i, j in zip(members, scores.argmax(1))})
-    by_doc = {}  # document index -> the rows that read it
-    for i in sorted(found):
-        by_doc.setdefault(found[i], []).append(i)
-    top1 = sum(docs[found[i]][0] == r["doc_id"] for i, r in enumerate(rows)) / max(len(rows), 1)
-    return {**_read(model, rows, [([docs[d]], members) for d, members in sorted(by_doc.items())]), "key_top1": top1}
+    return _read(model, rows, reads, None if key else aggregation or model.config.aggregation, addressed=key)
 
 
 def bank_size(model, docs: list[str]) -> dict:
-    """Bytes one document takes in the model's bank (codes, or fp32 vectors for the float memory), and that as a
-    percentage of MAC's float bank (T vectors of d fp32 per document; the paper's "0.3 %")."""
+    """Bytes one document takes in the model's bank (codes, plus the 48-byte compact key when the model stores one;
+    or fp32 vectors for the float memory), and that as a percentage of MAC's float bank (T vectors of d fp32 per
+    document; the paper's "0.3 %")."""
     bank = model.memorize(docs[:4])
     rows = bank.codes if hasattr(bank, "codes") else bank.vectors
+    stored = rows[0].nbytes + (getattr(bank, "key_bytes", None) or 0)
     float_bytes = model.config.num_context_tokens * model.codebook.dim * 4
-    return {"bytes_per_doc": rows[0].nbytes, "pct_of_float_bank": 100 * rows[0].nbytes / float_bytes}
+    return {"bytes_per_doc": stored, "pct_of_float_bank": 100 * stored / float_bytes}
 
 
 def main(argv=None) -> dict:
@@ -216,8 +213,9 @@ def main(argv=None) -> dict:
                    "the paper's d-dim codes)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="--model tiny: language-modelling steps that "
                    "make the random LM a base LM first")
-    p.add_argument("--key-addressing", action="store_true", help="learned memories: also read, at each bank size "
-                   "above 1, only the document the compact key ranks first (addressing 'key')")
+    p.add_argument("--key-addressing", action="store_true", help="learned codebooks (not top-k): build them with "
+                   "addressing_key='minilm-binary' and also read, at each bank size above 1, only the document the "
+                   "compact key ranks first (addressing 'key')")
     p.add_argument("--key-encoder", default="embedded", help="--key-addressing: the sentence encoder of the keys "
                    "('embedded': all-MiniLM-L6-v2, or a local folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -234,11 +232,6 @@ def main(argv=None) -> dict:
     all_docs = list(dict.fromkeys(test["context"]))
     sizes = [min(int(s), a.test_entities) for s in a.bank_sizes.split(",")]
     rows, training = [], {}
-    key = None
-    if a.key_addressing:
-        from mbc_hf.compact_key import SentenceEncoder
-
-        key = SentenceEncoder.from_pretrained(a.key_encoder)
     names = a.memories.split(",")
     if a.memories == "ablation":  # the K rows other than MBC's own K (--codebook-size)
         names = [n for n in ABLATION_RUN if n.removeprefix("learned_k") != str(a.codebook_size)]
@@ -261,11 +254,11 @@ def main(argv=None) -> dict:
                                         aggregation="histogram" if model.config.use_vq else "dense"),
                              "steps": training[name]["steps"], **health})
                 print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
-        if key is not None and MEMORIES[name][1]["codebook_type"] == "learned":
+        if model.config.addressing_key is not None:
             for n in sizes:
                 if n > 1:
                     rows.append({"memory": name, "addressing": "key", "bank_docs": n,
-                                 **evaluate_key_addressed(model, test, n, a.questions_docs, key),
+                                 **evaluate(model, test, n, a.questions_docs, key=True),
                                  "steps": training[name]["steps"], **health})
                     print(markdown_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
         if name.startswith("learned") and not any(r["memory"] == "empty" for r in rows):
@@ -280,7 +273,7 @@ def main(argv=None) -> dict:
     chance = chance_em(test.select([i for i, d in enumerate(test["doc_id"])
                                     if d in set(list(dict.fromkeys(test["doc_id"]))[:a.questions_docs])]))
     columns = ["memory", "addressing", "bank_docs", "em", "f1", "answer_nll", "steps", "warmup_end", "resets",
-               "distinct_codes", "bytes_per_doc", "pct_of_float_bank"] + (["key_top1"] if key is not None else [])
+               "distinct_codes", "bytes_per_doc", "pct_of_float_bank"] + (["key_top1"] if a.key_addressing else [])
     table = f"{markdown_table(rows, columns)}\n\nchance EM {chance:.2f}"
     print(f"\n{table}")
     record = {"rows": [{k: r.get(k) for k in columns} for r in rows], "chance_em": chance, "args": vars(a),

@@ -266,21 +266,32 @@ def test_synthetic_facts_benchmark_rows_and_keys(tmp_path):
 
 
 class _EntityKey:
-    """A sentence encoder for the key-addressed rows whose embeddings are one-hot in the entity a text names: a
-    question's key then points at its own document (``right``) or at the next one in its group (not ``right``)."""
+    """A key encoder (`mbc_hf.compact_key.SentenceEncoder`'s interface) whose embeddings are one-hot in the entity a
+    text names: a question's key then points at its own document (``right``) or at the next one in its group (not
+    ``right``). Texts are matched without case, spaces or punctuation (the reader decodes questions from tokens)."""
+
+    dim = 16
 
     def __init__(self, test, right: bool):
-        self.entity = {}  # text -> index of its document
+        self.entity = {}  # normalised text -> index of its document
         docs = list(dict.fromkeys(test["doc_id"]))
         for row in test:
-            self.entity[row["context"]] = self.entity[row["question"]] = docs.index(row["doc_id"])
-        self.questions, self.right = set(test["question"]), right
+            self.entity[self._norm(row["context"])] = docs.index(row["doc_id"])
+            self.entity[self._norm(row["question"])] = -1 - docs.index(row["doc_id"])  # a question: negative
+        self.right = right
+
+    @staticmethod
+    def _norm(text):
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    def fingerprint(self):
+        return f"entity-key-{self.right}"
 
     def embed(self, texts):
-        out = torch.zeros(len(texts), 16)
+        out = torch.zeros(len(texts), self.dim)
         for i, t in enumerate(texts):
-            j = self.entity[t]
-            out[i, j if self.right or t not in self.questions else j ^ 1] = 1.0  # j ^ 1: the other of a pair
+            j = self.entity[self._norm(t)]
+            out[i, j if j >= 0 else (-1 - j if self.right else (-1 - j) ^ 1)] = 1.0  # j ^ 1: the other of a pair
         return out
 
     def keys(self, texts):
@@ -290,9 +301,10 @@ class _EntityKey:
 
 
 def test_key_addressed_rows_read_the_document_the_key_ranks_first():
-    """synthetic_facts.py --key-addressing: with a key that finds each question's document, the row equals reading
-    the gold document alone (same EM and answer NLL as bank size 1); with a key that points at the other document of
-    each pair, it reads that one (key_top1 0, another NLL)."""
+    """synthetic_facts.py --key-addressing, through the package's compact-key addressing of learned codes: with a
+    key that finds each question's document, the row equals reading the gold document alone (same EM and answer NLL
+    as bank size 1); with a key that points at the other document of each pair, it reads that one (key_top1 0,
+    another NLL)."""
     spec = importlib.util.spec_from_file_location("synthetic_facts_bench", BENCH.parent / "synthetic_facts.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -303,13 +315,17 @@ def test_key_addressed_rows_read_the_document_the_key_ranks_first():
     torch.manual_seed(0)
     model = build("tiny", "tiny-bert", max_document_length=256, codebook_type="learned",
                   aggregation="histogram", corpus=list(test["context"]) + list(test["question"]),
-                  vocab_size=1000).eval()
+                  vocab_size=1000, addressing_key="minilm-binary").eval()
     gold = bench.evaluate(model, test, 1, 8)
-    found = bench.evaluate_key_addressed(model, test, 2, 8, _EntityKey(test, right=True))
-    assert found["key_top1"] == 1.0 and found["n_questions"] == gold["n_questions"]
-    assert found["em"] == gold["em"] and math.isclose(found["answer_nll"], gold["answer_nll"], rel_tol=1e-5)
-    wrong = bench.evaluate_key_addressed(model, test, 2, 8, _EntityKey(test, right=False))
-    assert wrong["key_top1"] == 0.0 and not math.isclose(wrong["answer_nll"], gold["answer_nll"], rel_tol=1e-5)
+    for right in (True, False):
+        model.reader.key.encoder = _EntityKey(test, right=right)
+        found = bench.evaluate(model, test, 2, 8, key=True)
+        if right:
+            assert found["key_top1"] == 1.0 and found["n_questions"] == gold["n_questions"]
+            assert found["em"] == gold["em"] and math.isclose(found["answer_nll"], gold["answer_nll"], rel_tol=1e-5)
+        else:
+            assert found["key_top1"] == 0.0 and not math.isclose(found["answer_nll"], gold["answer_nll"],
+                                                                 rel_tol=1e-5)
 
 
 def test_codes_diagnostic_scores_every_selection_against_bm25(tmp_path):
