@@ -74,6 +74,9 @@ EXACT_MAX_DOCS = 4_000_000
 IVF_LISTS, IVF_PROBES = 1024, 32
 #: Depth c of `fused_search`: documents read from each of the lexical and the key ranking.
 FUSION_DEPTH = 256
+#: Up to this many documents `KeyAddressing` (the key alone, learned codes) ranks exactly (`key_search`'s threshold
+#: test; it may score the whole bank, 3 KB of float64 a document for one question); beyond, by its candidate search.
+KEY_SEARCH_EXACT_MAX_DOCS = 16_384
 
 
 def check_keys(keys, n: int, key_bytes: int = KEY_BYTES) -> torch.Tensor:
@@ -419,8 +422,8 @@ def key_search(keys: KeyIndex, doc_keys: torch.Tensor, questions: torch.Tensor, 
 
 class KeyAddressing:
     """A bank's addressing index when the key alone addresses (a learned codebook with ``addressing_key``): its
-    `KeyIndex` and keys, searched by `key_search`. Built by `CompactKey.addressing` (the `KeyIndex` is cached on the
-    bank).
+    `KeyIndex` and keys, searched by `key_search`, exact up to `KEY_SEARCH_EXACT_MAX_DOCS` documents. Built by
+    `CompactKey.addressing` (the `KeyIndex` is cached on the bank).
 
     Args:
         keys: the bank's `KeyIndex`. doc_keys: (N, W) uint8 keys.
@@ -434,7 +437,7 @@ class KeyAddressing:
 
     def search(self, questions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) float64 `question_vectors` -> (key similarities (B, k') float64, rows (B, k') int64), best first."""
-        return key_search(self.keys, self.doc_keys, questions, k)
+        return key_search(self.keys, self.doc_keys, questions, k, exact=len(self) <= KEY_SEARCH_EXACT_MAX_DOCS)
 
 
 class CompactKey:
