@@ -14,6 +14,10 @@ order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row run
     rag          the same passage and prompt, read by the base LM with the LoRA adapter of
                  ``train_passage_reader.py`` (``--passage-reader DIR``; the fair RAG row: same budget as MBC's reader)
     gold         gold passage in the base LM's prompt (upper bound)
+    hybrid       the BM25 top-1 passage in the prompt on top of the bank's prefix, read by ``--model``'s reader
+    hybrid_trained, bank_hybrid_reader
+                 the same hybrid reading, and the bank alone, read by the reader of ``--hybrid-model DIR`` (trained
+                 with ``--hybrid-passages``: passage + addressed codes in every training batch; issue 36 item 1)
 
 Usage::
 
@@ -62,10 +66,15 @@ ROWS = {
     "bm25": "BM25 top-1 passage in context",
     "rag": "BM25 top-1 passage in context, read by a reader trained on passages (LoRA, same budget)",
     "hybrid": "hybrid: BM25 top-1 passage in the prompt + the bank (same reader)",
+    "hybrid_trained": "hybrid: BM25 top-1 passage + the bank, read by a reader trained hybrid (same budget)",
+    "bank_hybrid_reader": "MBC, compressed bank alone, read by the reader trained hybrid",
     "gold": "gold passage in context (upper bound)",
 }
 # rows that need addressing, i.e. a vocabulary codebook (a learned codebook reads the whole bank's histogram)
-VOCABULARY_ROWS = ("mbc_k1", "oracle", "bank_t12", "bank_t24", "bank_t96", "hybrid")
+VOCABULARY_ROWS = ("mbc_k1", "oracle", "bank_t12", "bank_t24", "bank_t96", "hybrid", "hybrid_trained",
+                   "bank_hybrid_reader")
+HYBRID_ROWS = ("hybrid", "hybrid_trained")  # rows with a text store beside the bank
+HYBRID_MODEL_ROWS = ("hybrid_trained", "bank_hybrid_reader")  # rows read by --hybrid-model
 PROMPT_STYLES = ("chat-short", "plain")
 TINY, EMBEDDED_UNTRAINED = "tiny", "embedded-untrained"
 
@@ -288,7 +297,7 @@ def _mbc_row(model, ds, stream, opts: dict, name: str) -> dict:
         bank = model.memorize([t for _, t in docs], doc_ids=[i for i, _ in docs], batch_size=opts["batch_size"],
                               compress=False if name == "dense" else None, show_progress=opts["progress"])
         adapt_ms = (time.perf_counter() - start) * 1000 / max(len(docs), 1)
-    if name == "hybrid":
+    if name in HYBRID_ROWS:
         start = time.perf_counter()
         store = _text_store(docs)
         adapt_ms += (time.perf_counter() - start) * 1000 / max(len(docs), 1)
@@ -327,7 +336,7 @@ def _mbc_row(model, ds, stream, opts: dict, name: str) -> dict:
     out["adapt_ms_per_doc"] = adapt_ms
     if name == "unrelated":
         out["bank_doc_ids"] = bank.doc_ids
-    if model.uses_vocabulary_codebook and bank is not None and name not in ("unrelated", "oracle", "hybrid"):
+    if model.uses_vocabulary_codebook and bank is not None and name not in ("unrelated", "oracle", *HYBRID_ROWS):
         out.update(_addressing(model, bank, ds, opts["batch_size"]))  # is the document read the gold one?
     out.update(_bank_bytes(bank))
     out["bank_type"] = type(bank).__name__ if bank is not None else None
@@ -382,7 +391,7 @@ def run_row(name: str, opts: dict) -> dict:
 
     stream = load_qa_file(opts["data"], downsample_to=opts["downsample_to"])
     ds = sample_questions(stream, opts["questions"], opts["question_seed"])
-    model = load_model(opts["model"], opts["seed"])
+    model = load_model(opts["hybrid_model"] if name in HYBRID_MODEL_ROWS else opts["model"], opts["seed"])
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -418,6 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "but dense)")
     p.add_argument("--passage-reader", help="adapter folder of train_passage_reader.py: adds the row rag (BM25 "
                    "top-1 passage read by a reader trained on passages)")
+    p.add_argument("--hybrid-model", help="a model trained with mbc-hf train --hybrid-passages: adds the rows "
+                   "hybrid_trained and bank_hybrid_reader")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="chat-short",
                    help="prompt style of the base-LM rows (closed_book, bm25, gold)")
     p.add_argument("--passage-tokens", type=int, default=350, help="truncate in-context passages to N LM tokens")
@@ -432,7 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.rows is None:
         uses_vq, vocabulary = _uses_vq(a.model), _codebook_type(a.model) == "vocabulary"
         a.rows = [r for r in ROWS if (r not in COMPRESSED_ROWS or uses_vq) and not (r == "dense" and vocabulary)
-                  and (vocabulary or r not in VOCABULARY_ROWS) and (r != "rag" or a.passage_reader)]
+                  and (vocabulary or r not in VOCABULARY_ROWS) and (r != "rag" or a.passage_reader)
+                  and (r not in HYBRID_MODEL_ROWS or a.hybrid_model)]
     else:
         a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in a.rows if r not in ROWS]
@@ -440,6 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
     if "rag" in a.rows and not a.passage_reader:
         p.error("--rows rag needs --passage-reader DIR (a folder written by benchmarks/train_passage_reader.py)")
+    if set(a.rows) & set(HYBRID_MODEL_ROWS) and not a.hybrid_model:
+        p.error("--rows hybrid_trained / bank_hybrid_reader need --hybrid-model DIR (mbc-hf train --hybrid-passages)")
     a.rows = [r for r in ROWS if r in a.rows]  # canonical order
     return a
 
@@ -547,6 +561,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault(key, value)  # inherited by the children
     opts = {"model": a.model, "data": str(a.data), "downsample_to": a.downsample_to, "questions": a.questions,
             "question_seed": a.question_seed, "prompt": a.prompt, "passage_reader": a.passage_reader,
+            "hybrid_model": a.hybrid_model,
             "passage_tokens": a.passage_tokens, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
             "threads": a.threads, "seed": a.seed, "progress": a.progress, "parent_pid": os.getpid()}
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -207,10 +207,13 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
     data = write_fixture(tmp_path / "dev.paragraphs.jsonl")
     bench = load_bench()
     assert bench.parse_args(["--model", str(tmp_path / "model"), "--data", str(data)]).rows == \
-        [r for r in bench.ROWS if r not in ("dense", "rag")]  # rag only with --passage-reader
+        [r for r in bench.ROWS if r not in ("dense", "rag", *bench.HYBRID_MODEL_ROWS)]  # those need their readers
+    with pytest.raises(SystemExit):  # the trained hybrid reader's rows name the folder they need
+        bench.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), "--rows", "hybrid_trained"])
     bench.main(["--model", str(tmp_path / "model"), "--data", str(data), "--downsample-to", "4", "--output-dir",
                 str(tmp_path / "results"), "--in-process", "--threads", "1", "--max-new-tokens", "3",
-                "--rows", "empty,mbc,mbc_k1,oracle,bank_t12,hybrid", "--questions", "5", "--question-seed", "1"])
+                "--rows", "empty,mbc,mbc_k1,oracle,bank_t12,hybrid,hybrid_trained,bank_hybrid_reader",
+                "--hybrid-model", str(tmp_path / "model"), "--questions", "5", "--question-seed", "1"])
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     rows = {r["row"]: r for r in results["rows"]}
     assert results["n_docs"] == 4 and results["n_questions"] == 5  # the bank holds the whole stream
@@ -223,6 +226,9 @@ def test_qa_squad_and_memory_gain_on_a_vocabulary_codebook_model(tmp_path):
     assert rows["mbc"]["code_bytes_per_doc"] == 2 * T and rows["bank_t12"]["code_bytes_per_doc"] == 2 * 12
     assert rows["mbc"]["id_bytes_per_doc"] > 0 and 0 <= rows["hybrid"]["retrieval_top1"] <= 1
     assert "retrieval_top1" not in rows["empty"]
+    # --hybrid-model is the same checkpoint here: its rows read as hybrid and mbc do
+    for name, same in (("hybrid_trained", "hybrid"), ("bank_hybrid_reader", "mbc")):
+        assert rows[name]["f1"] == rows[same]["f1"] and rows[name].get("retrieval_top1") == rows[same]["retrieval_top1"]
     spec = importlib.util.spec_from_file_location("memory_gain", BENCH.parent / "memory_gain.py")
     gain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gain)
