@@ -62,6 +62,8 @@ ROWS = {
     "bank_t12": "MBC, compressed bank, T=12 codes per document (same reader)",
     "bank_t24": "MBC, compressed bank, T=24 codes per document (same reader)",
     "bank_t96": "MBC, compressed bank, T=96 codes per document (same reader)",
+    "bank_t192": "MBC, compressed bank, T=192 codes per document (same reader)",
+    "mbc_key": "MBC, compressed bank + a 48-byte compact key per document (addressing fused with the key)",
     "dense": "MBC, VQ bypassed (dense MAC-style bank)",
     "bm25": "BM25 top-1 passage in context",
     "rag": "BM25 top-1 passage in context, read by a reader trained on passages (LoRA, same budget)",
@@ -71,8 +73,8 @@ ROWS = {
     "gold": "gold passage in context (upper bound)",
 }
 # rows that need addressing, i.e. a vocabulary codebook (a learned codebook reads the whole bank's histogram)
-VOCABULARY_ROWS = ("mbc_k1", "oracle", "bank_t12", "bank_t24", "bank_t96", "hybrid", "hybrid_trained",
-                   "bank_hybrid_reader")
+VOCABULARY_ROWS = ("mbc_k1", "oracle", "bank_t12", "bank_t24", "bank_t96", "bank_t192", "mbc_key", "hybrid",
+                   "hybrid_trained", "bank_hybrid_reader")
 HYBRID_ROWS = ("hybrid", "hybrid_trained")  # rows with a text store beside the bank
 HYBRID_MODEL_ROWS = ("hybrid_trained", "bank_hybrid_reader")  # rows read by --hybrid-model
 PROMPT_STYLES = ("chat-short", "plain")
@@ -96,7 +98,7 @@ CHAT_CLOSED_USER = "Question: {question}"
 COLUMNS = {  # table header -> results key
     "row": "label", "prompt": "prompt", "EM": "em", "F1": "f1", "prefix-EM": "prefix_em",
     "bank bytes/doc": "bytes_per_doc", "adapt ms/doc": "adapt_ms_per_doc", "query ms": "query_ms",
-    "code bytes/doc": "code_bytes_per_doc", "id bytes/doc": "id_bytes_per_doc",
+    "code bytes/doc": "code_bytes_per_doc", "key bytes/doc": "key_bytes_per_doc", "id bytes/doc": "id_bytes_per_doc",
     "peak RSS MiB": "peak_rss_mib", "top-1 addressing acc": "retrieval_top1", "top-3 addressing acc": "retrieval_top3",
 }
 
@@ -170,24 +172,25 @@ class PromptBuilder:
 
 
 # ----------------------------------------------------------------------------------------------------- child side
-def load_model(spec: str, seed: int = 0):
-    """``tiny`` | ``embedded-untrained`` | a saved MBC checkpoint (``AutoModelForCausalLM.from_pretrained``)."""
+def load_model(spec: str, seed: int = 0, **config):
+    """``tiny`` | ``embedded-untrained`` | a saved MBC checkpoint (``AutoModelForCausalLM.from_pretrained``), with
+    ``config`` overriding fields of its `MBCConfig` (e.g. ``addressing_key``)."""
     import torch
 
     torch.manual_seed(seed)  # untrained MBC modules get the same weights in every child
     if spec == TINY:
         from mbc_hf.testing import tiny_mbc_model
 
-        model = tiny_mbc_model(seed=seed)
+        model = tiny_mbc_model(seed=seed, **config)
     elif spec == EMBEDDED_UNTRAINED:
         from mbc_hf.factory import build_model
 
-        model = build_model(freeze_encoders=True)
+        model = build_model(freeze_encoders=True, **config)
     else:
         import mbc_hf  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, **config)
     return model.eval()
 
 
@@ -265,13 +268,16 @@ def _accuracy(ranked: list[list[str]], gold: list[str]) -> dict:
 
 
 def _bank_bytes(bank) -> dict:
-    """Bytes per document of a bank: all (``nbytes``), of its codes (or vectors), and of its doc ids."""
+    """Bytes per document of a bank: all (``nbytes``), of its codes (or vectors), of its compact keys, and of its
+    doc ids."""
     if bank is None or not len(bank):
-        return {"bytes_per_doc": 0.0, "code_bytes_per_doc": 0.0, "id_bytes_per_doc": 0.0, "bank_bytes": 0}
+        return {"bytes_per_doc": 0.0, "code_bytes_per_doc": 0.0, "key_bytes_per_doc": 0, "id_bytes_per_doc": 0.0,
+                "bank_bytes": 0}
     rows = bank.codes if hasattr(bank, "codes") else bank.vectors
     code = rows.numel() * rows.element_size() / len(bank)
-    return {"bytes_per_doc": bank.nbytes / len(bank), "code_bytes_per_doc": code,
-            "id_bytes_per_doc": bank.nbytes / len(bank) - code, "bank_bytes": bank.nbytes}
+    key = getattr(bank, "key_bytes", None) or 0
+    return {"bytes_per_doc": bank.nbytes / len(bank), "code_bytes_per_doc": code, "key_bytes_per_doc": key,
+            "id_bytes_per_doc": bank.nbytes / len(bank) - code - key, "bank_bytes": bank.nbytes}
 
 
 def _mbc_row(model, ds, stream, opts: dict, name: str) -> dict:
@@ -391,7 +397,8 @@ def run_row(name: str, opts: dict) -> dict:
 
     stream = load_qa_file(opts["data"], downsample_to=opts["downsample_to"])
     ds = sample_questions(stream, opts["questions"], opts["question_seed"])
-    model = load_model(opts["hybrid_model"] if name in HYBRID_MODEL_ROWS else opts["model"], opts["seed"])
+    model = load_model(opts["hybrid_model"] if name in HYBRID_MODEL_ROWS else opts["model"], opts["seed"],
+                       **({"addressing_key": "minilm-binary"} if name == "mbc_key" else {}))
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
