@@ -412,3 +412,30 @@ def test_rag_row_reads_the_bm25_passage_with_the_trained_passage_reader(tmp_path
     check_row(rows["rag"])
     for key in ("retrieval_top1", "retrieval_top3", "example_prompt", "bytes_per_doc"):
         assert rows["rag"][key] == rows["bm25"][key], key  # the same passages in the same prompt
+
+
+def test_bytes_quality_points_and_plot(tmp_path):
+    """benchmarks/bytes_quality.py: content bytes leave doc ids out, a hybrid point adds the text's bytes to the
+    codes', the LM codec's point is its bits per byte times the text's bytes at RAG's F1; the plot is written, and
+    results of another stream are refused."""
+    spec = importlib.util.spec_from_file_location("bytes_quality", BENCH.parent / "bytes_quality.py")
+    bq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bq)
+    rows = [{"row": "mbc", "f1": 24.0, "bytes_per_doc": 113.0, "code_bytes_per_doc": 96.0},
+            {"row": "mbc_key", "f1": 25.0, "bytes_per_doc": 161.0, "code_bytes_per_doc": 96.0, "key_bytes_per_doc": 48},
+            {"row": "rag", "f1": 46.0, "bytes_per_doc": 800.0},
+            {"row": "hybrid_trained", "f1": 47.0, "bytes_per_doc": 113.0, "code_bytes_per_doc": 96.0},
+            {"row": "empty", "f1": 8.0, "bytes_per_doc": 0.0}]
+    res = {"rows": rows, "n_docs": 10, "n_questions": 5, "args": {"question_seed": 0}, "data": "dev.jsonl"}
+    codec = {"summary": {"record_bytes_per_doc": 90.0, "utf8_bytes_per_doc": 600.0}}
+    pts = {p["label"]: p for p in bq.points([res], codec)}
+    assert pts["T = 48 (default)"]["bytes"] == 96 and pts["T = 48 + 48-byte key"]["bytes"] == 144
+    assert pts["hybrid, reader trained hybrid"]["bytes"] == 96 + 800
+    codec_point = next(p for p in pts.values() if p["family"] == "LM codec")
+    assert codec_point["bytes"] == pytest.approx(90 * 8 / 600 * 800 / 8) and codec_point["f1"] == 46.0
+    (tmp_path / "a.json").write_text(json.dumps(res))
+    bq.main(["--results", str(tmp_path / "a.json"), "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "bytes_quality.png").stat().st_size > 1000
+    (tmp_path / "b.json").write_text(json.dumps({**res, "n_questions": 6}))
+    with pytest.raises(SystemExit, match="different streams"):
+        bq.main(["--results", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--output-dir", str(tmp_path)])
