@@ -81,6 +81,32 @@ def test_adapt_appends_and_ask_answers(trained, capsys):
     assert "Q: Where is the red door?" in printed and "A:" in printed
 
 
+def test_adapt_with_the_compact_key_and_ask_with_its_sources(trained, capsys):
+    """--addressing-key: adapt stores the 48-byte key of every document beside its codes (also through --num-proc
+    workers, on a bank that has keys without the flag), and ask on a learned codebook then reports the document the
+    key ranks first (without the key it reads the whole bank and reports none)."""
+    from mbc_hf.compact_key import SentenceEncoder
+
+    tmp, out = trained
+    docs, bank = tmp / "keyed.txt", tmp / "keyed.safetensors"
+    texts = ["The red door is in Rome.", "A violin concerto was played in Vienna."]
+    docs.write_text("\n".join(texts) + "\n")
+    main(["adapt", "--model", str(out), "--documents", str(docs), "--bank", str(bank), "--addressing-key",
+          "minilm-binary"])
+    more = ["The green door is in Lima.", "Snow fell on the northern mountains.", "Bread is baked at dawn."]
+    docs.write_text("\n".join(texts + more) + "\n")
+    main(["adapt", "--model", str(out), "--documents", str(docs), "--bank", str(bank), "--num-proc", "2"])
+    stored = load_bank(bank)
+    assert len(stored) == 5 and stored.key_bytes == 48
+    expected = SentenceEncoder.from_pretrained("embedded").keys(texts + more)
+    assert torch.equal(stored.keys, expected)  # rows in file order, keys of the worker's part included
+    capsys.readouterr()
+    main(["ask", "--model", str(out), "--bank", str(bank), "--max-new-tokens", "2", "Who played a violin concerto?"])
+    printed = capsys.readouterr().out
+    first_source = printed.split("sources:")[1].split('")')[0]  # read: one document, the best key first
+    assert "keyed.txt:2" in first_source
+
+
 def test_two_adapt_runs_on_one_bank_keep_both_writers_documents(trained, capsys):
     """adapt holds <bank>.lock from load to save: a run that starts while another writer holds the lock waits,
     then appends to what that writer saved (without the lock the last save would drop the other's documents)."""

@@ -102,6 +102,14 @@ def remove_empty_output_dir(output_dir: str, existed: bool) -> bool:
     return True
 
 
+def key_config(addressing_key: str | None, bank) -> dict:
+    """The `MBCConfig` override of ``--addressing-key``: the key on when asked for, or when the bank already stores
+    keys (a bank adapted with ``--addressing-key`` keeps them, and `ask` fuses them into addressing); else none."""
+    if addressing_key or getattr(bank, "key_bytes", None):
+        return {"addressing_key": addressing_key or "minilm-binary"}
+    return {}
+
+
 def cmd_adapt(a) -> None:
     """Append documents to a bank file. The load-memorize-save runs under ``<bank>.lock`` (`filelock`), so two
     ``mbc-hf adapt`` runs on one bank take turns and the second appends to what the first saved, instead of both
@@ -121,7 +129,6 @@ def cmd_adapt(a) -> None:
     from .memory_bank import bank_lock, load_bank
 
     clean_stale_part_folders()
-    model = load_model(a.model)
     lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
     try:
         lock.acquire(timeout=0)
@@ -130,11 +137,13 @@ def cmd_adapt(a) -> None:
         lock.acquire()
     try:
         bank = load_bank(a.bank) if Path(a.bank).exists() else None
+        config = key_config(a.addressing_key, bank)
+        model = load_model(a.model, **config)
         before = len(bank) if bank is not None else 0
         start = time.perf_counter()
         try:
             if a.num_proc > 1:
-                bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size, metadata)
+                bank = adapt_in_processes(a.model, model, docs, bank, a.num_proc, a.batch_size, metadata, config)
                 bank.save(a.bank)
             else:
                 bank = adapt_stream(_WithMetadata(model, metadata), docs, bank, batch_size=a.batch_size,
@@ -214,17 +223,17 @@ def clean_stale_part_folders(tmp_dir: str | None = None) -> list[str]:
 
 
 def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int, threads: int, out: str,
-                   metadata: list[dict | None] | None = None) -> None:
+                   metadata: list[dict | None] | None = None, config: dict | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    bank = load_model(model_path).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], metadata=metadata,
+    bank = load_model(model_path, **(config or {})).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], metadata=metadata,
                                            batch_size=batch_size)
     bank.save(out)
 
 
 def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank, num_proc: int, batch_size: int,
-                       metadata: dict[str, dict] | None = None):
+                       metadata: dict[str, dict] | None = None, config: dict | None = None):
     """`mbc-hf adapt --num-proc N`: the documents not yet in ``bank`` are split into N contiguous parts; this
     process memorizes the first with ``model`` while N - 1 spawned processes (each loading the model from
     ``model_path``) memorize the others into their own bank files; the parts are then appended in order, so the
@@ -265,7 +274,7 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
                                  initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             outs = [os.path.join(tmp, f"part{i}.safetensors") for i in range(1, len(parts))]
             meta = lambda part: [metadata.get(d) for d, _ in part] if metadata else None  # noqa: E731
-            futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out, meta(part))
+            futures = [pool.submit(_memorize_part, model_path, part, batch_size, threads, out, meta(part), config)
                        for part, out in zip(parts[1:], outs)]
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
@@ -285,11 +294,10 @@ def adapt_in_processes(model_path: str, model, docs: list[tuple[str, str]], bank
                 raise CommandError(f"a worker process could not write its part bank in {tmp}: {_one_line(exc)} (is "
                                    "the disk of the temp folder full? set TMPDIR to a folder with space); nothing was "
                                    "added to the bank.") from exc
-            bank.extend(first.doc_ids, first.codes, first.metadata, on_duplicate="fail")
-            for out in outs:
-                part = load_bank(out)
+            for part in [first, *map(load_bank, outs)]:
                 part.check_codebook(bank.codebook_fingerprint)
-                bank.extend(part.doc_ids, part.codes, part.metadata, on_duplicate="fail")
+                keys = {"keys": part.keys} if bank.key_bytes else {}  # (the workers' model has the key too)
+                bank.extend(part.doc_ids, part.codes, part.metadata, on_duplicate="fail", **keys)
     finally:
         owner.release()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,8 +335,8 @@ class _WithMetadata:
 def cmd_ask(a) -> None:
     from .memory_bank import load_bank
 
-    model = load_model(a.model)
     bank = load_bank(a.bank)
+    model = load_model(a.model, **key_config(a.addressing_key, bank))
     try:
         model.reader.check_addressing()
     except ValueError:  # no addressing to report: the aggregator of a learned codebook reads the whole bank
@@ -464,6 +472,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="documents encoded per forward (default: 32)")
     p.add_argument("--save-every", type=int, help="also save the bank (atomically) every N new documents, so a "
                                                   "killed run keeps its progress; rerunning resumes")
+    p.add_argument("--addressing-key", choices=["minilm-binary"], help="the 48-byte compact key (all-MiniLM-L6-v2 "
+                   "sign bits; MBCConfig.addressing_key): adapt stores one per document beside its codes, ask fuses "
+                   "it into addressing; on by itself for a bank that stores keys")
     p.add_argument("--num-proc", type=int, default=1, help="memorize in N processes (each loads the model and "
                    "encodes a contiguous part of the documents); the bank equals one process's (default: 1)")
     p.set_defaults(func=cmd_adapt)
@@ -473,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
                                    "FILE:LINE or id, first words, addressing score).")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--bank", required=True, help=bank_help + " (written by `mbc-hf adapt`)")
+    p.add_argument("--addressing-key", choices=["minilm-binary"], help="the 48-byte compact key (all-MiniLM-L6-v2 "
+                   "sign bits; MBCConfig.addressing_key): adapt stores one per document beside its codes, ask fuses "
+                   "it into addressing; on by itself for a bank that stores keys")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default: 16)")
     p.add_argument("question", nargs="+", help="one or more questions (quote each)")
     p.set_defaults(func=cmd_ask)

@@ -90,9 +90,10 @@ def _check_model_folder(folder: str) -> None:
                          "\"model_type\": \"mbc\" in config.json, or save the model again with save_pretrained.")
 
 
-def load_model(path: str):
+def load_model(path: str, **config):
     """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode,
-    loaded with this package's classes (``trust_remote_code=False``: code shipped in the folder is never run).
+    loaded with this package's classes (``trust_remote_code=False``: code shipped in the folder is never run);
+    ``config`` overrides fields of its `MBCConfig` (e.g. ``addressing_key="minilm-binary"``).
 
     Raises:
         FileNotFoundError: ``path`` is a local path (`looks_local`: anything but an ``owner/name`` Hub id, or an
@@ -119,7 +120,7 @@ def load_model(path: str):
     if os.path.isdir(folder):
         _check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **config)
     except FileNotFoundError:
         raise
     except (SafetensorError, *_DAMAGED_FOLDER_ERRORS) as exc:
