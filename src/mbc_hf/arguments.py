@@ -166,25 +166,38 @@ class _OneDefaultFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class TrainParser(HfArgumentParser):
+    """`HfArgumentParser` whose ``--help`` lists only the options named in ``shown`` (all of them when ``shown`` is
+    None), and which records the destination of every option it defines (``dests``, for config files)."""
+
+    def __init__(self, dataclass_types, shown: set[str] | None = None, **kwargs):
+        self.shown, self.dests = shown, set()  # (set before HfArgumentParser adds the dataclasses' options)
+        super().__init__(dataclass_types, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.dests.add(action.dest)
+        if self.shown is not None and action.dest not in self.shown | {"help", "help_all"}:
+            action.help = argparse.SUPPRESS
+        return action
+
+
 def train_parser(prog: str | None = None, extra: tuple = (), show_all: bool = False, description: str | None = None,
-                 **defaults) -> HfArgumentParser:
-    """The `HfArgumentParser` of `SCHEMA` (+ ``extra`` dataclasses) with `TRAIN_DEFAULTS` and ``defaults``; its
+                 **defaults) -> TrainParser:
+    """The `TrainParser` of `SCHEMA` (+ ``extra`` dataclasses) with `TRAIN_DEFAULTS` and ``defaults``; its
     ``--help`` lists `SHOWN` (every field with ``show_all``)."""
     description = description or ("Meta-train an MBC model (MBCTrainer) on QA file(s), or on one JSON/YAML config "
                                   "file of these options.")
-    parser = HfArgumentParser(SCHEMA + tuple(extra), prog=prog, description=description,
-                              epilog="Every other field (research knobs, all of TrainingArguments): --help-all.")
-    parser.formatter_class = _OneDefaultFormatter
+    shown = None if show_all else set(SHOWN) | {f.name for cls in extra for f in fields(cls)}
+    parser = TrainParser(SCHEMA + tuple(extra), shown, prog=prog, description=description,
+                         epilog="Every other field (research knobs, all of TrainingArguments): --help-all.",
+                         formatter_class=_OneDefaultFormatter)
     parser.add_argument("--help-all", action="store_true", help="show every option and exit")
     parser.set_defaults(**{**TRAIN_DEFAULTS, **defaults})
-    shown = set(SHOWN) | {f.name for cls in extra for f in fields(cls)}
-    for action in parser._actions:
-        if not show_all and action.dest not in shown | {"help", "help_all"}:
-            action.help = argparse.SUPPRESS
     return parser
 
 
-def config_file_argv(parser: HfArgumentParser, path: str) -> list[str]:
+def config_file_argv(parser: TrainParser, path: str) -> list[str]:
     """A JSON or YAML config file -> the command line it stands for, so that its values go through the same type
     conversion as typed options (a file and the same options typed give the same arguments).
 
@@ -201,8 +214,7 @@ def config_file_argv(parser: HfArgumentParser, path: str) -> list[str]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config file holds one mapping of option names to values, got "
                          f"{type(values).__name__}.")
-    dests = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - dests)
+    unknown = sorted(set(values) - parser.dests)
     if unknown:
         raise ValueError(f"{path}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an option of "
                          f"{parser.prog}; see {parser.prog} --help-all for the names (with underscores).")

@@ -573,14 +573,16 @@ class MBCTrainer(Trainer):
                              "all of --eval-file), or turn the option off")
         return batches
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        """Trainer's save, with the training arguments as JSON instead of the pickled ``training_args.bin``."""
-        super()._save(output_dir, state_dict=state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """`Trainer.save_model` (also what each checkpoint calls), with the training arguments as JSON instead of
+        the pickled ``training_args.bin``."""
+        super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        pickled = os.path.join(output_dir, "training_args.bin")
-        if os.path.exists(pickled):
-            os.remove(pickled)
-        write_text_atomic(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            write_text_atomic(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """Trainer's warnings after ``--resume`` loads a checkpoint, without the base LM's frozen weights: a
