@@ -176,12 +176,13 @@ def test_evaluate_with_article_pairs_reports_topic_and_paragraph_gains(tmp_path)
 def test_saved_output_has_json_training_args_and_no_pickle(tmp_path):
     model = tiny_mbc_model(seed=0)
     ds = datasets.Dataset.from_list(ROWS)
-    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=ds)
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1),
+                         train_dataset=ds)
     trainer.train()
     trainer.save_model(str(tmp_path / "out"))
-    assert (tmp_path / "out" / "training_args.json").exists()
-    assert json.loads((tmp_path / "out" / "training_args.json").read_text())["max_steps"] == 1
-    assert not (tmp_path / "out" / "training_args.bin").exists()
+    for folder in (tmp_path / "out", tmp_path / "checkpoint-1"):  # save_model, and the checkpoint of a save step
+        assert json.loads((folder / "training_args.json").read_text())["max_steps"] == 1
+        assert not (folder / "training_args.bin").exists()
 
 
 def test_kmeans_codebook_and_frozen_document_side_keep_every_documents_codes_fixed(tmp_path):
