@@ -1109,8 +1109,10 @@ def _checkpoint_has_base_weights(name_or_path, subfolder: str = "") -> bool:
     from safetensors import safe_open
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-    index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, subfolder=subfolder,
-                        _raise_exceptions_for_missing_entries=False)
+    try:
+        index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, subfolder=subfolder)
+    except OSError:  # no index: one weights file (whose absence raises below, with transformers' message)
+        index = None
     if index is not None:
         with open(index) as f:
             keys = json.load(f)["weight_map"].keys()
