@@ -75,7 +75,8 @@ class MBCConfig(PreTrainedConfig):
             (`mbc_hf.addressing.relevance`), is below it, and ``answer(..., return_sources=True)`` marks it
             ``"grounded": False``. Calibrated on training data by `mbc_hf.evaluation.calibrate_abstention`
             (``benchmarks/abstention.py``, whose ``--save-to`` writes it into a model folder); the shipped reader
-            (`mbc_hf.pretrained`) has it set.
+            (`mbc_hf.pretrained`) leaves it off (None); its calibrated value and what it flags are in
+            ``benchmarks/README.md`` ("abstention.py").
         addressing_key (`str`, *optional*): with ``codebook_type="vocabulary"``, ``None`` (the default) addresses by
             the codes alone; ``"minilm-binary"`` also stores a 48-byte compact key per document (the sign bits of its
             all-MiniLM-L6-v2 sentence embedding, `mbc_hf.compact_key`), and a question's addressing score becomes
