@@ -28,7 +28,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -40,21 +39,7 @@ from typing import Any
 
 import datasets
 
-
-# `mbc_hf.modeling_mbc.document_id` and `lone_surrogate_at`, restated here so that reading a data file (and reporting a
-# malformed one) needs neither torch nor transformers; tests/test_first_hour.py checks that they agree.
-def document_id(text: str) -> str:
-    """The first 16 hex chars of SHA-1 of the UTF-8 text (`mbc_hf.modeling_mbc.document_id`)."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-def lone_surrogate_at(text: str) -> int | None:
-    """Index of the first lone surrogate in ``text``, or None (`mbc_hf.modeling_mbc.lone_surrogate_at`)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return e.start
-    return None
+from .ids import document_id, lone_surrogate_at
 
 
 __all__ = [

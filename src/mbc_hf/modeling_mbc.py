@@ -15,7 +15,6 @@ Only KV-LoRA and the MBC modules train; the base LM stays frozen. By default a c
 (``config.base_model_name_or_path``) instead of storing its weights, as PEFT adapters do.
 """
 
-import hashlib
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from transformers.utils import ModelOutput
 from .addressing import LearnedAddressing
 from .aggregator import Memory
 from .configuration_mbc import AGGREGATIONS, MBCConfig
+from .ids import document_id, lone_surrogate_at
 from .kv_lora import KVLoraConfig, KVLoraLayer, apply_kv_lora, save_kv_lora_adapter
 from .memory_bank import CompressedMemoryBank, check_doc_ids_and_metadata
 from .reader import reader_for, slot_documents
@@ -75,21 +75,6 @@ def answer_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, L-1)
     return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
-
-
-def document_id(text: str) -> str:
-    """Stable id of a document: the first 16 hex chars of SHA-1 of its UTF-8 text."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-def lone_surrogate_at(text: str) -> int | None:
-    """Index of the first lone surrogate (U+D800-U+DFFF without its pair, e.g. from a broken JSON escape) in
-    ``text``, or None. Such a str cannot be encoded as UTF-8: it can be neither hashed into a doc_id nor saved."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return e.start
-    return None
 
 
 def _check_batch_size(batch_size) -> int:
