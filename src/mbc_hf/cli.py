@@ -15,6 +15,7 @@ from .factory import (  # noqa: F401
     _one_line,
     build,
     build_from_args,
+    check_model_path,
     load_model,
     model_from_args,
     split_train_eval,
@@ -129,6 +130,7 @@ def cmd_adapt(a) -> None:
     from .memory_bank import bank_lock, load_bank
 
     clean_stale_part_folders()
+    check_model_path(a.model)
     lock = bank_lock(a.bank)  # the lock `CompressedMemoryBank.save` takes, re-entrant in this process
     try:
         lock.acquire(timeout=0)
@@ -335,6 +337,7 @@ class _WithMetadata:
 def cmd_ask(a) -> None:
     from .memory_bank import load_bank
 
+    check_model_path(a.model)  # a wrong --model is reported before a wrong --bank
     bank = load_bank(a.bank)
     model = load_model(a.model, **key_config(a.addressing_key, bank))
     try:

@@ -90,6 +90,23 @@ def _check_model_folder(folder: str) -> None:
                          "\"model_type\": \"mbc\" in config.json, or save the model again with save_pretrained.")
 
 
+def check_model_path(path: str) -> str:
+    """The local folder of ``--model`` (``path`` itself for a Hub id), checked before anything is loaded.
+
+    Raises:
+        FileNotFoundError / ValueError: as `load_model`, for a missing or wrong local folder."""
+    folder = os.path.expanduser(path)
+    if looks_local(path) and not os.path.exists(folder):
+        raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
+                                "(config.json + model.safetensors) or a Hub repo id (owner/name)")
+    if os.path.isfile(folder):
+        raise FileNotFoundError(f"--model {path}: a file, not a folder; pass the folder written by `mbc-hf train` "
+                                "(config.json + model.safetensors)")
+    if os.path.isdir(folder):
+        _check_model_folder(folder)
+    return folder
+
+
 def load_model(path: str, **config):
     """A saved MBC model (a folder written by ``mbc-hf train`` / ``save_pretrained``, or a Hub repo id) in eval mode,
     loaded with this package's classes (``trust_remote_code=False``: code shipped in the folder is never run);
@@ -109,16 +126,7 @@ def load_model(path: str, **config):
 
     register_auto_classes()  # `import mbc_hf` skips it when started as the command line
 
-    local = looks_local(path)
-    folder = os.path.expanduser(path)
-    if local and not os.path.exists(folder):
-        raise FileNotFoundError(f"--model {path}: no such folder; pass a folder written by `mbc-hf train` "
-                                "(config.json + model.safetensors) or a Hub repo id (owner/name)")
-    if os.path.isfile(folder):
-        raise FileNotFoundError(f"--model {path}: a file, not a folder; pass the folder written by `mbc-hf train` "
-                                "(config.json + model.safetensors)")
-    if os.path.isdir(folder):
-        _check_model_folder(folder)
+    folder = check_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **config)
     except FileNotFoundError:
