@@ -229,8 +229,8 @@ def _memorize_part(model_path: str, docs: list[tuple[str, str]], batch_size: int
     import torch
 
     torch.set_num_threads(threads)
-    bank = load_model(model_path, **(config or {})).memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], metadata=metadata,
-                                           batch_size=batch_size)
+    model = load_model(model_path, **(config or {}))
+    bank = model.memorize([t for _, t in docs], doc_ids=[d for d, _ in docs], metadata=metadata, batch_size=batch_size)
     bank.save(out)
 
 
@@ -462,6 +462,8 @@ def parser() -> argparse.ArgumentParser:
 
     model_help = ("a model folder written by `mbc-hf train` (config.json + model.safetensors) or a Hub id owner/name; "
                   "a path that is not owner/name, or whose first folder exists here (runs/mbc), is always local")
+    key_help = ("the 48-byte compact key (all-MiniLM-L6-v2 sign bits; MBCConfig.addressing_key): adapt stores one per "
+                "document beside its codes, ask fuses it into addressing; on by itself for a bank that stores keys")
     bank_help = ("the memory bank: one .safetensors file, or a sharded bank's index (bank.index.json, its shards "
                  "beside it)")
     p = sub.add_parser("adapt", help="stream documents into a (new or existing) memory bank",
@@ -475,9 +477,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="documents encoded per forward (default: 32)")
     p.add_argument("--save-every", type=int, help="also save the bank (atomically) every N new documents, so a "
                                                   "killed run keeps its progress; rerunning resumes")
-    p.add_argument("--addressing-key", choices=["minilm-binary"], help="the 48-byte compact key (all-MiniLM-L6-v2 "
-                   "sign bits; MBCConfig.addressing_key): adapt stores one per document beside its codes, ask fuses "
-                   "it into addressing; on by itself for a bank that stores keys")
+    p.add_argument("--addressing-key", choices=["minilm-binary"], help=key_help)
     p.add_argument("--num-proc", type=int, default=1, help="memorize in N processes (each loads the model and "
                    "encodes a contiguous part of the documents); the bank equals one process's (default: 1)")
     p.set_defaults(func=cmd_adapt)
@@ -487,9 +487,7 @@ def parser() -> argparse.ArgumentParser:
                                    "FILE:LINE or id, first words, addressing score).")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--bank", required=True, help=bank_help + " (written by `mbc-hf adapt`)")
-    p.add_argument("--addressing-key", choices=["minilm-binary"], help="the 48-byte compact key (all-MiniLM-L6-v2 "
-                   "sign bits; MBCConfig.addressing_key): adapt stores one per document beside its codes, ask fuses "
-                   "it into addressing; on by itself for a bank that stores keys")
+    p.add_argument("--addressing-key", choices=["minilm-binary"], help=key_help)
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default: 16)")
     p.add_argument("question", nargs="+", help="one or more questions (quote each)")
     p.set_defaults(func=cmd_ask)

@@ -883,11 +883,10 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
             for start in tqdm(range(0, len(questions), batch_size), desc="answer", disable=not show_progress):
                 chunk = questions[start:start + batch_size]
                 found = None
-                if text_store is not None:  # a passage sharing no word with the question (score 0) is not used
-                    found = [([i for i, x in zip(ids, scores) if x > 0], [x for x in scores if x > 0])
-                             for ids, scores in text_store.search(chunk, k=1)]
+                if text_store is not None:  # (doc id of) each question's passage, None: none shares a word with it
+                    found = text_store.top_passages(chunk)
                 batch = self.encode_questions(chunk, contexts=None if found is None else
-                                              [text_store.get(ids[0]) if ids else "" for ids, _ in found])
+                                              [text_store.get(d) if d else "" for d in found])
                 read = grounded = None
                 if memory.size > 0 and (return_sources or threshold is not None):
                     # address once: the sources are the documents the prefix reads
@@ -947,8 +946,8 @@ class MBCModelForCausalLM(MBCPreTrainedModel, GenerationMixin):
                 out[row] = {"sources": [ids[i] for i in d] if ok[row] else [], "scores": s if ok[row] else [],
                             "grounded": ok[row], "relevance": rel[row]}
         if found is not None:
-            for row, (passage_ids, _) in enumerate(found):
-                out[row]["passages"] = list(passage_ids)
+            for row, passage in enumerate(found):
+                out[row]["passages"] = [passage] if passage else []
         return out
 
     @contextmanager

@@ -128,5 +128,11 @@ class TextStore:
                                      show_progress=False)
         return [([self._ids[i] for i in d], [float(x) for x in s]) for d, s in zip(docs.tolist(), scores.tolist())]
 
+    def top_passages(self, queries: list[str]) -> list[str | None]:
+        """The passage hybrid reading puts before each query (at test time, `MBCModelForCausalLM.answer` with
+        ``text_store``; in training, ``hybrid_passages``): the doc id of its BM25 top-1 hit, or None when there is
+        none or it shares no word with the query (score 0)."""
+        return [ids[0] if ids and scores[0] > 0 else None for ids, scores in self.search(queries, k=1)]
+
     def close(self) -> None:
         self._db.close()

@@ -140,9 +140,8 @@ class MBCDataCollator:
         answers = [min(row["answers"], key=len) for row in rows]
         questions = [row["question"] for row in rows]
         contexts = None
-        if self.passages is not None:  # the rule of answer(..., text_store=...): a passage of score 0 is not used
-            contexts = [self.passages.get(ids[0]) if ids and scores[0] > 0 else ""
-                        for ids, scores in self.passages.search(questions, k=1)]
+        if self.passages is not None:  # the passages answer(..., text_store=...) reads
+            contexts = [self.passages.get(d) if d else "" for d in self.passages.top_passages(questions)]
         batch = self.model.encode_questions(questions, answers, device="cpu", contexts=contexts)
         context, n_cut = self.model._encode_documents(docs, device="cpu")
         if n_cut and not getattr(self, "_warned_truncation", False):  # once per run, not on every batch
