@@ -146,6 +146,9 @@ def test_memory_gain_script_spread_takes_documents_from_the_whole_file(tmp_path)
     assert result["article_pairs"] and result["doc_ids"] == ["Lakes#0", "Lakes#1", "Music#0", "Music#1"]
     for name in ("other_article", "same_article"):
         assert result[f"memory_gain_{name}"] == pytest.approx(result[f"nll_{name}"] - result["nll_gold"])
+        ci = result["per_question"][f"memory_gain_{name}"]  # one question per document: 4 questions
+        assert ci["n"] == 4 and ci["low"] <= ci["mean"] <= ci["high"]
+        assert ci["excludes_zero"] == (ci["low"] > 0 or ci["high"] < 0)
     assert "nll_unrelated" not in result
 
 

@@ -8,7 +8,7 @@ import torch
 
 from mbc_hf.testing import tiny_mbc_model
 from mbc_hf.trainer import (MBCDataCollator, MBCTrainer, MBCTrainingArguments, article_of, article_pair_batches,
-                            kmeans_init_codebook, memory_gain, paired_partners)
+                            kmeans_init_codebook, memory_gain, paired_partners, question_gains)
 
 ROWS = [dict(doc_id=f"d{i}", context=f"Fact {i}: the code of room {i} is {i * 7}.",
              question=f"What is the code of room {i}?", answers=[str(i * 7), f"code {i * 7}"], question_id=f"q{i}")
@@ -119,6 +119,22 @@ def test_memory_gain_is_zero_when_the_memory_is_ignored():
     gain = memory_gain(model, batch)
     assert gain["memory_gain"] == pytest.approx(0.0, abs=1e-6)
     assert gain["memory_gain_unrelated"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_question_gains_are_the_memory_gain_of_each_question():
+    """Weighted by each question's answer tokens, the per-question gains average to the batch's token-mean gain;
+    a question reading its own document as the partner gains exactly 0."""
+    model = tiny_mbc_model(seed=0)
+    batch = MBCDataCollator(model)(ROWS[:4])
+    partners = {"next": torch.tensor([1, 2, 3, 0]), "self": torch.arange(4)}
+    per_question, batch_gain = question_gains(model, batch, partners), memory_gain(model, batch, partners)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).float()
+    assert set(per_question) == {"memory_gain", "memory_gain_next", "memory_gain_self"}
+    for name in ("memory_gain", "memory_gain_next"):
+        assert per_question[name].shape == (4,) and per_question[name].dtype == torch.float32
+        assert float((per_question[name] * tokens).sum() / tokens.sum()) == pytest.approx(batch_gain[name], abs=1e-4)
+    assert per_question["memory_gain_self"].abs().max() < 1e-5
+    assert per_question["memory_gain_next"].std() > 0  # not one number broadcast: each question its own gain
 
 
 def test_article_pair_batches_pair_paragraphs_of_one_article_and_separate_articles():

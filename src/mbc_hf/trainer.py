@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .atomic import write_text_atomic
+from .modeling_mbc import answer_nll_per_row
 
 logger = logging.get_logger(__name__)
 
@@ -159,6 +160,23 @@ class MBCDataCollator:
         return batch
 
 
+def _answer_reads(model, batch: dict[str, torch.Tensor], partners: dict[str, torch.Tensor] | None):
+    """Yield ``(name, MBCOutput)`` for a collated batch's questions (teacher-forced on their answers) read with the
+    gold document alone (``"gold"``), an empty memory (``"empty"``) and, per partner, that document instead of the
+    gold one (default partner ``"unrelated"``: the next document of the batch; none for one document)."""
+    qa = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "question_input_ids",
+                                "question_attention_mask")}
+    idx = batch["question_doc_index"]
+    n_docs = int(batch["context_input_ids"].shape[0])
+    if partners is None:
+        partners = {"unrelated": (torch.arange(n_docs) + 1) % n_docs} if n_docs > 1 else {}
+    docs = dict(context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
+    yield "gold", model(**qa, **docs, question_doc_index=idx)
+    yield "empty", model(**qa, memory=model.memory_from_bank(None))
+    for name, partner in partners.items():
+        yield name, model(**qa, **docs, question_doc_index=partner.to(idx.device)[idx])
+
+
 @torch.no_grad()
 def memory_gain(model, batch: dict[str, torch.Tensor], partners: dict[str, torch.Tensor] | None = None
                 ) -> dict[str, float]:
@@ -177,35 +195,40 @@ def memory_gain(model, batch: dict[str, torch.Tensor], partners: dict[str, torch
     was_training = model.training
     model.eval()
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    qa = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "question_input_ids",
-                                "question_attention_mask")}
-    idx = batch["question_doc_index"]
+    nll = {name: float(out.qa_loss) for name, out in _answer_reads(model, batch, partners)}
+    out = {"nll_gold": nll["gold"], "nll_empty": nll["empty"], "memory_gain": nll["empty"] - nll["gold"]}
+    for name in list(nll)[2:]:
+        out[f"nll_{name}"] = nll[name]
+        out[f"memory_gain_{name}"] = nll[name] - nll["gold"]
     n_docs = int(batch["context_input_ids"].shape[0])
-    if partners is None:
-        partners = {"unrelated": (torch.arange(n_docs) + 1) % n_docs} if n_docs > 1 else {}
-
-    def nll(memory_kwargs):
-        return float(model(**qa, **memory_kwargs).qa_loss)
-
-    docs = dict(context_input_ids=batch["context_input_ids"], context_attention_mask=batch["context_attention_mask"])
-    gold = nll(dict(docs, question_doc_index=idx))
-    empty = nll(dict(memory=model.memory_from_bank(None)))
-    out = {"nll_gold": gold, "nll_empty": empty, "memory_gain": empty - gold}
-    for name, partner in partners.items():
-        out[f"nll_{name}"] = nll(dict(docs, question_doc_index=partner.to(idx.device)[idx]))
-        out[f"memory_gain_{name}"] = out[f"nll_{name}"] - gold
     if "reconstruction_input_ids" in batch and n_docs > 1:  # do the codes carry the document at all?
         rec = (batch["reconstruction_input_ids"], batch["reconstruction_attention_mask"])
+        docs = (batch["context_input_ids"], batch["context_attention_mask"])
 
         def rec_nll(ids, mask):
             return float(model.reconstruction_loss(model.memory_from_documents(ids, mask)[0], *rec))
 
-        out["reconstruction_nll_gold"] = rec_nll(docs["context_input_ids"], docs["context_attention_mask"])
-        out["reconstruction_nll_unrelated"] = rec_nll(docs["context_input_ids"].roll(1, 0),
-                                                      docs["context_attention_mask"].roll(1, 0))
+        out["reconstruction_nll_gold"] = rec_nll(*docs)
+        out["reconstruction_nll_unrelated"] = rec_nll(docs[0].roll(1, 0), docs[1].roll(1, 0))
         out["reconstruction_gain"] = out["reconstruction_nll_unrelated"] - out["reconstruction_nll_gold"]
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def question_gains(model, batch: dict[str, torch.Tensor], partners: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """`memory_gain` per question, for intervals over questions: ``memory_gain`` (empty minus gold) and
+    ``memory_gain_<partner>`` (partner minus gold), each (n_questions,) float32 on the CPU, in nats per answer token
+    of that question (`mbc_hf.modeling_mbc.answer_nll_per_row`)."""
+    was_training = model.training
+    model.eval()
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    nll = {name: answer_nll_per_row(out.logits, batch["labels"]).float().cpu()
+           for name, out in _answer_reads(model, batch, partners)}
+    model.train(was_training)
+    return {"memory_gain" if name == "empty" else f"memory_gain_{name}": v - nll["gold"]
+            for name, v in nll.items() if name != "gold"}
 
 
 def article_of(doc_id: str) -> str:
