@@ -31,14 +31,17 @@ from pathlib import Path
 import numpy as np
 
 
-def load(spec: str):
+def load(spec: str, addressing_key: str | None = None):
     if spec == "shipped":
         from mbc_hf import pretrained
 
+        if addressing_key:
+            raise SystemExit("--addressing-key needs a saved model folder (e.g. python -c \"import mbc_hf; "
+                             "mbc_hf.pretrained.load().save_pretrained('runs/shipped')\", then --model runs/shipped)")
         return pretrained.load()
     from mbc_hf.factory import load_model
 
-    return load_model(spec).eval()
+    return load_model(spec, **({"addressing_key": addressing_key} if addressing_key else {})).eval()
 
 
 def curve(rates: dict, shares=(0.01, 0.02, 0.05, 0.10, 0.20)) -> list[dict]:
@@ -101,13 +104,15 @@ def main(argv=None) -> dict:
     p.add_argument("--f1-questions", type=int, default=0, help="also measure F1 on N questions (generation)")
     p.add_argument("--question-seed", type=int, default=0)
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--addressing-key", choices=["minilm-binary"], help="turn the compact key on (banks store it; "
+                   "the relevance is the fused score, MBCConfig.addressing_key); needs a model folder")
     p.add_argument("--save-to", help="write the calibrated threshold into this model folder's config.json")
     a = p.parse_args(argv)
 
     from mbc_hf.data import load_qa_file
     from mbc_hf.evaluation import abstention_rates, calibrate_abstention
 
-    model = load(a.model)
+    model = load(a.model, a.addressing_key)
     model.config.relevance_threshold = None
     start = time.perf_counter()
     cal = calibrate_abstention(model, load_qa_file(a.train), max_flagged=a.max_flagged, by="article")
@@ -116,7 +121,7 @@ def main(argv=None) -> dict:
           f"{cal['n_answerable']} answerable questions, {100 * cal['answerable_flagged']:.1f} % flagged; "
           f"{cal['n_absent']} absent, {100 * cal['absent_flagged']:.1f} % flagged)", flush=True)
     data = load_qa_file(a.data, downsample_to=a.downsample_to)
-    result = {"model": a.model, "train": a.train, "data": a.data, "downsample_to": a.downsample_to,
+    result = {"model": a.model, "addressing_key": a.addressing_key, "train": a.train, "data": a.data, "downsample_to": a.downsample_to,
               "max_flagged": a.max_flagged, "threshold": threshold, "calibration": _public(cal),
               "calibration_curve": curve(cal)}
     for by in ("article", "document"):

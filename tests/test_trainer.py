@@ -342,6 +342,25 @@ def test_hybrid_training_puts_the_bm25_top1_training_passage_before_each_questio
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
+def test_hybrid_evaluation_reads_passages_of_the_eval_documents(tmp_path):
+    """A held-out question's passage is found among the eval documents (as answer(text_store=...) finds it among the
+    documents streamed in), not among the training documents, which do not hold it."""
+    model = tiny_mbc_model(seed=0)
+    train, held_out = ROWS[:4], [dict(ROWS[5], question="Is 35 the code of room 5?")]
+    trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=1, hybrid_passages=True, memory_gain_questions=1),
+                         train_dataset=datasets.Dataset.from_list(train),
+                         eval_dataset=datasets.Dataset.from_list(held_out))
+    batch = trainer.eval_collator(trainer.eval_dataset)(held_out)
+    expected = model.encode_questions([held_out[0]["question"]], [min(held_out[0]["answers"], key=len)],
+                                      device="cpu", contexts=[ROWS[5]["context"]])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert not torch.equal(trainer.data_collator(held_out)["input_ids"], batch["input_ids"])  # training store
+    assert trainer.eval_collator(trainer.eval_dataset) is trainer.eval_collator(trainer.eval_dataset)  # built once
+    assert math.isfinite(trainer.evaluate()["eval_memory_gain"])
+    plain = MBCTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=datasets.Dataset.from_list(train))
+    assert plain.eval_collator(datasets.Dataset.from_list(held_out)) is plain.data_collator
+
+
 def test_hybrid_training_without_a_training_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train_dataset"):
         MBCTrainer(model=tiny_mbc_model(seed=0), args=args(tmp_path, hybrid_passages=True))

@@ -464,12 +464,12 @@ class MBCTrainer(Trainer):
     def __init__(self, *args, data_collator=None, **kwargs):
         model = kwargs.get("model") or (args[0] if args else None)
         training_args = kwargs.get("args") or (args[1] if len(args) > 1 else None)
+        hybrid = data_collator is None and training_args is not None and training_args.hybrid_passages
         if data_collator is None:
-            passages = None
-            if training_args is not None and training_args.hybrid_passages:
-                passages = training_text_store(kwargs.get("train_dataset"))
+            passages = training_text_store(kwargs.get("train_dataset")) if hybrid else None
             data_collator = MBCDataCollator(model, passages)
         super().__init__(*args, data_collator=data_collator, **kwargs)
+        self._eval_collators = {} if hybrid else None  # id(eval dataset) -> (dataset, its hybrid collator)
         self.add_callback(LoraWarmStartCallback())
         if self.args.max_minutes:
             self.add_callback(StopAfterMinutes(self.args.max_minutes))
@@ -557,9 +557,22 @@ class MBCTrainer(Trainer):
         now (float during the warm-up)."""
         rows = first_row_per_document(self.eval_dataset, self.args.memory_gain_questions or None)
         size = self.args.per_device_eval_batch_size
-        gains = [memory_gain(model, self.data_collator(rows[i:i + size]))["memory_gain_unrelated"]
+        collate = self.eval_collator(self.eval_dataset)
+        gains = [memory_gain(model, collate(rows[i:i + size]))["memory_gain_unrelated"]
                  for i in range(0, len(rows), size) if len(rows[i:i + size]) > 1]
         return sum(gains) / max(len(gains), 1)
+
+    def eval_collator(self, dataset):
+        """The collator of evaluation batches on ``dataset``: ``data_collator``, except in hybrid training
+        (``hybrid_passages``), where each eval question's passage is its BM25 top-1 among the *eval* documents (as
+        ``answer(..., text_store=...)`` reads from a store of the documents streamed in), not among the training
+        documents, which hold no passage about held-out documents."""
+        if self._eval_collators is None:
+            return self.data_collator
+        if id(dataset) not in self._eval_collators:  # the dataset is kept with it, so its id is not reused
+            collator = MBCDataCollator(self.accelerator.unwrap_model(self.model), training_text_store(dataset))
+            self._eval_collators[id(dataset)] = (dataset, collator)
+        return self._eval_collators[id(dataset)][1]
 
     def _end_vq_warmup(self, model, reason: str = "the run stopped within the warm-up") -> None:
         """K-means initialisation of the codebook on the context vectors the warm-up trained (the same codebook in
@@ -726,9 +739,9 @@ class MBCTrainer(Trainer):
         else:
             rows = first_row_per_document(dataset, limit)
             batches, partners = [rows[i:i + size] for i in range(0, len(rows), size)], None
-        metrics = {}
+        metrics, collate = {}, self.eval_collator(dataset)
         for rows_ in batches:
-            part = memory_gain(model, self.data_collator(rows_), partners)
+            part = memory_gain(model, collate(rows_), partners)
             for k, v in part.items():
                 metrics.setdefault(k, []).append(v)
         metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
