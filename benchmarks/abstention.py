@@ -121,9 +121,9 @@ def main(argv=None) -> dict:
           f"{cal['n_answerable']} answerable questions, {100 * cal['answerable_flagged']:.1f} % flagged; "
           f"{cal['n_absent']} absent, {100 * cal['absent_flagged']:.1f} % flagged)", flush=True)
     data = load_qa_file(a.data, downsample_to=a.downsample_to)
-    result = {"model": a.model, "addressing_key": a.addressing_key, "train": a.train, "data": a.data, "downsample_to": a.downsample_to,
-              "max_flagged": a.max_flagged, "threshold": threshold, "calibration": _public(cal),
-              "calibration_curve": curve(cal)}
+    result = {"model": a.model, "addressing_key": a.addressing_key, "train": a.train, "data": a.data,
+              "downsample_to": a.downsample_to, "max_flagged": a.max_flagged, "threshold": threshold,
+              "calibration": _public(cal), "calibration_curve": curve(cal)}
     for by in ("article", "document"):
         rates = abstention_rates(model, data, threshold=threshold, by=by)
         result[f"unseen_by_{by}"] = {**_public(rates), "curve": curve(rates)}

@@ -55,7 +55,8 @@ def points(results: list[dict], lm_codec: dict | None) -> list[dict]:
             raise ValueError("the LM codec's point needs the rag row (its F1) and a text row (its bytes)")
         bits = lm_codec["summary"]["record_bytes_per_doc"] * 8 / lm_codec["summary"]["utf8_bytes_per_doc"]
         out.append({"family": "LM codec", "label": f"LM arithmetic code ({bits:.2f} bits/byte) + passage reader",
-                    "tag": "LM codec", "bytes": bits * text / 8, "f1": rows["rag"]["f1"], "source": lm_codec.get("command", "")})
+                    "tag": "LM codec", "bytes": bits * text / 8, "f1": rows["rag"]["f1"],
+                    "source": lm_codec.get("command", "")})
     return out
 
 

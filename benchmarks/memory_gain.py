@@ -1,7 +1,7 @@
 """Memory gain of a trained MBC model: does the answer (and the document itself) get likelier with the gold document
 in memory than with an empty memory or an unrelated document? Prints a markdown table (mean over batches of
-``--batch-size`` documents, with the standard error over batches), the gains per question with a 95 % bootstrap interval over questions
-(`scipy.stats.bootstrap`, percentile), writes JSON.
+``--batch-size`` documents, with the standard error over batches), the gains per question with a 95 % bootstrap
+interval over questions (`scipy.stats.bootstrap`, percentile), writes JSON.
 
     python benchmarks/memory_gain.py --model runs/mbc-smollm2 \
         --data ../shared/data/squad/dev.minus-holdout.paragraphs.jsonl --docs 64 \

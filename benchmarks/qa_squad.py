@@ -10,7 +10,8 @@ order, as ``mbc_hf.data.load_qa_file(path, downsample_to=N)``), and each row run
     unrelated    MBC reading a compressed bank of as many other documents (the file's last ones, none asked about):
                  is it the right documents that help, or any memory?
     dense        the same model with the VQ bypassed: uncompressed MAC-style DenseMemoryBank, dense aggregation
-    bm25         BM25 top-1 passage (bm25s through `mbc_hf.text_store.TextStore` over the stream's unique documents) in the base LM's prompt
+    bm25         BM25 top-1 passage (bm25s through `mbc_hf.text_store.TextStore` over the stream's unique
+                 documents) in the base LM's prompt
     rag          the same passage and prompt, read by the base LM with the LoRA adapter of
                  ``train_passage_reader.py`` (``--passage-reader DIR``; the fair RAG row: same budget as MBC's reader)
     gold         gold passage in the base LM's prompt (upper bound)

@@ -412,7 +412,8 @@ def test_a_question_longer_than_the_window_is_answered_with_a_counted_warning(mo
 
 def test_one_text_under_two_ids_in_a_documents_file_is_stored_under_both_as_by_the_api(model_dir, model, tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text('{"id": "a", "text": "The red door is in Rome."}\n{"id": "b", "text": "The red door is in Rome."}\n')
+    docs.write_text('{"id": "a", "text": "The red door is in Rome."}\n'
+                    '{"id": "b", "text": "The red door is in Rome."}\n')
     main(["adapt", "--model", str(model_dir), "--documents", str(docs), "--bank", str(tmp_path / "bank.safetensors")])
     cli = CompressedMemoryBank.load(tmp_path / "bank.safetensors")
     api = model.memorize(["The red door is in Rome."] * 2, doc_ids=["a", "b"])

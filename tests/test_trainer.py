@@ -208,7 +208,10 @@ def test_kmeans_codebook_and_frozen_document_side_keep_every_documents_codes_fix
     trainer = MBCTrainer(model=model, args=args(tmp_path, max_steps=4, codebook_kmeans_docs=8,
                                                 freeze_codebook=True), train_dataset=ds)
     enc = model.encode_documents([r["context"] for r in ROWS])
-    codes = lambda: model.codebook.nearest_codes(model.amortization(enc["input_ids"], enc["attention_mask"]))
+
+    def codes():
+        return model.codebook.nearest_codes(model.amortization(enc["input_ids"], enc["attention_mask"]))
+
     trainer.train()
     model.eval()
     with torch.no_grad():

@@ -509,7 +509,7 @@ def parser() -> argparse.ArgumentParser:
                    "first documents' questions while further documents stream into the same bank; writes "
                    "retention.csv and retention.png in --output-dir")
     p.add_argument("--retention-first", type=int, default=200, help="documents memorized before the first "
-                                                                     "measurement; their questions are measured (default: 200)")
+                   "measurement; their questions are measured (default: 200)")
     p.add_argument("--retention-step", type=int, default=200, help="re-measure after every N further documents "
                                                                     "(default: 200)")
     p.add_argument("--retention-until", type=int, default=1600, help="stop after this many documents "

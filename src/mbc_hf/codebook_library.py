@@ -1,4 +1,5 @@
-"""MBC's codebook on lucidrains' ``vector-quantize-pytorch`` (issue 35, item 3): ``codebook_backend="vector-quantize-pytorch"``.
+"""MBC's codebook on lucidrains' ``vector-quantize-pytorch`` (issue 35, item 3):
+``codebook_backend="vector-quantize-pytorch"``.
 
 The same interface as `VectorQuantizer` (codes, decode, k-means initialisation, VQ warm-up bypass, freeze,
 fingerprint, usage logs), with the library's ``VectorQuantize`` doing the lookup and the codebook update: codes

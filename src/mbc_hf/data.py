@@ -853,9 +853,9 @@ def load_documents_file(
       an optional ``id`` / ``doc_id`` (string or integer; default SHA-1 prefix).
 
     Documents are unique by id, in first-appearance order: one text under two ids is two
-    documents (as in `memorize`); a repeated text without an id of its own keeps its first id. ``downsample_to=N`` keeps the first N of them. Empty or whitespace-only
-    documents in JSON/CSV records are skipped with an `EmptyDocumentWarning` that counts
-    them (blank lines of a ``.txt`` file are just separators).
+    documents (as in `memorize`); a repeated text without an id of its own keeps its first id.
+    ``downsample_to=N`` keeps the first N of them. Empty or whitespace-only documents in JSON/CSV records are
+    skipped with an `EmptyDocumentWarning` that counts them (blank lines of a ``.txt`` file are just separators).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -62,9 +62,10 @@ def render_model_card(model, model_id: str | None = None, metrics: dict | None =
         chosen = ("picked by a token scorer trained on the training questions and answers" if config.code_selector ==
                   "trained" else "of highest IDF")
         memory = (f"each document is stored as {config.num_context_tokens} of its tokens {chosen} "
-                  f"({config.code_order} order), i.e. codes of a codebook tied to the LM's {config.codebook_size}-token "
-                  "vocabulary (not in the MBC paper; the IDF and the scorer are fitted on the training set and saved "
-                  f"with the model), and each question reads, as input tokens, the codes of the {config.read_documents}"
+                  f"({config.code_order} order), i.e. codes of a codebook tied to the LM's "
+                  f"{config.codebook_size}-token vocabulary (not in the MBC paper; the IDF and the scorer are fitted "
+                  "on the training set and saved with the model), and each question reads, as input tokens, the "
+                  f"codes of the {config.read_documents}"
                   " bank document(s) that addressing ranks first (the IDF of its tokens among their codes), whose "
                   "key/values form the prefix.")
     else:

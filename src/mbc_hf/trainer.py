@@ -307,7 +307,8 @@ def fit_vocabulary_idf(model, dataset) -> torch.Tensor:
     ``whole_words`` the word starts of the LM's vocabulary. Returns the IDF (V,) float32."""
     tok, book = model.tokenizer, model.codebook
     texts = list(dict.fromkeys(row["context"] for row in dataset))
-    ids = tok(texts, add_special_tokens=False, truncation=True, max_length=model.config.max_document_length)["input_ids"]
+    ids = tok(texts, add_special_tokens=False, truncation=True,
+              max_length=model.config.max_document_length)["input_ids"]
     idf = book.fit(ids, special_ids=tok.all_special_ids)
     if book.whole_words:
         book.fit_words(tok.convert_ids_to_tokens(list(range(book.codebook_size))))
