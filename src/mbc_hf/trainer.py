@@ -107,7 +107,8 @@ class MBCTrainingArguments(TrainingArguments):
         "help": "Train a hybrid reader (MAC's BM25 + memory row; issue 36): each training question also gets, before "
                 "its prompt, the BM25 top-1 passage of a text store of all training documents (wrong passages "
                 "included, as at test time), the same prompt as answer(..., text_store=store). Combine with "
-                "read_retrieved, so that the prefix holds the codes of the documents addressing picks."})
+                "read_retrieved, so that the prefix holds the codes of the documents addressing picks. Evaluation "
+                "questions get theirs from a store of the eval documents (MBCTrainer.eval_collator)."})
     eval_max_questions: int = field(default=0, metadata={"help": "If > 0, evaluation also adapts online on the "
                                                                   "eval documents and answers this many questions "
                                                                   "(EM/F1); 0 = memory gain and loss only."})
